@@ -1,0 +1,959 @@
+//! Configuration: the table of keys, where each value comes from (flag >
+//! environment > file > default), and validation into the typed [`Config`].
+//!
+//! Loading is two steps, as rust-rpxy does it: every source is first read into
+//! one map of raw strings that remembers where each value came from, then
+//! [`Config::from_raw`] validates each key once, so every error names the key,
+//! the variable or flag that set it, and the expected form. The environment is
+//! read through the [`Environment`] trait, so tests pass a map and never touch
+//! the process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+
+use crate::secret::ClientSecret;
+
+/// Default proxy listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listen address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Default upstream: the Kalibrate Data API sandpit.
+pub const DEFAULT_UPSTREAM: &str = "https://dev.data.thekalibratecloud.com";
+/// Default status path, called by `check` and masked in responses.
+pub const DEFAULT_STATUS_PATH: &str = "/api/status";
+/// Default TCP connect timeout to the upstream.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "10s";
+/// Default wait for the upstream's response headers (Kalibrate's guide uses 60 s).
+pub const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
+/// Default tenant: Kalibrate's non-production tenant.
+pub const DEFAULT_TENANT_ID: &str = "efa98c7b-2114-46e8-be99-954a4f1a2d9c";
+/// Default scope: the audience that the sandpit's status endpoint reports.
+pub const DEFAULT_SCOPE: &str =
+    "api://dev.data.thekalibratecloud.com/c770a337-3c7e-4bbe-a8cb-2fbc9601b94f/.default";
+/// Default client authentication at the token endpoint.
+pub const DEFAULT_AUTH_METHOD: &str = "client_secret_post";
+/// Default timeout of one token request.
+pub const DEFAULT_TOKEN_TIMEOUT: &str = "30s";
+/// Default time a request waits for the first token.
+pub const DEFAULT_STARTUP_WAIT: &str = "10s";
+/// Default time in-flight requests get to finish at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
+/// Default log format.
+pub const DEFAULT_LOG_FORMAT: &str = "text";
+
+/// The variable that names the config file.
+pub const ENV_CONFIG: &str = "BEARER_PROXY_CONFIG";
+/// The only place a literal client secret is read from.
+pub const ENV_CLIENT_SECRET: &str = "API_CLIENT_SECRET";
+/// Prefix of the generic `BEARER_PROXY_SECTION_KEY` variables.
+pub const ENV_PREFIX: &str = "BEARER_PROXY_";
+
+/// One configuration key: its name, the flag and named variables that set it,
+/// its default, and what a valid value looks like (for error messages).
+#[derive(Debug)]
+struct KeySpec {
+    key: &'static str,
+    flag: Option<&'static str>,
+    /// Named variables, checked before the generic `BEARER_PROXY_SECTION_KEY`.
+    env: &'static [&'static str],
+    default: Option<&'static str>,
+}
+
+const KEYS: &[KeySpec] = &[
+    KeySpec {
+        key: "listen",
+        flag: Some("--listen"),
+        env: &[],
+        default: Some(DEFAULT_LISTEN),
+    },
+    KeySpec {
+        key: "admin_listen",
+        flag: Some("--admin-listen"),
+        env: &[],
+        default: Some(DEFAULT_ADMIN_LISTEN),
+    },
+    KeySpec {
+        key: "upstream.url",
+        flag: Some("--upstream"),
+        env: &["BEARER_PROXY_UPSTREAM"],
+        default: Some(DEFAULT_UPSTREAM),
+    },
+    KeySpec {
+        key: "upstream.user_agent",
+        flag: Some("--user-agent"),
+        env: &["BEARER_PROXY_USER_AGENT"],
+        default: None,
+    },
+    KeySpec {
+        key: "upstream.status_path",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_STATUS_PATH),
+    },
+    KeySpec {
+        key: "upstream.connect_timeout",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_CONNECT_TIMEOUT),
+    },
+    KeySpec {
+        key: "upstream.response_timeout",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_RESPONSE_TIMEOUT),
+    },
+    KeySpec {
+        key: "tls.ca_file",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
+        key: "token.url",
+        flag: Some("--token-url"),
+        env: &["API_TOKEN_URL"],
+        default: None,
+    },
+    KeySpec {
+        key: "token.tenant_id",
+        flag: Some("--tenant-id"),
+        env: &["API_TENANT_ID"],
+        default: Some(DEFAULT_TENANT_ID),
+    },
+    KeySpec {
+        key: "token.client_id",
+        flag: None,
+        env: &["API_CLIENT_ID"],
+        default: None,
+    },
+    KeySpec {
+        key: "token.client_secret_file",
+        flag: None,
+        env: &["API_CLIENT_SECRET_FILE"],
+        default: None,
+    },
+    KeySpec {
+        key: "token.scope",
+        flag: Some("--scope"),
+        env: &["API_SCOPE"],
+        default: Some(DEFAULT_SCOPE),
+    },
+    KeySpec {
+        key: "token.auth_method",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_AUTH_METHOD),
+    },
+    KeySpec {
+        key: "token.timeout",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_TOKEN_TIMEOUT),
+    },
+    KeySpec {
+        key: "token.startup_wait",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_STARTUP_WAIT),
+    },
+    KeySpec {
+        key: "shutdown.grace",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_SHUTDOWN_GRACE),
+    },
+    KeySpec {
+        key: "log.format",
+        flag: Some("--log-format"),
+        env: &[],
+        default: Some(DEFAULT_LOG_FORMAT),
+    },
+];
+
+/// Every key the config file may hold, in the order of the table.
+pub fn known_keys() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|spec| spec.key)
+}
+
+/// The generic variable of a key: `upstream.url` → `BEARER_PROXY_UPSTREAM_URL`.
+pub fn generic_env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Command-line flags shared by every subcommand. Flags never carry a secret.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Flags {
+    /// Config file (TOML). Also BEARER_PROXY_CONFIG.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// Proxy listen address, host:port.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub listen: Option<String>,
+    /// Admin listen address (/healthz, /readyz, /status), host:port.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub admin_listen: Option<String>,
+    /// Upstream base URL that every request is forwarded to.
+    #[arg(long, value_name = "URL", global = true)]
+    pub upstream: Option<String>,
+    /// User-Agent sent to the upstream.
+    #[arg(long, value_name = "UA", global = true)]
+    pub user_agent: Option<String>,
+    /// Token endpoint URL (wins over --tenant-id).
+    #[arg(long, value_name = "URL", global = true)]
+    pub token_url: Option<String>,
+    /// Entra tenant id, used to build the token endpoint URL.
+    #[arg(long, value_name = "ID", global = true)]
+    pub tenant_id: Option<String>,
+    /// OAuth2 scope requested with each token.
+    #[arg(long, value_name = "SCOPE", global = true)]
+    pub scope: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+impl Flags {
+    fn value_of(&self, flag: &str) -> Option<&String> {
+        match flag {
+            "--listen" => self.listen.as_ref(),
+            "--admin-listen" => self.admin_listen.as_ref(),
+            "--upstream" => self.upstream.as_ref(),
+            "--user-agent" => self.user_agent.as_ref(),
+            "--token-url" => self.token_url.as_ref(),
+            "--tenant-id" => self.tenant_id.as_ref(),
+            "--scope" => self.scope.as_ref(),
+            "--log-format" => self.log_format.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// Read access to environment variables.
+pub trait Environment {
+    /// The variable's value, if set.
+    fn var(&self, name: &str) -> Option<OsString>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
+    }
+}
+
+impl Environment for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<OsString> {
+        self.get(name).map(OsString::from)
+    }
+}
+
+impl Environment for [(&str, &str)] {
+    fn var(&self, name: &str) -> Option<OsString> {
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| OsString::from(*v))
+    }
+}
+
+/// A configuration error: names the key or variable and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag(&'static str),
+}
+
+#[derive(Debug, Clone)]
+struct RawValue {
+    value: String,
+    source: Source,
+}
+
+/// What a key's value came from, for error messages: `token.timeout (set by
+/// BEARER_PROXY_TOKEN_TIMEOUT)`.
+struct Origin<'a>(&'a str, &'a Source);
+
+impl fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Origin(key, source) = self;
+        match source {
+            Source::Default => write!(f, "{key} (default)"),
+            Source::File(path) => write!(f, "{key} (in {})", path.display()),
+            Source::Env(name) => write!(f, "{key} (set by {name})"),
+            Source::Flag(flag) => write!(f, "{key} (set by {flag})"),
+        }
+    }
+}
+
+/// Every source merged, before validation.
+#[derive(Debug, Default)]
+pub struct RawConfig {
+    values: BTreeMap<&'static str, RawValue>,
+    client_secret: Option<ClientSecret>,
+}
+
+impl RawConfig {
+    /// Reads the config file (from `--config` or `BEARER_PROXY_CONFIG`), the
+    /// environment and the flags, with the documented precedence.
+    pub fn load(flags: &Flags, env: &(impl Environment + ?Sized)) -> Result<Self, ConfigError> {
+        let mut raw = RawConfig::default();
+        for spec in KEYS {
+            if let Some(default) = spec.default {
+                raw.set(spec.key, default.to_owned(), Source::Default);
+            }
+        }
+        let file = match &flags.config {
+            Some(path) => Some(path.clone()),
+            None => env_string(env, ENV_CONFIG)?.map(PathBuf::from),
+        };
+        if let Some(path) = file {
+            raw.merge_file(&path)?;
+        }
+        for spec in KEYS {
+            let generic = generic_env_name(spec.key);
+            let names = spec
+                .env
+                .iter()
+                .copied()
+                .chain(std::iter::once(generic.as_str()));
+            for name in names {
+                if let Some(value) = env_string(env, name)? {
+                    raw.set(spec.key, value, Source::Env(name.to_owned()));
+                    break;
+                }
+            }
+        }
+        for spec in KEYS {
+            if let Some(flag) = spec.flag
+                && let Some(value) = flags.value_of(flag)
+            {
+                raw.set(spec.key, value.clone(), Source::Flag(flag));
+            }
+        }
+        raw.client_secret = env_string(env, ENV_CLIENT_SECRET)?.map(ClientSecret::new);
+        Ok(raw)
+    }
+
+    fn set(&mut self, key: &'static str, value: String, source: Source) {
+        self.values.insert(key, RawValue { value, source });
+    }
+
+    /// Reads a TOML file: tables are sections, every leaf is a string.
+    fn merge_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(format!(
+                "config file {}: cannot read it: {e}",
+                path.display()
+            ))
+        })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::new(format!(
+                "config file {}: not valid TOML: {}",
+                path.display(),
+                e.message()
+            ))
+        })?;
+        let mut leaves = Vec::new();
+        for (name, value) in table {
+            match value {
+                toml::Value::Table(section) => {
+                    for (leaf, value) in section {
+                        leaves.push((format!("{name}.{leaf}"), value));
+                    }
+                }
+                other => leaves.push((name, other)),
+            }
+        }
+        for (name, value) in leaves {
+            let Some(spec) = KEYS.iter().find(|spec| spec.key == name) else {
+                return Err(ConfigError::new(format!(
+                    "config file {}: unknown key `{name}`; known keys: {}",
+                    path.display(),
+                    known_keys().collect::<Vec<_>>().join(", ")
+                )));
+            };
+            let toml::Value::String(value) = value else {
+                return Err(ConfigError::new(format!(
+                    "config file {}: key `{name}` must be a string (quote it), got {value}",
+                    path.display()
+                )));
+            };
+            self.set(spec.key, value, Source::File(path.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<&RawValue> {
+        self.values.get(key)
+    }
+
+    /// A key's value, or an error if a key with a default somehow has none.
+    fn require(&self, key: &'static str) -> Result<&RawValue, ConfigError> {
+        self.get(key)
+            .ok_or_else(|| ConfigError::new(format!("{key} is not set")))
+    }
+}
+
+/// Reads a variable as UTF-8; an empty value counts as unset, as it does for
+/// `docker run -e NAME=` and for compose files' `${NAME}` of an unset variable.
+fn env_string(
+    env: &(impl Environment + ?Sized),
+    name: &str,
+) -> Result<Option<String>, ConfigError> {
+    match env.var(name) {
+        None => Ok(None),
+        Some(value) => match value.into_string() {
+            Ok(value) if value.is_empty() => Ok(None),
+            Ok(value) => Ok(Some(value)),
+            Err(_) => Err(ConfigError::new(format!("{name}: expected UTF-8 text"))),
+        },
+    }
+}
+
+/// How the client proves itself at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `client_secret` in the form body.
+    ClientSecretPost,
+    /// HTTP Basic with the client id and secret.
+    ClientSecretBasic,
+}
+
+/// Where the client secret comes from.
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    /// `API_CLIENT_SECRET`, read once at start.
+    Literal(ClientSecret),
+    /// A file, read afresh at every token request (rotated secrets need no restart).
+    File(PathBuf),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The upstream's base URL, split the way the forwarder uses it.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port as written in the URL.
+    pub authority: Authority,
+    /// Base path without a trailing slash (`""` for the root).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    /// The URL as configured, normalised: `https://host/base`.
+    pub fn as_string(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// Upstream settings.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL.
+    pub url: UpstreamUrl,
+    /// `User-Agent` sent with every request.
+    pub user_agent: HeaderValue,
+    /// Path (under the upstream's base) of the status endpoint.
+    pub status_path: String,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed between the end of the request and the response headers.
+    pub response_timeout: Duration,
+}
+
+/// TLS settings shared by the upstream and the token endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// PEM bundle added to the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Token endpoint settings.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// Token endpoint URL.
+    pub url: reqwest::Url,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// Client secret source.
+    pub secret: SecretSource,
+    /// Requested scope.
+    pub scope: String,
+    /// Client authentication method.
+    pub auth_method: AuthMethod,
+    /// Timeout of one token request.
+    pub timeout: Duration,
+    /// How long a request waits for the first token.
+    pub startup_wait: Duration,
+}
+
+/// The validated configuration that the engine runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// Admin listen address.
+    pub admin_listen: SocketAddr,
+    /// Upstream settings.
+    pub upstream: UpstreamConfig,
+    /// TLS settings.
+    pub tls: TlsConfig,
+    /// Token settings.
+    pub token: TokenConfig,
+    /// Time in-flight requests get at shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Loads and validates the configuration from every source.
+    pub fn load(flags: &Flags, env: &(impl Environment + ?Sized)) -> Result<Self, ConfigError> {
+        Self::from_raw(&RawConfig::load(flags, env)?)
+    }
+
+    /// Validates raw values: the one place where each key is checked.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let user_agent = match raw.get("upstream.user_agent") {
+            Some(v) => parse_with(v, "upstream.user_agent", "printable ASCII text", |s| {
+                HeaderValue::from_str(s).ok()
+            })?,
+            None => HeaderValue::from_static(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION"))),
+        };
+        let upstream = UpstreamConfig {
+            url: parse_upstream_url(raw.require("upstream.url")?)?,
+            user_agent,
+            status_path: parse_with(
+                raw.require("upstream.status_path")?,
+                "upstream.status_path",
+                "a path starting with /, such as \"/api/status\"",
+                |s| (s.starts_with('/') && s.parse::<Uri>().is_ok()).then(|| s.to_owned()),
+            )?,
+            connect_timeout: parse_duration(raw, "upstream.connect_timeout")?,
+            response_timeout: parse_duration(raw, "upstream.response_timeout")?,
+        };
+        let tls = TlsConfig {
+            ca_file: raw.get("tls.ca_file").map(|v| PathBuf::from(&v.value)),
+        };
+        if let (Some(path), Some(v)) = (&tls.ca_file, raw.get("tls.ca_file")) {
+            crate::tls::read_ca_file(path).map_err(|e| {
+                ConfigError::new(format!("{}: {e}", Origin("tls.ca_file", &v.source)))
+            })?;
+        }
+        let token = TokenConfig {
+            url: token_url(raw)?,
+            client_id: client_id(raw)?,
+            secret: secret_source(raw)?,
+            scope: parse_with(
+                raw.require("token.scope")?,
+                "token.scope",
+                "a scope such as \"api://app-id/.default\"",
+                |s| (!s.trim().is_empty()).then(|| s.to_owned()),
+            )?,
+            auth_method: parse_with(
+                raw.require("token.auth_method")?,
+                "token.auth_method",
+                "client_secret_post or client_secret_basic",
+                |s| match s {
+                    "client_secret_post" => Some(AuthMethod::ClientSecretPost),
+                    "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
+                    _ => None,
+                },
+            )?,
+            timeout: parse_duration(raw, "token.timeout")?,
+            startup_wait: parse_duration_allow_zero(raw, "token.startup_wait")?,
+        };
+        Ok(Config {
+            listen: parse_listen(raw, "listen")?,
+            admin_listen: parse_listen(raw, "admin_listen")?,
+            upstream,
+            tls,
+            token,
+            shutdown_grace: parse_duration_allow_zero(raw, "shutdown.grace")?,
+            log_format: parse_log_format(raw.require("log.format")?)?,
+        })
+    }
+}
+
+/// Parses the log format alone, so that `main` can set up logging even when
+/// the rest of the configuration is being reported as invalid.
+pub fn log_format(flags: &Flags, env: &(impl Environment + ?Sized)) -> LogFormat {
+    RawConfig::load(flags, env)
+        .ok()
+        .and_then(|raw| raw.get("log.format").and_then(|v| parse_log_format(v).ok()))
+        .unwrap_or(LogFormat::Text)
+}
+
+fn parse_log_format(v: &RawValue) -> Result<LogFormat, ConfigError> {
+    parse_with(v, "log.format", "text or json", |s| match s {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        _ => None,
+    })
+}
+
+/// Applies `parse`; on `None`, an error naming the key, its source, the
+/// expected form and the value that was given.
+fn parse_with<T>(
+    v: &RawValue,
+    key: &str,
+    expected: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, ConfigError> {
+    parse(v.value.trim()).ok_or_else(|| {
+        ConfigError::new(format!(
+            "{}: expected {expected}, got {:?}",
+            Origin(key, &v.source),
+            shorten(&v.value)
+        ))
+    })
+}
+
+fn shorten(value: &str) -> String {
+    const MAX: usize = 80;
+    if value.chars().count() <= MAX {
+        value.to_owned()
+    } else {
+        let cut: String = value.chars().take(MAX).collect();
+        format!("{cut}…")
+    }
+}
+
+fn parse_duration(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
+    let v = raw.require(key)?;
+    parse_with(
+        v,
+        key,
+        "a duration greater than zero such as \"200ms\", \"30s\" or \"5m\"",
+        |s| humantime::parse_duration(s).ok().filter(|d| !d.is_zero()),
+    )
+}
+
+fn parse_duration_allow_zero(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
+    let v = raw.require(key)?;
+    parse_with(
+        v,
+        key,
+        "a duration such as \"200ms\", \"30s\" or \"5m\"",
+        |s| humantime::parse_duration(s).ok(),
+    )
+}
+
+fn parse_listen(raw: &RawConfig, key: &'static str) -> Result<SocketAddr, ConfigError> {
+    let v = raw.require(key)?;
+    if v.value.starts_with("unix:") {
+        return Err(ConfigError::new(format!(
+            "{}: unix sockets are not supported by this version; expected host:port such as \"127.0.0.1:8080\"",
+            Origin(key, &v.source)
+        )));
+    }
+    parse_with(
+        v,
+        key,
+        "host:port with an IP address or localhost, such as \"127.0.0.1:8080\"",
+        |s| {
+            if let Ok(addr) = s.parse::<SocketAddr>() {
+                return Some(addr);
+            }
+            let port = s.strip_prefix("localhost:")?.parse::<u16>().ok()?;
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        },
+    )
+}
+
+fn parse_upstream_url(v: &RawValue) -> Result<UpstreamUrl, ConfigError> {
+    parse_with(
+        v,
+        "upstream.url",
+        "an http:// or https:// URL with a host and no query, such as \"https://api.example.com/base\"",
+        |s| {
+            let uri: Uri = s.parse().ok()?;
+            let scheme = uri.scheme()?.clone();
+            if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+                return None;
+            }
+            let authority = uri.authority()?.clone();
+            if authority.as_str().contains('@')
+                || authority.host().is_empty()
+                || uri.query().is_some()
+            {
+                return None;
+            }
+            let base_path = uri.path().trim_end_matches('/').to_owned();
+            Some(UpstreamUrl {
+                scheme,
+                authority,
+                base_path,
+            })
+        },
+    )
+}
+
+fn token_url(raw: &RawConfig) -> Result<reqwest::Url, ConfigError> {
+    let expected = "an http:// or https:// URL such as \"https://login.example.com/oauth2/token\"";
+    if let Some(v) = raw.get("token.url") {
+        return parse_with(v, "token.url", expected, |s| {
+            let url = reqwest::Url::parse(s).ok()?;
+            (matches!(url.scheme(), "http" | "https") && url.host().is_some()).then_some(url)
+        });
+    }
+    let tenant = raw.require("token.tenant_id")?;
+    parse_with(
+        tenant,
+        "token.tenant_id",
+        "a tenant id (a GUID) or a domain such as \"contoso.onmicrosoft.com\"",
+        |s| {
+            let valid = !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !valid {
+                return None;
+            }
+            reqwest::Url::parse(&format!(
+                "https://login.microsoftonline.com/{s}/oauth2/v2.0/token"
+            ))
+            .ok()
+        },
+    )
+}
+
+fn client_id(raw: &RawConfig) -> Result<String, ConfigError> {
+    match raw.get("token.client_id") {
+        Some(v) => parse_with(v, "token.client_id", "the application (client) id", |s| {
+            (!s.is_empty()).then(|| s.to_owned())
+        }),
+        None => Err(ConfigError::new(
+            "API_CLIENT_ID is not set: expected the application (client) id that the provider issued \
+             (token.client_id in the config file)",
+        )),
+    }
+}
+
+fn secret_source(raw: &RawConfig) -> Result<SecretSource, ConfigError> {
+    let file = raw.get("token.client_secret_file");
+    match (&raw.client_secret, file) {
+        (Some(_), Some(file)) => Err(ConfigError::new(format!(
+            "{ENV_CLIENT_SECRET} and {} are both set: expected only one source for the client secret",
+            Origin("token.client_secret_file", &file.source)
+        ))),
+        (Some(secret), None) => Ok(SecretSource::Literal(secret.clone())),
+        (None, Some(file)) => {
+            let path = PathBuf::from(&file.value);
+            match std::fs::read_to_string(&path) {
+                Ok(content) if !trim_secret(&content).is_empty() => Ok(SecretSource::File(path)),
+                Ok(_) => Err(ConfigError::new(format!(
+                    "{}: the file {} is empty; expected the client secret's value",
+                    Origin("token.client_secret_file", &file.source),
+                    path.display()
+                ))),
+                Err(e) => Err(ConfigError::new(format!(
+                    "{}: cannot read {}: {e}; expected a readable file holding the client secret",
+                    Origin("token.client_secret_file", &file.source),
+                    path.display()
+                ))),
+            }
+        }
+        (None, None) => Err(ConfigError::new(format!(
+            "no client secret: set {ENV_CLIENT_SECRET} to the secret's value, or API_CLIENT_SECRET_FILE \
+             (token.client_secret_file) to a file holding it"
+        ))),
+    }
+}
+
+/// A secret file's content without its trailing newline.
+pub fn trim_secret(content: &str) -> &str {
+    content.trim_end_matches(['\n', '\r'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &[(&str, &str)] = &[("API_CLIENT_ID", "app-id"), ("API_CLIENT_SECRET", "s3cret")];
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut all: Vec<(&str, &str)> = BASE.to_vec();
+        all.extend_from_slice(env);
+        // Later entries win in a map: build it in order.
+        let map: HashMap<String, String> = all
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(&Flags::default(), &map)
+    }
+
+    fn err(env: &[(&str, &str)]) -> String {
+        match load(env) {
+            Ok(_) => panic!("expected a config error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_target_the_sandpit() -> Result<(), ConfigError> {
+        let config = load(&[])?;
+        assert_eq!(
+            config.listen,
+            "127.0.0.1:8080"
+                .parse()
+                .map_err(|_| ConfigError::new("x"))?
+        );
+        assert_eq!(
+            config.upstream.url.as_string(),
+            "https://dev.data.thekalibratecloud.com"
+        );
+        assert_eq!(
+            config.token.url.as_str(),
+            "https://login.microsoftonline.com/efa98c7b-2114-46e8-be99-954a4f1a2d9c/oauth2/v2.0/token"
+        );
+        assert_eq!(config.token.scope, DEFAULT_SCOPE);
+        assert_eq!(config.token.client_id, "app-id");
+        assert_eq!(config.upstream.response_timeout, Duration::from_secs(60));
+        assert_eq!(config.upstream.connect_timeout, Duration::from_secs(10));
+        assert!(matches!(config.token.secret, SecretSource::Literal(_)));
+        assert_eq!(config.token.auth_method, AuthMethod::ClientSecretPost);
+        Ok(())
+    }
+
+    #[test]
+    fn flag_beats_env_beats_default() -> Result<(), ConfigError> {
+        let env: HashMap<String, String> = [
+            ("API_CLIENT_ID", "a"),
+            ("API_CLIENT_SECRET", "b"),
+            ("API_SCOPE", "env-scope"),
+            ("BEARER_PROXY_UPSTREAM", "http://127.0.0.1:1/env"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let flags = Flags {
+            scope: Some("flag-scope".into()),
+            ..Flags::default()
+        };
+        let config = Config::load(&flags, &env)?;
+        assert_eq!(config.token.scope, "flag-scope");
+        assert_eq!(config.upstream.url.base_path, "/env");
+        Ok(())
+    }
+
+    #[test]
+    fn generic_variables_set_any_key() -> Result<(), ConfigError> {
+        let config = load(&[
+            ("BEARER_PROXY_TOKEN_TIMEOUT", "200ms"),
+            ("BEARER_PROXY_UPSTREAM_URL", "http://127.0.0.1:9/base/"),
+        ])?;
+        assert_eq!(config.token.timeout, Duration::from_millis(200));
+        assert_eq!(config.upstream.url.base_path, "/base");
+        Ok(())
+    }
+
+    #[test]
+    fn tenant_builds_the_token_url_and_token_url_wins() -> Result<(), ConfigError> {
+        let config = load(&[("API_TENANT_ID", "contoso.onmicrosoft.com")])?;
+        assert_eq!(
+            config.token.url.as_str(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        let config = load(&[
+            ("API_TENANT_ID", "x"),
+            ("API_TOKEN_URL", "http://127.0.0.1:5/token"),
+        ])?;
+        assert_eq!(config.token.url.as_str(), "http://127.0.0.1:5/token");
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_the_expected_form() {
+        let e = err(&[("BEARER_PROXY_TOKEN_TIMEOUT", "soon")]);
+        assert!(
+            e.contains("token.timeout") && e.contains("BEARER_PROXY_TOKEN_TIMEOUT"),
+            "{e}"
+        );
+        assert!(e.contains("duration"), "{e}");
+        let e = err(&[("BEARER_PROXY_UPSTREAM", "ftp://x")]);
+        assert!(
+            e.contains("upstream.url") && e.contains("BEARER_PROXY_UPSTREAM"),
+            "{e}"
+        );
+        let e = err(&[("BEARER_PROXY_LISTEN", "nowhere")]);
+        assert!(e.contains("listen") && e.contains("host:port"), "{e}");
+        let e = err(&[("BEARER_PROXY_TOKEN_AUTH_METHOD", "private_key_jwt")]);
+        assert!(e.contains("client_secret_basic"), "{e}");
+        let e = err(&[("API_CLIENT_SECRET_FILE", "/nonexistent/secret")]);
+        assert!(e.contains("API_CLIENT_SECRET") && e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn missing_credentials_are_named() {
+        let e = match Config::load(&Flags::default(), &[("API_CLIENT_SECRET", "x")][..]) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("API_CLIENT_ID"), "{e}");
+        let e = match Config::load(&Flags::default(), &[("API_CLIENT_ID", "x")][..]) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("API_CLIENT_SECRET") && e.contains("API_CLIENT_SECRET_FILE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        let e = err(&[("API_CLIENT_SECRET", "")]);
+        assert!(e.contains("no client secret"), "{e}");
+    }
+
+    #[test]
+    fn secret_file_is_trimmed_of_one_newline_kind() {
+        assert_eq!(trim_secret("abc\n"), "abc");
+        assert_eq!(trim_secret("abc\r\n"), "abc");
+        assert_eq!(trim_secret(" abc "), " abc ");
+    }
+
+    #[test]
+    fn every_key_has_a_generic_variable() {
+        assert_eq!(
+            generic_env_name("upstream.url"),
+            "BEARER_PROXY_UPSTREAM_URL"
+        );
+        assert_eq!(
+            generic_env_name("admin_listen"),
+            "BEARER_PROXY_ADMIN_LISTEN"
+        );
+        assert_eq!(generic_env_name("log.format"), "BEARER_PROXY_LOG_FORMAT");
+    }
+}

@@ -1,0 +1,146 @@
+//! bearer-proxy: a local authenticating reverse proxy. It holds OAuth2 client
+//! credentials, keeps a valid access token, and forwards every request to one
+//! upstream API with `Authorization: Bearer <token>` added.
+//!
+//! # Layout
+//!
+//! - [`config`]: the key table, sources (flag > environment > file > default)
+//!   and validation into [`Config`]; every error names the key.
+//! - [`secret`]: `ClientSecret` and `AccessToken`, whose `Debug` is redacted.
+//! - [`token`]: the token endpoint client ([`token::endpoint`]), its errors
+//!   ([`token::error`]), the refresher task that alone talks to the endpoint
+//!   ([`token::refresher`]) and the slot the request path reads ([`token::slot`]).
+//! - [`proxy`]: forwarding; header rewriting ([`proxy::headers`]), the
+//!   upstream client ([`proxy::client`]), body wrappers ([`proxy::body`]) and
+//!   the proxy's own error responses ([`proxy::error`]).
+//! - [`guard`]: what the proxy refuses before forwarding.
+//! - [`admin`]: `/healthz`, `/readyz`, `/status` on the admin listener.
+//! - [`serve`]: the accept loop (HTTP/1.1 and h2c) with graceful drain.
+//! - [`telemetry`]: the tracing subscriber; [`shutdown`]: signals.
+//! - [`tls`]: the rustls client settings shared by both outgoing clients.
+//!
+//! `main.rs` parses the command line, loads the config, installs logging and
+//! calls [`run`], which the integration tests in `tests/` call too.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub mod admin;
+pub mod config;
+pub mod guard;
+pub mod proxy;
+pub mod secret;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+
+pub use config::Config;
+
+/// The two listeners, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Where clients send requests.
+    pub proxy: TcpListener,
+    /// Where `/healthz`, `/readyz` and `/status` are served.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> Result<Self, RunError> {
+        Ok(Self {
+            proxy: bind(config.listen, "listen").await?,
+            admin: bind(config.admin_listen, "admin_listen").await?,
+        })
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { key, addr, source })
+}
+
+/// Why the proxy could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// The config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS or client setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs the proxy until `shutdown` fires, then drains for `shutdown.grace`.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    tls::install_crypto_provider();
+    let tls = tls::client_config(config.tls.ca_file.as_deref()).map_err(RunError::Setup)?;
+    let user_agent = config
+        .upstream
+        .user_agent
+        .to_str()
+        .unwrap_or("bearer-proxy")
+        .to_owned();
+    let endpoint = token::TokenEndpoint::new(config.token.clone(), tls.clone(), &user_agent)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let slot = token::TokenSlot::new();
+
+    let background = CancellationToken::new();
+    let refresher = token::Refresher::new(endpoint, slot.clone(), token::RetryPolicy::default());
+    let refresher = tokio::spawn(refresher.run(background.clone()));
+
+    let admin_state = admin::AdminState {
+        slot: slot.clone(),
+        draining: shutdown.clone(),
+        started: Instant::now(),
+        upstream: config.upstream.url.as_string(),
+    };
+    let admin_service = hyper_util::service::TowerToHyperService::new(admin::router(admin_state));
+    let admin = tokio::spawn(serve::serve(
+        listeners.admin,
+        admin_service,
+        background.clone(),
+        config.shutdown_grace,
+        "admin",
+    ));
+
+    let proxy = proxy::Proxy::new(&config.upstream, tls, slot, config.token.startup_wait);
+    tracing::info!(
+        listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        upstream = %config.upstream.url.as_string(),
+        token_url = %config.token.url,
+        "bearer-proxy {} ready to forward",
+        env!("CARGO_PKG_VERSION")
+    );
+    serve::serve(
+        listeners.proxy,
+        proxy,
+        shutdown,
+        config.shutdown_grace,
+        "proxy",
+    )
+    .await;
+
+    background.cancel();
+    let _ = refresher.await;
+    let _ = admin.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Header rewriting of a correct intermediary: hop-by-hop headers and those
+//! named in `Connection` removed (RFC 9110 §7.6.1), the order of the others
+//! kept, and `Location` under the upstream's base mapped back to the proxy.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::config::UpstreamUrl;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
+/// plus the non-standard `Proxy-Connection` and `Keep-Alive`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Request headers that the proxy consumes itself: `Expect` (the proxy's
+/// server answers `100 Continue`), the local key, and `Trailer` (the proxy
+/// does not forward trailers' announcement without the trailers' framing).
+const REQUEST_ONLY: [HeaderName; 3] = [
+    header::EXPECT,
+    HeaderName::from_static("x-proxy-key"),
+    header::TRAILER,
+];
+
+/// Removes hop-by-hop headers, the headers that `Connection` names, and
+/// `extra`, keeping the order of the rest. Costs nothing when none is present.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
+    let named = connection_named(headers);
+    let listed = |name: &HeaderName| HOP_BY_HOP.contains(name) || extra.contains(name);
+    let present = headers
+        .keys()
+        .any(|name| listed(name) || named.contains(name));
+    if !present {
+        return;
+    }
+    // Rebuilt rather than removed in place: `HeaderMap::remove` swaps the last
+    // header into the hole, which would reorder what the upstream sees.
+    let old = std::mem::take(headers);
+    headers.reserve(old.len());
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in old {
+        if let Some(name) = name {
+            current = Some(name);
+        }
+        if let Some(name) = &current
+            && !listed(name)
+            && !named.contains(name)
+        {
+            headers.append(name.clone(), value);
+        }
+    }
+}
+
+/// Hop-by-hop removal for a request, with the headers the proxy consumes.
+pub fn clean_request(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers, &REQUEST_ONLY);
+}
+
+/// Hop-by-hop removal for a response.
+pub fn clean_response(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers, &[]);
+}
+
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Maps a `Location` under the upstream's base to the same path on the
+/// proxy, as nginx's `proxy_redirect default` does.
+#[derive(Debug, Clone)]
+pub struct LocationRewriter {
+    /// `scheme://authority` forms that name the upstream, plus `//authority`.
+    origins: Vec<String>,
+    base_path: String,
+}
+
+impl LocationRewriter {
+    /// For the given upstream.
+    pub fn new(upstream: &UpstreamUrl) -> Self {
+        let scheme = upstream.scheme.as_str();
+        let host = upstream.authority.host();
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let port = upstream.authority.port_u16().unwrap_or(default_port);
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let mut authorities = vec![format!("{host}:{port}")];
+        if port == default_port {
+            authorities.push(host);
+        }
+        let mut origins = Vec::new();
+        for authority in &authorities {
+            origins.push(format!("{scheme}://{authority}"));
+            origins.push(format!("//{authority}"));
+        }
+        Self {
+            origins,
+            base_path: upstream.base_path.clone(),
+        }
+    }
+
+    /// The rewritten value, or `None` to leave it as it is.
+    pub fn rewrite(&self, location: &str) -> Option<String> {
+        let path = self
+            .origins
+            .iter()
+            .find_map(|origin| strip_prefix_ignore_case(location, origin))
+            .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#']));
+        let path = match path {
+            Some(path) => path,
+            // Only a path-absolute reference is relative to the upstream's
+            // origin; "a/b" and "../b" are relative to the request and stay.
+            None if location.starts_with('/') && !location.starts_with("//") => {
+                if self.base_path.is_empty() {
+                    return None;
+                }
+                location
+            }
+            None => return None,
+        };
+        let rest = path.strip_prefix(self.base_path.as_str())?;
+        if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+            return None;
+        }
+        Some(if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        })
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &value[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn upstream(url: &str) -> UpstreamUrl {
+        let uri: http::Uri = url.parse().unwrap_or_default();
+        UpstreamUrl {
+            scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
+            authority: uri
+                .authority()
+                .cloned()
+                .unwrap_or_else(|| http::uri::Authority::from_static("x")),
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_keeping_order() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("a", "1"),
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "v"),
+            ("b", "2"),
+            ("transfer-encoding", "chunked"),
+            ("a", "3"),
+            ("upgrade", "websocket"),
+            ("c", "4"),
+            ("expect", "100-continue"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        clean_request(&mut headers);
+        let seen: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        let expected: Vec<(String, String)> = [("a", "1"), ("a", "3"), ("b", "2"), ("c", "4")]
+            .iter()
+            .map(|(n, v)| ((*n).into(), (*v).into()))
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn untouched_headers_are_not_rebuilt() {
+        let mut headers = HeaderMap::new();
+        headers.append("z", HeaderValue::from_static("1"));
+        headers.append("a", HeaderValue::from_static("2"));
+        clean_response(&mut headers);
+        let names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["z", "a"]);
+    }
+
+    #[test]
+    fn location_under_the_base_is_rewritten() {
+        let r = LocationRewriter::new(&upstream("https://api.example.com/v1"));
+        assert_eq!(
+            r.rewrite("https://api.example.com/v1/items/2?x=1")
+                .as_deref(),
+            Some("/items/2?x=1")
+        );
+        assert_eq!(
+            r.rewrite("HTTPS://API.example.com:443/v1").as_deref(),
+            Some("/")
+        );
+        assert_eq!(r.rewrite("/v1/items").as_deref(), Some("/items"));
+        assert_eq!(r.rewrite("//api.example.com/v1/a").as_deref(), Some("/a"));
+        assert_eq!(r.rewrite("https://api.example.com/v10/items"), None);
+        assert_eq!(r.rewrite("https://api.example.com/other"), None);
+        assert_eq!(r.rewrite("https://api.example.com.evil/v1/x"), None);
+        assert_eq!(r.rewrite("https://other.example.com/v1/x"), None);
+        assert_eq!(r.rewrite("http://api.example.com/v1/x"), None);
+        assert_eq!(r.rewrite("relative/path"), None);
+    }
+
+    #[test]
+    fn location_at_a_root_upstream_with_a_port() {
+        let r = LocationRewriter::new(&upstream("http://127.0.0.1:8081"));
+        assert_eq!(
+            r.rewrite("http://127.0.0.1:8081/a?b").as_deref(),
+            Some("/a?b")
+        );
+        assert_eq!(r.rewrite("http://127.0.0.1:8081").as_deref(), Some("/"));
+        assert_eq!(r.rewrite("http://127.0.0.1/a"), None);
+        assert_eq!(r.rewrite("/a"), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! Forwarding: each request goes to the one upstream with the bearer token
+//! and the proxy's User-Agent, changed in nothing else that DESIGN.md does
+//! not list; bodies stream both ways with backpressure.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION,
+    USER_AGENT,
+};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+
+use body::{ProxyBody, TrackedBody};
+use client::{ConnectTimeout, Connector};
+pub use error::{ErrorCode, ProxyError};
+use headers::LocationRewriter;
+
+use crate::config::UpstreamConfig;
+use crate::guard;
+use crate::token::{CurrentToken, TokenSlot};
+
+/// Largest status-path answer that is read whole to mask the token in it.
+const MASK_LIMIT: usize = 1024 * 1024;
+/// What replaces the token where the upstream echoes it.
+const TOKEN_MASK: &str = "[masked by bearer-proxy]";
+
+/// The proxy service: cheap to clone, one per connection.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Client<Connector, TrackedBody<Incoming>>,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    base_path: String,
+    user_agent: HeaderValue,
+    /// The status path as the upstream sees it (base path included).
+    status_path: String,
+    locations: LocationRewriter,
+    slot: TokenSlot,
+    startup_wait: Duration,
+    response_timeout: Duration,
+}
+
+impl Proxy {
+    /// A proxy to `upstream`, sending the tokens held in `slot`.
+    pub fn new(
+        upstream: &UpstreamConfig,
+        tls: rustls::ClientConfig,
+        slot: TokenSlot,
+        startup_wait: Duration,
+    ) -> Self {
+        let url = &upstream.url;
+        let host = HeaderValue::from_str(url.authority.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        Self {
+            inner: Arc::new(Shared {
+                client: client::build(tls, upstream.connect_timeout),
+                scheme: url.scheme.clone(),
+                authority: url.authority.clone(),
+                host,
+                base_path: url.base_path.clone(),
+                user_agent: upstream.user_agent.clone(),
+                status_path: format!("{}{}", url.base_path, upstream.status_path),
+                locations: LocationRewriter::new(url),
+                slot,
+                startup_wait,
+                response_timeout: upstream.response_timeout,
+            }),
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let shared = Arc::clone(&self.inner);
+        Box::pin(async move {
+            Ok(match shared.forward(request).await {
+                Ok(response) => response,
+                Err(error) => error.to_response().map(Either::Right),
+            })
+        })
+    }
+}
+
+impl Shared {
+    async fn forward(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        guard::check(&request)?;
+        let token = match self.slot.current() {
+            Ok(token) => token,
+            Err(_) => self
+                .slot
+                .current_or_wait(self.startup_wait)
+                .await
+                .map_err(|u| {
+                    ProxyError::new(
+                        ErrorCode::TokenUnavailable,
+                        format!("no valid access token: {}", u.reason),
+                    )
+                    .retry_after(u.retry_after_secs)
+                })?,
+        };
+        let (mut parts, body) = request.into_parts();
+        let path_and_query = self.join(parts.uri.path_and_query())?;
+        let masked = path_and_query.path() == self.status_path;
+        parts.uri = Uri::from_parts({
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(self.scheme.clone());
+            uri.authority = Some(self.authority.clone());
+            uri.path_and_query = Some(path_and_query);
+            uri
+        })
+        .map_err(|_| {
+            ProxyError::new(
+                ErrorCode::BadRequestTarget,
+                "the request target cannot be joined onto the upstream URL",
+            )
+        })?;
+        // Hyper's client speaks what the connection negotiated; the version
+        // the client used towards the proxy says nothing about that.
+        parts.version = Version::HTTP_11;
+        headers::clean_request(&mut parts.headers);
+        parts.headers.insert(AUTHORIZATION, token.header.clone());
+        parts.headers.insert(USER_AGENT, self.user_agent.clone());
+        parts.headers.insert(HOST, self.host.clone());
+        if masked {
+            // The answer is read to mask the token in it: ask for it uncompressed.
+            parts.headers.remove(ACCEPT_ENCODING);
+        }
+        let (body, sent) = TrackedBody::new(body);
+        let response = self.send(Request::from_parts(parts, body), sent).await?;
+
+        let (mut parts, body) = response.into_parts();
+        parts.version = Version::HTTP_11;
+        headers::clean_response(&mut parts.headers);
+        if let Some(location) = parts.headers.get(LOCATION).and_then(|v| v.to_str().ok())
+            && let Some(rewritten) = self.locations.rewrite(location)
+            && let Ok(value) = HeaderValue::from_str(&rewritten)
+        {
+            parts.headers.insert(LOCATION, value);
+        }
+        if masked && is_plain_json(&parts.headers) {
+            let body = mask_token(body, &token).await?;
+            parts.headers.remove(CONTENT_LENGTH);
+            return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
+        }
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// The upstream's base path and the request's path and query, joined by
+    /// plain concatenation: not a byte is decoded or re-encoded.
+    fn join(&self, target: Option<&PathAndQuery>) -> Result<PathAndQuery, ProxyError> {
+        let target = target.map(PathAndQuery::as_str).unwrap_or("/");
+        if !target.starts_with('/') {
+            return Err(ProxyError::new(
+                ErrorCode::BadRequestTarget,
+                "the request target must be a path starting with /",
+            ));
+        }
+        let joined = if self.base_path.is_empty() {
+            return target.parse().map_err(|_| bad_target());
+        } else {
+            let mut joined = String::with_capacity(self.base_path.len() + target.len());
+            joined.push_str(&self.base_path);
+            joined.push_str(target);
+            joined
+        };
+        PathAndQuery::try_from(joined).map_err(|_| bad_target())
+    }
+
+    /// Sends the request; the response deadline runs from when the request
+    /// body has been sent in full, so long uploads are not cut.
+    async fn send(
+        &self,
+        request: Request<TrackedBody<Incoming>>,
+        sent: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let timeout = self.response_timeout;
+        let responding = self.client.request(request);
+        let result = match sent {
+            None => tokio::time::timeout(timeout, responding).await.ok(),
+            Some(sent) => {
+                tokio::pin!(responding);
+                tokio::select! {
+                    result = &mut responding => Some(result),
+                    _ = async { let _ = sent.await; tokio::time::sleep(timeout).await } => None,
+                }
+            }
+        };
+        match result {
+            Some(Ok(response)) => Ok(response),
+            Some(Err(error)) => Err(self.upstream_error(&error)),
+            None => Err(ProxyError::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "the upstream {} sent no response headers within {} (upstream.response_timeout)",
+                    self.authority,
+                    humantime::format_duration(timeout)
+                ),
+            )),
+        }
+    }
+
+    fn upstream_error(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
+        let detail = describe_sources(error);
+        let (code, message) = if find::<ConnectTimeout>(error).is_some() {
+            (
+                ErrorCode::UpstreamTimeout,
+                format!("{detail} (upstream.connect_timeout)"),
+            )
+        } else if let Some(tls) = find_tls_error(error) {
+            (
+                ErrorCode::UpstreamUnreachable,
+                format!("TLS with the upstream {} failed: {tls}", self.authority),
+            )
+        } else if error.is_connect() {
+            (
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "cannot connect to the upstream {}: {detail}",
+                    self.authority
+                ),
+            )
+        } else {
+            (
+                ErrorCode::UpstreamUnreachable,
+                format!(
+                    "the upstream {} closed the connection without a response: {detail}",
+                    self.authority
+                ),
+            )
+        };
+        tracing::warn!(code = code.as_str(), "{message}");
+        ProxyError::new(code, message)
+    }
+}
+
+fn bad_target() -> ProxyError {
+    ProxyError::new(
+        ErrorCode::BadRequestTarget,
+        "the request target is not a valid path and query",
+    )
+}
+
+fn is_plain_json(headers: &http::HeaderMap) -> bool {
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    let identity = headers
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.eq_ignore_ascii_case("identity"));
+    json && identity
+}
+
+/// Reads the status path's answer and replaces every copy of the token.
+async fn mask_token(body: Incoming, token: &CurrentToken) -> Result<Bytes, ProxyError> {
+    let collected = Limited::new(body, MASK_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            ProxyError::new(
+                ErrorCode::UpstreamUnreachable,
+                format!("the upstream's status answer could not be read to mask the token: {e}"),
+            )
+        })?;
+    let bytes = collected.to_bytes();
+    let secret = token.token.secret().as_bytes();
+    if secret.is_empty() || !bytes.windows(secret.len()).any(|w| w == secret) {
+        return Ok(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = &bytes[..];
+    while let Some(at) = rest.windows(secret.len()).position(|w| w == secret) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(TOKEN_MASK.as_bytes());
+        rest = &rest[at + secret.len()..];
+    }
+    out.extend_from_slice(rest);
+    Ok(Bytes::from(out))
+}
+
+/// The error's sources in one line, without the outermost wrapper's text
+/// ("client error (Connect)"), which says nothing to a person.
+fn describe_sources(error: &(dyn std::error::Error + 'static)) -> String {
+    match error.source() {
+        Some(source) => crate::token::endpoint::chain(source),
+        None => error.to_string(),
+    }
+}
+
+fn find<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// rustls errors arrive wrapped in `io::Error`, whose `source()` skips them.
+fn find_tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(tls) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        current = e.source();
+    }
+    None
+}

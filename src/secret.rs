@@ -1,0 +1,59 @@
+//! Secrets as types: the client secret and the access token never print.
+//!
+//! Each newtype's `Debug` prints `Name([redacted])`, none has `Display`, and
+//! the value is reached only through an explicit `.secret()` call, so a stray
+//! `{:?}` in a log line cannot leak one.
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+
+macro_rules! secret_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $name(SecretString);
+
+        impl $name {
+            /// Wraps a value.
+            pub fn new(value: impl Into<String>) -> Self {
+                Self(SecretString::from(value.into()))
+            }
+
+            /// The value itself: every call site is a place where it leaves the type.
+            pub fn secret(&self) -> &str {
+                self.0.expose_secret()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+    };
+}
+
+secret_newtype!(
+    /// The OAuth2 client secret.
+    ClientSecret
+);
+secret_newtype!(
+    /// An access token issued by the token endpoint.
+    AccessToken
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_redacted() {
+        let secret = ClientSecret::new("hunter2");
+        let token = AccessToken::new("eyJ0eXAi");
+        assert_eq!(format!("{secret:?}"), "ClientSecret([redacted])");
+        assert_eq!(format!("{token:?}"), "AccessToken([redacted])");
+        assert_eq!(secret.secret(), "hunter2");
+        assert_eq!(token.secret(), "eyJ0eXAi");
+    }
+}

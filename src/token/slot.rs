@@ -1,0 +1,279 @@
+//! The token slot: the one place the current token lives. The refresher
+//! writes it; the request path reads it without ever waiting on the token
+//! endpoint while a valid token is held.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::TokenError;
+use crate::secret::AccessToken;
+
+/// A token ready for use on the request path.
+#[derive(Debug)]
+pub struct CurrentToken {
+    /// The token itself (needed to mask it where an upstream echoes it).
+    pub token: AccessToken,
+    /// `Bearer <token>`, marked sensitive, built once per token.
+    pub header: HeaderValue,
+    /// Last instant at which it may be sent: its expiry minus a safety margin.
+    pub usable_until: Instant,
+    /// Wall-clock expiry, for `/status`.
+    pub expires_at: SystemTime,
+    /// Wall-clock time the request for it was sent.
+    pub obtained_at: SystemTime,
+}
+
+impl CurrentToken {
+    /// Builds the header; `requested_at` is when the request was *sent*, since
+    /// the lifetime counts from then.
+    pub fn new(
+        token: AccessToken,
+        lifetime: Duration,
+        requested_at: Instant,
+        requested_at_wall: SystemTime,
+    ) -> Option<Self> {
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", token.secret())).ok()?;
+        header.set_sensitive(true);
+        Some(Self {
+            token,
+            header,
+            usable_until: requested_at + lifetime.saturating_sub(expiry_margin(lifetime)),
+            expires_at: requested_at_wall + lifetime,
+            obtained_at: requested_at_wall,
+        })
+    }
+
+    /// Whether it may still be sent at `now`.
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+/// A token counts as expired this long before its real expiry, so that one
+/// sent just before never arrives expired: `min(30 s, lifetime / 10)`.
+pub fn expiry_margin(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(30))
+}
+
+/// The last failure, as `/status` shows it.
+#[derive(Debug, Clone)]
+pub struct LastError {
+    /// Short code (`invalid_client`, `connect_failed`, ...).
+    pub code: String,
+    /// Provider code such as `AADSTS7000215`.
+    pub provider_code: Option<String>,
+    /// One sentence.
+    pub message: String,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// Everything known about the token.
+#[derive(Debug, Clone, Default)]
+pub struct TokenState {
+    /// The latest token obtained, usable or not.
+    pub current: Option<Arc<CurrentToken>>,
+    /// When the refresher asks next.
+    pub next_attempt: Option<Instant>,
+    /// The same, on the wall clock.
+    pub next_attempt_wall: Option<SystemTime>,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// The most recent failure, kept after a recovery.
+    pub last_error: Option<LastError>,
+}
+
+/// Why no token can be used now.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// Seconds until the next attempt, at least 1.
+    pub retry_after_secs: u64,
+    /// Why, in one sentence.
+    pub reason: String,
+}
+
+/// Shared handle on the token state: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TokenSlot {
+    tx: Arc<watch::Sender<TokenState>>,
+}
+
+impl Default for TokenSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TokenSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(TokenState::default())),
+        }
+    }
+
+    /// A copy of the whole state (for `/status`).
+    pub fn state(&self) -> TokenState {
+        self.tx.borrow().clone()
+    }
+
+    /// Stores a new token and the time of the next renewal.
+    pub fn publish_token(&self, token: CurrentToken, next: Instant, next_wall: SystemTime) {
+        self.tx.send_modify(|state| {
+            state.current = Some(Arc::new(token));
+            state.next_attempt = Some(next);
+            state.next_attempt_wall = Some(next_wall);
+            state.consecutive_failures = 0;
+        });
+    }
+
+    /// Records a failure and the time of the next attempt; a held token stays.
+    pub fn publish_failure(&self, error: &TokenError, next: Instant, next_wall: SystemTime) {
+        let message = match error.hint() {
+            Some(hint) => format!("{error} ({hint})"),
+            None => error.to_string(),
+        };
+        self.tx.send_modify(|state| {
+            state.next_attempt = Some(next);
+            state.next_attempt_wall = Some(next_wall);
+            state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+            state.last_error = Some(LastError {
+                code: error.code().to_owned(),
+                provider_code: error.provider_code(),
+                message,
+                at: SystemTime::now(),
+            });
+        });
+    }
+
+    /// The token to send now, or why there is none.
+    pub fn current(&self) -> Result<Arc<CurrentToken>, Unavailable> {
+        let state = self.tx.borrow();
+        let now = Instant::now();
+        match &state.current {
+            Some(token) if token.is_usable(now) => Ok(Arc::clone(token)),
+            _ => Err(unavailable(&state, now)),
+        }
+    }
+
+    /// Like [`current`](Self::current), but before the first token has ever
+    /// arrived waits up to `wait` for it.
+    pub async fn current_or_wait(&self, wait: Duration) -> Result<Arc<CurrentToken>, Unavailable> {
+        let deadline = Instant::now() + wait;
+        let mut rx = self.tx.subscribe();
+        loop {
+            {
+                let state = rx.borrow_and_update();
+                let now = Instant::now();
+                match &state.current {
+                    Some(token) if token.is_usable(now) => return Ok(Arc::clone(token)),
+                    Some(_) => return Err(unavailable(&state, now)),
+                    None if now >= deadline => return Err(unavailable(&state, now)),
+                    None => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                let state = rx.borrow();
+                return Err(unavailable(&state, Instant::now()));
+            }
+        }
+    }
+
+    /// `Ok` while a usable token is held; else the reason.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.current().map(|_| ()).map_err(|u| u.reason)
+    }
+}
+
+fn unavailable(state: &TokenState, now: Instant) -> Unavailable {
+    let retry_after_secs = state
+        .next_attempt
+        .map(|at| at.saturating_duration_since(now).as_secs_f64().ceil() as u64)
+        .unwrap_or(1)
+        .max(1);
+    let reason = match (&state.current, &state.last_error) {
+        (Some(_), Some(error)) => format!(
+            "the token expired and renewing it failed: {}",
+            error.message
+        ),
+        (Some(_), None) => "the token expired and has not been renewed yet".to_owned(),
+        (None, Some(error)) => format!("no token yet: {}", error.message),
+        (None, None) => "no token yet: the first token request has not completed".to_owned(),
+    };
+    Unavailable {
+        retry_after_secs,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn margin_is_a_tenth_capped_at_30s() {
+        assert_eq!(
+            expiry_margin(Duration::from_secs(3599)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            expiry_margin(Duration::from_secs(100)),
+            Duration::from_secs(10)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_stops_being_used_before_expiry() {
+        let slot = TokenSlot::new();
+        assert!(slot.current().is_err());
+        let now = Instant::now();
+        let token = CurrentToken::new(
+            AccessToken::new("t"),
+            Duration::from_secs(100),
+            now,
+            SystemTime::now(),
+        );
+        let Some(token) = token else {
+            panic!("valid token")
+        };
+        slot.publish_token(token, now + Duration::from_secs(80), SystemTime::now());
+        assert!(slot.current().is_ok());
+        tokio::time::advance(Duration::from_secs(89)).await;
+        assert!(slot.current().is_ok());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let err = slot.current().err().map(|u| u.reason).unwrap_or_default();
+        assert!(err.contains("expired"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_ends_with_the_first_token_or_the_deadline() {
+        let slot = TokenSlot::new();
+        let waited = slot.current_or_wait(Duration::from_secs(2)).await;
+        let Err(u) = waited else {
+            panic!("no token was published")
+        };
+        assert!(u.retry_after_secs >= 1);
+
+        let publisher = slot.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = Instant::now();
+            if let Some(token) = CurrentToken::new(
+                AccessToken::new("t"),
+                Duration::from_secs(60),
+                now,
+                SystemTime::now(),
+            ) {
+                publisher.publish_token(token, now + Duration::from_secs(48), SystemTime::now());
+            }
+        });
+        assert!(slot.current_or_wait(Duration::from_secs(5)).await.is_ok());
+    }
+}
