@@ -112,6 +112,11 @@ pub async fn run(
         started: Instant::now(),
         upstream: config.upstream.url.as_string(),
     };
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let admin_service = hyper_util::service::TowerToHyperService::new(admin::router(admin_state));
     let admin = tokio::spawn(serve::serve(
         listeners.admin,
@@ -124,6 +129,7 @@ pub async fn run(
     let proxy = proxy::Proxy::new(&config.upstream, tls, slot, config.token.startup_wait);
     tracing::info!(
         listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin_listen = %admin_addr,
         upstream = %config.upstream.url.as_string(),
         token_url = %config.token.url,
         "bearer-proxy {} ready to forward",

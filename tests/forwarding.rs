@@ -1,0 +1,578 @@
+//! Forwarding over real loopback sockets: what the upstream receives and
+//! what the client gets back, byte for byte.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test]
+async fn injects_the_token_and_replaces_client_credentials() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+
+    let response = http1()
+        .get(proxy.url("/api/items"))
+        .header("authorization", "Basic c29tZW9uZTplbHNl")
+        .header("user-agent", "python-requests/2.31")
+        .header("x-custom", "kept")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await?, "ok");
+
+    let seen = upstream.last();
+    assert_eq!(seen.header_all("authorization"), ["Bearer token-1"]);
+    assert_eq!(
+        seen.header_all("user-agent"),
+        [concat!("bearer-proxy/", env!("CARGO_PKG_VERSION"))]
+    );
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(
+        seen.header_all("host"),
+        [upstream.addr.to_string().as_str()]
+    );
+
+    let sent = token.requests();
+    assert_eq!(sent.len(), 1);
+    let form = &sent[0].form;
+    assert_eq!(
+        form.get("grant_type").map(String::as_str),
+        Some("client_credentials")
+    );
+    assert_eq!(form.get("client_id").map(String::as_str), Some(CLIENT_ID));
+    assert_eq!(
+        form.get("client_secret").map(String::as_str),
+        Some(CLIENT_SECRET)
+    );
+    assert_eq!(
+        form.get("scope").map(String::as_str),
+        Some("api://test-upstream/.default")
+    );
+    assert_eq!(
+        sent[0].content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(sent[0].authorization, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_secret_basic_sends_the_credentials_in_the_header() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_TOKEN_AUTH_METHOD", "client_secret_basic")],
+    )
+    .await;
+    wait_ready(&proxy).await;
+
+    let sent = token.requests();
+    let form = &sent[0].form;
+    assert!(
+        !form.contains_key("client_secret") && !form.contains_key("client_id"),
+        "{form:?}"
+    );
+    let expected_id: String = form_urlencoded::byte_serialize(CLIENT_ID.as_bytes()).collect();
+    let expected_secret: String =
+        form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
+    let header = sent[0].authorization.clone().unwrap_or_default();
+    let encoded = header.strip_prefix("Basic ").unwrap_or_default();
+    let decoded = base64_decode(encoded);
+    assert_eq!(decoded, format!("{expected_id}:{expected_secret}"));
+    Ok(())
+}
+
+fn base64_decode(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for byte in text.bytes().filter(|b| *b != b'=') {
+        let Some(value) = ALPHABET.iter().position(|a| *a == byte) else {
+            continue;
+        };
+        bits = (bits << 6) | value as u32;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn path_and_query_are_joined_byte_for_byte() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &format!("{}/base/", upstream.url()), &[]).await;
+    wait_ready(&proxy).await;
+
+    let targets: &[&[u8]] = &[
+        b"/",
+        b"/a%2Fb/c",
+        b"/search?q=a+b&q=c%20d&q=&flag",
+        b"/caf%C3%A9/%E2%9C%93?name=J%C3%B6rg",
+        b"/caf\xc3\xa9?\xc3\xa9=1",
+        b"//double//slashes/",
+        b"/path;matrix=1/x?a=1&a=2&b=%3D%26",
+    ];
+    for target in targets {
+        let mut request = b"GET ".to_vec();
+        request.extend_from_slice(target);
+        request.extend_from_slice(b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let response = raw(proxy.addr, &request).await?;
+        assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(target));
+        let mut expected = b"/base".to_vec();
+        expected.extend_from_slice(target);
+        assert_eq!(
+            upstream.last().target_str(),
+            String::from_utf8_lossy(&expected)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn methods_pass_unchanged_including_custom_ones() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let client = http1();
+    for method in [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "PURGE", "PROPFIND",
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let response = client
+            .request(method.clone(), proxy.url("/m"))
+            .body(if method == "HEAD" { "" } else { "payload" })
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200, "{method}");
+        let seen = upstream.last();
+        assert_eq!(seen.method, method.as_str());
+        if method != "HEAD" {
+            assert_eq!(seen.body, b"payload", "{method}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn refused_methods_get_the_documented_errors() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    wait_ready(&proxy).await;
+
+    let trace = http1()
+        .request(reqwest::Method::TRACE, proxy.url("/x"))
+        .send()
+        .await?;
+    assert_eq!(trace.status(), 405);
+    assert_eq!(
+        trace.headers()["x-bearer-proxy-error"],
+        "method_not_allowed"
+    );
+
+    let ws = raw(proxy.addr, b"GET /socket HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;
+    assert_eq!(ws.status, 501);
+    assert_eq!(
+        ws.header("x-bearer-proxy-error"),
+        Some("upgrade_not_supported")
+    );
+
+    let connect = raw(
+        proxy.addr,
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(connect.status, 400);
+    assert_eq!(
+        connect.header("x-bearer-proxy-error"),
+        Some("bad_request_target")
+    );
+    assert!(
+        upstream.requests().is_empty(),
+        "nothing refused may reach the upstream"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|_| {
+        Reply::ok("ok")
+            .header("connection", "x-upstream-hop")
+            .header("x-upstream-hop", "secret-route")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic")
+            .header("x-end-to-end", "stays")
+    })
+    .await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    wait_ready(&proxy).await;
+
+    let request = b"GET /h HTTP/1.1\r\nHost: localhost\r\nX-First: 1\r\nConnection: close, X-Client-Hop\r\nX-Client-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic abc\r\nTE: trailers\r\nX-Proxy-Key: local\r\nX-Repeated: a\r\nX-Last: 2\r\nX-Repeated: b\r\n\r\n";
+    let response = raw(proxy.addr, request).await?;
+    assert_eq!(response.status, 200);
+    let seen = upstream.last();
+    for name in [
+        "connection",
+        "x-client-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "x-proxy-key",
+    ] {
+        assert_eq!(seen.header(name), None, "{name} reached the upstream");
+    }
+    let names: Vec<&str> = seen
+        .headers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| n.starts_with("x-"))
+        .collect();
+    assert_eq!(names, ["x-first", "x-repeated", "x-repeated", "x-last"]);
+    assert_eq!(seen.header_all("x-repeated"), ["a", "b"]);
+
+    for name in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
+        assert_eq!(response.header(name), None, "{name} reached the client");
+    }
+    assert_eq!(response.header("x-end-to-end"), Some("stays"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn location_under_the_upstream_base_points_back_at_the_proxy() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|request| {
+        let upstream = request.header("host").unwrap_or_default().to_owned();
+        match request.target_str().as_str() {
+            "/v1/absolute" => {
+                Reply::status(302).header("location", &format!("http://{upstream}/v1/next?page=2"))
+            }
+            "/v1/path" => Reply::status(301).header("location", "/v1/moved"),
+            "/v1/foreign" => {
+                Reply::status(302).header("location", "https://login.example.com/v1/x")
+            }
+            _ => Reply::status(303).header("location", "relative/stays"),
+        }
+    })
+    .await;
+    let proxy = start_proxy(&token, &format!("{}/v1", upstream.url()), &[]).await;
+    let client = http1();
+    let location = |r: &reqwest::Response| {
+        r.headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    let r = client.get(proxy.url("/absolute")).send().await?;
+    assert_eq!(
+        (r.status().as_u16(), location(&r).as_deref()),
+        (302, Some("/next?page=2"))
+    );
+    let r = client.get(proxy.url("/path")).send().await?;
+    assert_eq!(
+        (r.status().as_u16(), location(&r).as_deref()),
+        (301, Some("/moved"))
+    );
+    let r = client.get(proxy.url("/foreign")).send().await?;
+    assert_eq!(
+        location(&r).as_deref(),
+        Some("https://login.example.com/v1/x")
+    );
+    let r = client.get(proxy.url("/other")).send().await?;
+    assert_eq!(location(&r).as_deref(), Some("relative/stays"));
+    assert_eq!(
+        upstream.requests().len(),
+        4,
+        "redirects are passed back, never followed"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_and_headers_and_body_pass_unchanged() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|_| Reply {
+        status: 418,
+        headers: vec![
+            ("content-type".into(), "application/octet-stream".into()),
+            ("content-encoding".into(), "gzip".into()),
+            ("set-cookie".into(), "a=1".into()),
+            ("set-cookie".into(), "b=2".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        body: Body::Bytes(vec![0x1f, 0x8b, 0x08, 0x00, 0xff, 0x00]),
+    })
+    .await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let response = raw(proxy.addr, b"GET /teapot HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n").await?;
+    assert_eq!(response.status, 418);
+    assert_eq!(response.body, [0x1f, 0x8b, 0x08, 0x00, 0xff, 0x00]);
+    assert_eq!(response.header("content-encoding"), Some("gzip"));
+    let cookies: Vec<&str> = response
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(upstream.last().header("accept-encoding"), Some("gzip"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &format!("{}/base", upstream.url()), &[]).await;
+    let response = h2c()
+        .post(proxy.url("/over/h2?x=1"))
+        .header("user-agent", "h2-client")
+        .body("h2 body")
+        .send()
+        .await?;
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.target_str(), "/base/over/h2?x=1");
+    assert_eq!(seen.version, 1, "the upstream speaks HTTP/1.1");
+    assert_eq!(seen.body, b"h2 body");
+    assert_eq!(seen.header("authorization"), Some("Bearer token-1"));
+    assert_eq!(
+        seen.header_all("host"),
+        [upstream.addr.to_string().as_str()]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_by_the_proxy() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    wait_ready(&proxy).await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"PUT /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).await?;
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    stream.write_all(b"hello").await?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await?;
+    assert_eq!(RawResponse::parse(&rest)?.status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header("expect"), None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_status_path_answer_has_the_token_masked() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|request| {
+        let bearer = request
+            .header("authorization")
+            .unwrap_or_default()
+            .trim_start_matches("Bearer ")
+            .to_owned();
+        let body = serde_json::json!({ "status": "ok", "token": bearer, "audience": "api://test" });
+        Reply {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Body::Bytes(body.to_string().into_bytes()),
+        }
+    })
+    .await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let response = http1()
+        .get(proxy.url("/api/status"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["token"], "[masked by bearer-proxy]");
+    assert_eq!(body["audience"], "api://test");
+    assert_eq!(
+        upstream.last().header("accept-encoding"),
+        None,
+        "asked uncompressed to mask it"
+    );
+
+    // Other paths are not read or changed.
+    let other = http1()
+        .get(proxy.url("/api/status2"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(other.contains("token-1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_refusal_and_silence_get_502_and_504() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let proxy = start_proxy(&token, &format!("http://{closed}"), &[]).await;
+    let response = http1().get(proxy.url("/x")).send().await?;
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        response.headers()["x-bearer-proxy-error"],
+        "upstream_unreachable"
+    );
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"], "upstream_unreachable");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("refused") && message.contains(&closed.to_string()),
+        "{message}"
+    );
+
+    let silent = FakeUpstream::with(|_| Reply {
+        status: 200,
+        headers: vec![],
+        body: Body::Hang,
+    })
+    .await;
+    let proxy = start_proxy(
+        &token,
+        &silent.url(),
+        &[("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms")],
+    )
+    .await;
+    let response = http1().post(proxy.url("/slow")).body("x").send().await?;
+    assert_eq!(response.status(), 504);
+    assert_eq!(
+        response.headers()["x-bearer-proxy-error"],
+        "upstream_timeout"
+    );
+    let body: serde_json::Value = response.json().await?;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("upstream.response_timeout"),
+        "{body}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_failure_mid_body_aborts_the_client_stream() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|_| Reply {
+        status: 200,
+        headers: vec![],
+        body: Body::Truncated {
+            declared: 1000,
+            sent: vec![b'x'; 10],
+        },
+    })
+    .await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    for client in [http1(), h2c()] {
+        let response = client.get(proxy.url("/partial")).send().await?;
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.bytes().await.is_err(),
+            "a truncated body must not end as if complete"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn upload_and_download_stream_without_buffering() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let download = std::sync::Mutex::new(Some(chunks_rx));
+    let upstream = FakeUpstream::with(move |request| {
+        if request.target_str() == "/download" {
+            let rx = download.lock().ok().and_then(|mut d| d.take());
+            match rx {
+                Some(rx) => Reply {
+                    status: 200,
+                    headers: vec![],
+                    body: Body::Stream(rx),
+                },
+                None => Reply::status(500),
+            }
+        } else {
+            Reply::ok("stored")
+        }
+    })
+    .await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    wait_ready(&proxy).await;
+
+    // Upload: the upstream has the first chunk before the client sends the second.
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let stream = futures_stream(body_rx);
+    let client = http1();
+    let upload = tokio::spawn(
+        client
+            .post(proxy.url("/upload"))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send(),
+    );
+    body_tx.send(Ok(vec![b'a'; 1000])).await?;
+    let mut progress = upstream.progress.clone();
+    tokio::time::timeout(Duration::from_secs(5), progress.wait_for(|n| *n >= 1000)).await??;
+    body_tx.send(Ok(vec![b'b'; 500])).await?;
+    drop(body_tx);
+    let response = upload.await??;
+    assert_eq!(response.text().await?, "stored");
+    let seen = upstream.last();
+    assert_eq!(seen.body_len, 1500);
+    assert!(seen.chunked, "a body of unknown length is sent chunked");
+
+    // Download: the client reads the first chunk before the upstream sends the second.
+    let mut response = http1().get(proxy.url("/download")).send().await?;
+    chunks_tx.send(b"first".to_vec()).await?;
+    let first = tokio::time::timeout(Duration::from_secs(5), response.chunk()).await??;
+    assert_eq!(first.as_deref(), Some(&b"first"[..]));
+    chunks_tx.send(b"second".to_vec()).await?;
+    drop(chunks_tx);
+    let second = response.chunk().await?;
+    assert_eq!(second.as_deref(), Some(&b"second"[..]));
+    assert_eq!(response.chunk().await?, None);
+    Ok(())
+}
+
+/// A `Stream` over an mpsc receiver, without pulling in futures-util.
+fn futures_stream(
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    struct Rx(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+    impl futures_core::Stream for Rx {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    Rx(rx)
+}

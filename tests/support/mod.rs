@@ -1,0 +1,714 @@
+//! Test support: a fake Entra v2.0 token endpoint, a fake upstream that
+//! records each request as it went over the wire, the proxy started in
+//! process on port 0, and raw HTTP/1.1 clients.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bearer_proxy::config::{Config, Flags};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const CLIENT_SECRET: &str = "Xy8Q~not-a-real-secret.value_42";
+
+// ---------------------------------------------------------------- token endpoint
+
+/// One answer of the fake token endpoint.
+#[derive(Debug, Clone)]
+pub enum TokenReply {
+    /// Entra's success body with the next token (`token-N`) and this lifetime.
+    Ok { expires_in: u64 },
+    /// A status and a raw JSON body, plus extra headers.
+    Raw {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
+}
+
+impl TokenReply {
+    /// Entra's 401 for a wrong secret (AADSTS7000215), as it really looks.
+    pub fn invalid_secret() -> Self {
+        Self::entra_error(
+            401,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '11111111-2222-3333-4444-555555555555'.",
+        )
+    }
+
+    /// An Entra error body.
+    pub fn entra_error(status: u16, error: &str, code: u64, text: &str) -> Self {
+        let body = serde_json::json!({
+            "error": error,
+            "error_description": format!("AADSTS{code}: {text}\r\nTrace ID: 0d3ab8a6-8d4c-4e5b-a1c3-5d0a7c2f2b00\r\nCorrelation ID: 7c6f9a52-3b1e-4a8d-9c0e-2f4b6d8a1e33\r\nTimestamp: 2026-11-28 12:00:00Z"),
+            "error_codes": [code],
+            "timestamp": "2026-11-28 12:00:00Z",
+            "trace_id": "0d3ab8a6-8d4c-4e5b-a1c3-5d0a7c2f2b00",
+            "correlation_id": "7c6f9a52-3b1e-4a8d-9c0e-2f4b6d8a1e33",
+            "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+        });
+        Self::Raw {
+            status,
+            body: body.to_string(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// What the token endpoint received.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub path: String,
+    pub content_type: Option<String>,
+    pub authorization: Option<String>,
+    pub form: HashMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+struct TokenInner {
+    requests: Vec<TokenRequest>,
+    script: VecDeque<TokenReply>,
+    issued: u32,
+    delay: Duration,
+    in_flight: u32,
+    max_in_flight: u32,
+}
+
+/// A fake Entra v2.0 token endpoint on loopback.
+#[derive(Debug, Clone)]
+pub struct FakeTokenEndpoint {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<TokenInner>>,
+}
+
+impl FakeTokenEndpoint {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind token endpoint");
+        let addr = listener.local_addr().expect("local addr");
+        let inner = Arc::new(Mutex::new(TokenInner::default()));
+        let app = axum::Router::new()
+            .route(
+                "/{tenant}/oauth2/v2.0/token",
+                axum::routing::post(token_handler),
+            )
+            .with_state(inner.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, inner }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/test-tenant/oauth2/v2.0/token", self.addr)
+    }
+
+    /// Answers to give, in order; after them, success with 3599 s.
+    pub fn script(&self, replies: impl IntoIterator<Item = TokenReply>) {
+        self.lock().script.extend(replies);
+    }
+
+    /// Delay before each answer.
+    pub fn delay(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
+    pub fn requests(&self) -> Vec<TokenRequest> {
+        self.lock().requests.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().requests.len()
+    }
+
+    pub fn max_in_flight(&self) -> u32 {
+        self.lock().max_in_flight
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TokenInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn token_handler(
+    State(inner): State<Arc<Mutex<TokenInner>>>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let (reply, delay) = {
+        let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.requests.push(TokenRequest {
+            path: format!("/{tenant}/oauth2/v2.0/token"),
+            content_type: header("content-type"),
+            authorization: header("authorization"),
+            form,
+        });
+        inner.in_flight += 1;
+        inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
+        let reply = inner
+            .script
+            .pop_front()
+            .unwrap_or(TokenReply::Ok { expires_in: 3599 });
+        (reply, inner.delay)
+    };
+    tokio::time::sleep(delay).await;
+    let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+    inner.in_flight -= 1;
+    match reply {
+        TokenReply::Ok { expires_in } => {
+            inner.issued += 1;
+            let body = serde_json::json!({
+                "token_type": "Bearer",
+                "expires_in": expires_in,
+                "ext_expires_in": expires_in,
+                "access_token": format!("token-{}", inner.issued),
+            });
+            (
+                [("content-type", "application/json; charset=utf-8")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        TokenReply::Raw {
+            status,
+            body,
+            headers,
+        } => {
+            let mut response = (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                [("content-type", "application/json; charset=utf-8")],
+                body,
+            )
+                .into_response();
+            for (name, value) in headers {
+                if let (Ok(name), Ok(value)) = (
+                    axum::http::HeaderName::from_bytes(name.as_bytes()),
+                    axum::http::HeaderValue::from_str(&value),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            response
+        }
+    }
+}
+
+// ---------------------------------------------------------------- upstream
+
+/// A request as the fake upstream read it off the socket.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    pub method: String,
+    /// The request target, byte for byte.
+    pub target: Vec<u8>,
+    pub version: u8,
+    /// Headers in the order they arrived, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body, up to [`KEEP_BODY`] bytes.
+    pub body: Vec<u8>,
+    pub body_len: u64,
+    pub chunked: bool,
+}
+
+/// Bodies longer than this are counted, not kept.
+pub const KEEP_BODY: usize = 4 * 1024 * 1024;
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn target_str(&self) -> String {
+        String::from_utf8_lossy(&self.target).into_owned()
+    }
+}
+
+/// How the fake upstream answers.
+#[derive(Debug)]
+pub enum Body {
+    Bytes(Vec<u8>),
+    /// Chunked, each message from the channel one chunk.
+    Stream(mpsc::Receiver<Vec<u8>>),
+    /// `Content-Length: len` of zeros, written in 64 KiB pieces.
+    Zeros(u64),
+    /// Declares `declared` bytes, sends `sent`, then closes the connection.
+    Truncated {
+        declared: usize,
+        sent: Vec<u8>,
+    },
+    /// Never answers.
+    Hang,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Body,
+}
+
+impl Reply {
+    pub fn ok(body: &str) -> Self {
+        Self {
+            status: 200,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: Body::Bytes(body.as_bytes().to_vec()),
+        }
+    }
+
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Body::Bytes(Vec::new()),
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+type Responder = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+#[derive(Default)]
+struct UpstreamInner {
+    requests: Vec<Recorded>,
+}
+
+/// A fake upstream: raw HTTP/1.1 over loopback, keep-alive, chunked bodies.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<UpstreamInner>>,
+    /// Body bytes received so far for the request being read.
+    pub progress: watch::Receiver<u64>,
+    connections: Arc<Mutex<u32>>,
+}
+
+impl FakeUpstream {
+    /// Answers every request with 200 "ok".
+    pub async fn start() -> Self {
+        Self::with(|_| Reply::ok("ok")).await
+    }
+
+    pub async fn with(responder: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let inner = Arc::new(Mutex::new(UpstreamInner::default()));
+        let (progress_tx, progress) = watch::channel(0u64);
+        let progress_tx = Arc::new(progress_tx);
+        let responder: Responder = Arc::new(responder);
+        let connections = Arc::new(Mutex::new(0));
+        let (state, conns) = (inner.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                *conns.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                let (state, responder, progress) =
+                    (state.clone(), responder.clone(), progress_tx.clone());
+                tokio::spawn(async move {
+                    let _ = serve_raw(stream, state, responder, progress).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            inner,
+            progress,
+            connections,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+            .clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .expect("the upstream received a request")
+    }
+
+    pub fn connections(&self) -> u32 {
+        *self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn serve_raw(
+    stream: TcpStream,
+    state: Arc<Mutex<UpstreamInner>>,
+    responder: Responder,
+    progress: Arc<watch::Sender<u64>>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let n = read.read_until(b'\n', &mut head).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            if head == b"\r\n" {
+                head.clear();
+            } else if head.ends_with(b"\r\n\r\n") {
+                break;
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 256];
+        let mut parsed = httparse::Request::new(&mut headers);
+        if parsed
+            .parse(&head)
+            .map_err(std::io::Error::other)?
+            .is_partial()
+        {
+            return Err(std::io::Error::other("partial head"));
+        }
+        // httparse gives the target as &str; take the raw bytes from the head.
+        let method = parsed.method.unwrap_or_default().to_owned();
+        let first_line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+        let target = first_line
+            .splitn(3, |b| *b == b' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_vec();
+        let mut recorded = Recorded {
+            method,
+            target,
+            version: parsed.version.unwrap_or(1),
+            headers: parsed
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect(),
+            ..Recorded::default()
+        };
+        let _ = progress.send(0);
+        let length = recorded
+            .header("content-length")
+            .and_then(|v| v.parse::<u64>().ok());
+        recorded.chunked = recorded
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"));
+        let keep = |recorded: &mut Recorded, data: &[u8]| {
+            if recorded.body.len() < KEEP_BODY {
+                let room = KEEP_BODY - recorded.body.len();
+                recorded
+                    .body
+                    .extend_from_slice(&data[..data.len().min(room)]);
+            }
+            recorded.body_len += data.len() as u64;
+            let _ = progress.send(recorded.body_len);
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        if recorded.chunked {
+            loop {
+                let mut size_line = String::new();
+                read.read_line(&mut size_line).await?;
+                let size =
+                    u64::from_str_radix(size_line.trim().split(';').next().unwrap_or("0"), 16)
+                        .map_err(std::io::Error::other)?;
+                if size == 0 {
+                    // Trailers, then the empty line.
+                    loop {
+                        let mut line = String::new();
+                        read.read_line(&mut line).await?;
+                        if line == "\r\n" || line.is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let mut left = size;
+                while left > 0 {
+                    let want = (left as usize).min(buf.len());
+                    let n = read.read(&mut buf[..want]).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    keep(&mut recorded, &buf[..n]);
+                    left -= n as u64;
+                }
+                let mut crlf = [0u8; 2];
+                read.read_exact(&mut crlf).await?;
+            }
+        } else if let Some(length) = length {
+            let mut left = length;
+            while left > 0 {
+                let want = (left as usize).min(buf.len());
+                let n = read.read(&mut buf[..want]).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                keep(&mut recorded, &buf[..n]);
+                left -= n as u64;
+            }
+        }
+        let reply = responder(&recorded);
+        let head_only = recorded.method == "HEAD";
+        state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+            .push(recorded);
+
+        let mut out = format!("HTTP/1.1 {} X\r\n", reply.status);
+        for (name, value) in &reply.headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+        match reply.body {
+            Body::Bytes(bytes) => {
+                if !reply
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                {
+                    out.push_str(&format!("content-length: {}\r\n", bytes.len()));
+                }
+                out.push_str("\r\n");
+                write.write_all(out.as_bytes()).await?;
+                if !head_only {
+                    write.write_all(&bytes).await?;
+                }
+            }
+            Body::Stream(mut rx) => {
+                out.push_str("transfer-encoding: chunked\r\n\r\n");
+                write.write_all(out.as_bytes()).await?;
+                while let Some(chunk) = rx.recv().await {
+                    write
+                        .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                        .await?;
+                    write.write_all(&chunk).await?;
+                    write.write_all(b"\r\n").await?;
+                    write.flush().await?;
+                }
+                write.write_all(b"0\r\n\r\n").await?;
+            }
+            Body::Zeros(len) => {
+                out.push_str(&format!("content-length: {len}\r\n\r\n"));
+                write.write_all(out.as_bytes()).await?;
+                let zeros = vec![0u8; 64 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = (left as usize).min(zeros.len());
+                    write.write_all(&zeros[..n]).await?;
+                    left -= n as u64;
+                }
+            }
+            Body::Truncated { declared, sent } => {
+                out.push_str(&format!("content-length: {declared}\r\n\r\n"));
+                write.write_all(out.as_bytes()).await?;
+                write.write_all(&sent).await?;
+                write.flush().await?;
+                return Ok(());
+            }
+            Body::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return Ok(());
+            }
+        }
+        write.flush().await?;
+    }
+}
+
+// ---------------------------------------------------------------- the proxy
+
+/// The proxy running in this process on port 0.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), bearer_proxy::RunError>>,
+}
+
+impl Proxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+/// The environment that points the proxy at the fakes, plus `extra`.
+pub fn env_for(
+    token: &FakeTokenEndpoint,
+    upstream_url: &str,
+    extra: &[(&str, &str)],
+) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = [
+        ("API_CLIENT_ID", CLIENT_ID.to_owned()),
+        ("API_CLIENT_SECRET", CLIENT_SECRET.to_owned()),
+        ("API_TOKEN_URL", token.url()),
+        ("API_SCOPE", "api://test-upstream/.default".to_owned()),
+        ("BEARER_PROXY_UPSTREAM", upstream_url.to_owned()),
+        ("BEARER_PROXY_SHUTDOWN_GRACE", "5s".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    env
+}
+
+/// Starts the proxy against the fakes.
+pub async fn start_proxy(
+    token: &FakeTokenEndpoint,
+    upstream_url: &str,
+    extra: &[(&str, &str)],
+) -> Proxy {
+    let env = env_for(token, upstream_url, extra);
+    let config = Config::load(&Flags::default(), &env).expect("valid test config");
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let (addr, admin_addr) = (
+        proxy.local_addr().expect("addr"),
+        admin.local_addr().expect("addr"),
+    );
+    let shutdown = CancellationToken::new();
+    let listeners = bearer_proxy::Listeners { proxy, admin };
+    let task = tokio::spawn(bearer_proxy::run(config, listeners, shutdown.clone()));
+    Proxy {
+        addr,
+        admin: admin_addr,
+        shutdown,
+        task,
+    }
+}
+
+/// Waits until `/readyz` answers 200 (a token is held).
+pub async fn wait_ready(proxy: &Proxy) {
+    let client = http1();
+    for _ in 0..200 {
+        if let Ok(r) = client.get(proxy.admin_url("/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the proxy never became ready");
+}
+
+/// An HTTP/1.1 client: no redirects, no environment proxy.
+pub fn http1() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+/// An HTTP/2 client with prior knowledge (h2c).
+pub fn h2c() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client")
+}
+
+/// A raw HTTP/1.1 exchange: writes `request` as is, reads the whole answer
+/// (the request should carry `Connection: close`).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawResponse> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await?;
+    RawResponse::parse(&bytes)
+}
+
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn parse(bytes: &[u8]) -> std::io::Result<Self> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let status = response.parse(bytes).map_err(std::io::Error::other)?;
+        let httparse::Status::Complete(len) = status else {
+            return Err(std::io::Error::other("incomplete response"));
+        };
+        Ok(Self {
+            status: response.code.unwrap_or(0),
+            headers: response
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect(),
+            body: bytes[len..].to_vec(),
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}

@@ -1,0 +1,217 @@
+//! The token as requests see it: one request for many clients, waiting for
+//! the first token, readiness, failures, and the secret file read afresh.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test]
+async fn a_hundred_requests_at_a_cold_start_cause_one_token_request() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    token.delay(Duration::from_millis(300));
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+
+    let client = http1();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let request = client.get(proxy.url(&format!("/item/{i}"))).send();
+        tasks.push(tokio::spawn(request));
+    }
+    for task in tasks {
+        assert_eq!(task.await??.status(), 200);
+    }
+    assert_eq!(token.count(), 1);
+    assert_eq!(token.max_in_flight(), 1);
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 100);
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.header("authorization") == Some("Bearer token-1"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_follows_the_first_token() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    token.delay(Duration::from_millis(500));
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let client = http1();
+
+    assert_eq!(
+        client
+            .get(proxy.admin_url("/healthz"))
+            .send()
+            .await?
+            .status(),
+        200
+    );
+    let before = client.get(proxy.admin_url("/readyz")).send().await?;
+    assert_eq!(before.status(), 503);
+    let body: serde_json::Value = before.json().await?;
+    assert_eq!(body["ready"], false);
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no token yet"),
+        "{body}"
+    );
+
+    wait_ready(&proxy).await;
+    let body: serde_json::Value = client
+        .get(proxy.admin_url("/readyz"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(body, serde_json::json!({ "ready": true }));
+
+    let status: serde_json::Value = client
+        .get(proxy.admin_url("/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(status["token"]["present"], true);
+    assert_eq!(status["upstream"], upstream.url());
+    let expires = status["token"]["expires_in_s"].as_u64().unwrap_or_default();
+    assert!((3590..=3599).contains(&expires), "{status}");
+    assert!(
+        status["token"]["next_refresh_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{status}"
+    );
+    assert_eq!(status["token"]["consecutive_failures"], 0);
+    let text = status.to_string();
+    assert!(
+        !text.contains("token-1") && !text.contains(CLIENT_SECRET),
+        "/status leaks: {text}"
+    );
+
+    // The proxy port serves no admin route: it forwards.
+    client.get(proxy.url("/readyz")).send().await?;
+    assert_eq!(upstream.last().target_str(), "/readyz");
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_token_requests_wait_then_get_503_token_unavailable() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    token.script([TokenReply::Raw {
+        status: 503,
+        body: r#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: busy","error_codes":[50196]}"#.into(),
+        headers: vec![("retry-after".into(), "7".into())],
+    }]);
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "300ms")],
+    )
+    .await;
+
+    let started = std::time::Instant::now();
+    let response = http1().get(proxy.url("/x")).send().await?;
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the request waited for a first token"
+    );
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["x-bearer-proxy-error"],
+        "token_unavailable"
+    );
+    let retry_after: u64 = response.headers()["retry-after"].to_str()?.parse()?;
+    assert!((1..=7).contains(&retry_after), "retry-after {retry_after}");
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"], "token_unavailable");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AADSTS50196"),
+        "{body}"
+    );
+    assert!(upstream.requests().is_empty());
+
+    let status: serde_json::Value = http1()
+        .get(proxy.admin_url("/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(status["token"]["present"], false);
+    assert_eq!(status["token"]["consecutive_failures"], 1);
+    assert_eq!(
+        status["token"]["last_error"]["code"],
+        "temporarily_unavailable"
+    );
+    assert_eq!(
+        status["token"]["last_error"]["provider_code"],
+        "AADSTS50196"
+    );
+    let readyz = http1().get(proxy.admin_url("/readyz")).send().await?;
+    assert_eq!(readyz.status(), 503);
+    assert_eq!(
+        token.count(),
+        1,
+        "Retry-After: 7 holds the next attempt back"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_secret_file_is_read_afresh_for_each_token() -> TestResult {
+    let dir = std::env::temp_dir().join(format!("bearer-proxy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("secret");
+    std::fs::write(&file, "first-secret\n")?;
+    let token = FakeTokenEndpoint::start().await;
+    // A 2 s token is renewed 1.6 s after it was requested.
+    token.script([TokenReply::Ok { expires_in: 2 }]);
+    let upstream = FakeUpstream::start().await;
+    let mut env = env_for(
+        &token,
+        &upstream.url(),
+        &[("API_CLIENT_SECRET_FILE", file.to_str().unwrap_or_default())],
+    );
+    env.remove("API_CLIENT_SECRET");
+    let config = bearer_proxy::Config::load(&bearer_proxy::config::Flags::default(), &env)?;
+    let listeners = bearer_proxy::Listeners {
+        proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(bearer_proxy::run(config, listeners, shutdown.clone()));
+
+    for _ in 0..100 {
+        if token.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::write(&file, "second-secret\r\n")?;
+    for _ in 0..400 {
+        if token.count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secrets: Vec<String> = token
+        .requests()
+        .iter()
+        .map(|r| r.form.get("client_secret").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(secrets, ["first-secret", "second-secret"]);
+    shutdown.cancel();
+    task.await??;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
