@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION,
-    USER_AGENT,
+    TE, USER_AGENT,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -141,7 +141,23 @@ impl Shared {
         // Hyper's client speaks what the connection negotiated; the version
         // the client used towards the proxy says nothing about that.
         parts.version = Version::HTTP_11;
+        // `TE: trailers` is the one TE value worth passing on: gRPC and other
+        // trailer users need the upstream to know the client can take them.
+        let trailers = parts
+            .headers
+            .get_all(TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
         headers::clean_request(&mut parts.headers);
+        if trailers {
+            parts
+                .headers
+                .insert(TE, HeaderValue::from_static("trailers"));
+        }
         parts.headers.insert(AUTHORIZATION, token.header.clone());
         parts.headers.insert(USER_AGENT, self.user_agent.clone());
         parts.headers.insert(HOST, self.host.clone());

@@ -164,7 +164,9 @@ impl Seconds {
             Seconds::Number(n) => n.as_f64()?,
             Seconds::Text(s) => s.trim().parse::<f64>().ok()?,
         };
-        (secs.is_finite() && secs >= 1.0 && secs < 1e9).then(|| Duration::from_secs(secs as u64))
+        (1.0..1e9)
+            .contains(&secs)
+            .then(|| Duration::from_secs(secs as u64))
     }
 }
 

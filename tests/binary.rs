@@ -1,0 +1,458 @@
+//! The `bearer-proxy` binary as a user runs it: configuration errors and
+//! their exit code, logs without secrets, signals, and memory under large
+//! transfers.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bearer_proxy::config::{Config, Flags};
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bearer-proxy");
+
+fn command(env: &[(&str, &str)], args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .args(args)
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    command
+}
+
+async fn config_error(
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let output = command(env, args).output().await?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(64), "stderr: {stderr}");
+    assert!(
+        stderr.starts_with("bearer-proxy: invalid configuration: "),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one message: {stderr}"
+    );
+    Ok(stderr)
+}
+
+fn temp_file(name: &str, content: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("bearer-proxy-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, content)?;
+    Ok(path)
+}
+
+const CREDENTIALS: [(&str, &str); 2] = [
+    ("API_CLIENT_ID", CLIENT_ID),
+    ("API_CLIENT_SECRET", CLIENT_SECRET),
+];
+
+#[tokio::test]
+async fn configuration_errors_exit_64_naming_the_key() -> TestResult {
+    let e = config_error(&[("API_CLIENT_SECRET", "x")], &[]).await?;
+    assert!(e.contains("API_CLIENT_ID is not set"), "{e}");
+
+    let e = config_error(&[("API_CLIENT_ID", "x")], &[]).await?;
+    assert!(
+        e.contains("API_CLIENT_SECRET") && e.contains("API_CLIENT_SECRET_FILE"),
+        "{e}"
+    );
+
+    let secret_file = temp_file("secret", "s\n")?;
+    let both = [
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        (
+            "API_CLIENT_SECRET_FILE",
+            secret_file.to_str().unwrap_or_default(),
+        ),
+    ];
+    let e = config_error(&both, &[]).await?;
+    assert!(e.contains("both set"), "{e}");
+
+    let unknown = temp_file("unknown.toml", "[upstream]\nurll = \"https://x\"\n")?;
+    let e = config_error(
+        &CREDENTIALS,
+        &["--config", unknown.to_str().unwrap_or_default()],
+    )
+    .await?;
+    assert!(
+        e.contains("unknown key `upstream.urll`") && e.contains("upstream.url"),
+        "{e}"
+    );
+
+    let e = config_error(&CREDENTIALS, &["run", "--upstream", "not a url"]).await?;
+    assert!(
+        e.contains("upstream.url (set by --upstream)") && e.contains("http:// or https://"),
+        "{e}"
+    );
+
+    let e = config_error(
+        &[
+            CREDENTIALS[0],
+            CREDENTIALS[1],
+            ("BEARER_PROXY_LISTEN", "8080"),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(
+        e.contains("listen (set by BEARER_PROXY_LISTEN)") && e.contains("host:port"),
+        "{e}"
+    );
+
+    let duration = temp_file("duration.toml", "[token]\ntimeout = \"30 parsecs\"\n")?;
+    let env = [
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        ("BEARER_PROXY_CONFIG", duration.to_str().unwrap_or_default()),
+    ];
+    let e = config_error(&env, &[]).await?;
+    assert!(
+        e.contains("token.timeout (in ") && e.contains("duration"),
+        "{e}"
+    );
+
+    let number = temp_file("number.toml", "[token]\ntimeout = 30\n")?;
+    let e = config_error(
+        &CREDENTIALS,
+        &["--config", number.to_str().unwrap_or_default()],
+    )
+    .await?;
+    assert!(e.contains("`token.timeout` must be a string"), "{e}");
+
+    let e = config_error(
+        &CREDENTIALS,
+        &["--config", "/nonexistent/bearer-proxy.toml"],
+    )
+    .await?;
+    assert!(
+        e.contains("/nonexistent/bearer-proxy.toml") && e.contains("cannot read"),
+        "{e}"
+    );
+
+    let output = command(&CREDENTIALS, &["--no-such-flag"]).output().await?;
+    assert_eq!(output.status.code(), Some(2));
+    Ok(())
+}
+
+#[test]
+fn the_sample_config_file_loads_and_lists_every_key() -> TestResult {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/bearer-proxy.toml");
+    let flags = Flags {
+        config: Some(path.clone()),
+        ..Flags::default()
+    };
+    let from_file = Config::load(&flags, &CREDENTIALS[..])?;
+    let defaults = Config::load(&Flags::default(), &CREDENTIALS[..])?;
+    assert_eq!(
+        format!("{from_file:?}"),
+        format!("{defaults:?}"),
+        "the file shows the defaults"
+    );
+
+    let text = std::fs::read_to_string(&path)?;
+    let mut section = String::new();
+    let mut mentioned = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_start_matches('#').trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            mentioned.push(if section.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{section}.{key}")
+            });
+        }
+    }
+    for key in bearer_proxy::config::known_keys() {
+        assert!(
+            mentioned.iter().any(|m| m == key),
+            "config/bearer-proxy.toml does not list {key}"
+        );
+    }
+    Ok(())
+}
+
+/// The binary, running, with its stderr lines arriving on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(env: &[(&str, &str)]) -> std::io::Result<Self> {
+        let mut child = command(env, &[])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stderr"))?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Ok(Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits for a JSON log line whose message contains `text`.
+    async fn wait_for(
+        &mut self,
+        text: &str,
+    ) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+        let matches = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .filter(|value| value["message"].as_str().is_some_and(|m| m.contains(text)))
+        };
+        if let Some(found) = self.seen.iter().find_map(|line| matches(line)) {
+            return Ok(found);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .map_err(|_| format!("no log line with {text:?}; saw:\n{}", self.seen.join("\n")))?
+                .ok_or_else(|| format!("stderr closed; saw:\n{}", self.seen.join("\n")))?;
+            self.seen.push(line.clone());
+            if let Some(found) = matches(&line) {
+                return Ok(found);
+            }
+        }
+    }
+
+    async fn terminate(
+        mut self,
+    ) -> Result<(Option<i32>, String), Box<dyn std::error::Error + Send + Sync>> {
+        let pid = self.child.id().ok_or("no pid")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await??;
+        while let Some(line) = self.lines.recv().await {
+            self.seen.push(line);
+        }
+        Ok((status.code(), self.seen.join("\n")))
+    }
+}
+
+fn address(
+    line: &serde_json::Value,
+    field: &str,
+) -> Result<std::net::SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(line[field].as_str().ok_or("address field")?.parse()?)
+}
+
+#[tokio::test]
+async fn a_rejected_secret_is_logged_with_its_code_and_never_the_secret() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    token.script([TokenReply::invalid_secret()]);
+    let upstream = FakeUpstream::start().await;
+    let token_url = token.url();
+    let upstream_url = upstream.url();
+    let env = [
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        ("API_TOKEN_URL", token_url.as_str()),
+        ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
+        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_LOG_FORMAT", "json"),
+        ("BEARER_PROXY_TOKEN_STARTUP_WAIT", "100ms"),
+        ("RUST_LOG", "trace"),
+    ];
+    let mut running = Running::start(&env)?;
+    let ready = running.wait_for("ready to forward").await?;
+    let error = running.wait_for("token request failed").await?;
+    assert_eq!(error["level"], "ERROR");
+    assert_eq!(error["provider_code"], "AADSTS7000215");
+    assert_eq!(error["code"], "invalid_client");
+    assert!(
+        error["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("value, not its id"),
+        "{error}"
+    );
+
+    let proxy = address(&ready, "listen")?;
+    let response = http1().get(format!("http://{proxy}/x")).send().await?;
+    assert_eq!(response.status(), 503);
+    let body = response.text().await?;
+    assert!(
+        body.contains("AADSTS7000215") && !body.contains(CLIENT_SECRET),
+        "{body}"
+    );
+
+    let (code, logs) = running.terminate().await?;
+    assert_eq!(code, Some(0), "SIGTERM ends the process normally:\n{logs}");
+    assert!(
+        !logs.contains(CLIENT_SECRET),
+        "the secret appears in the logs at trace level"
+    );
+    let encoded: String = form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
+    assert!(
+        !logs.contains(&encoded),
+        "the encoded secret appears in the logs"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_never_appear_in_logs_at_trace_level() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let token_url = token.url();
+    let upstream_url = upstream.url();
+    let env = [
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        ("API_TOKEN_URL", token_url.as_str()),
+        ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
+        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_LOG_FORMAT", "json"),
+        ("RUST_LOG", "trace"),
+    ];
+    let mut running = Running::start(&env)?;
+    let ready = running.wait_for("ready to forward").await?;
+    running.wait_for("token obtained").await?;
+    let proxy = address(&ready, "listen")?;
+    for client in [http1(), h2c()] {
+        let response = client
+            .post(format!("http://{proxy}/x"))
+            .body("data")
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        upstream.last().header("authorization"),
+        Some("Bearer token-1")
+    );
+    let (code, logs) = running.terminate().await?;
+    assert_eq!(code, Some(0));
+    assert!(!logs.contains("token-1"), "the token appears in the logs");
+    assert!(
+        !logs.contains(CLIENT_SECRET),
+        "the secret appears in the logs"
+    );
+    Ok(())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn large_bodies_stream_through_in_bounded_memory() -> TestResult {
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|request| {
+        if request.target_str() == "/download" {
+            Reply {
+                status: 200,
+                headers: vec![],
+                body: Body::Zeros(SIZE),
+            }
+        } else {
+            Reply::ok("stored")
+        }
+    })
+    .await;
+    let token_url = token.url();
+    let upstream_url = upstream.url();
+    let env = [
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        ("API_TOKEN_URL", token_url.as_str()),
+        ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
+        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_LOG_FORMAT", "json"),
+    ];
+    let mut running = Running::start(&env)?;
+    let ready = running.wait_for("ready to forward").await?;
+    running.wait_for("token obtained").await?;
+    let proxy = address(&ready, "listen")?;
+    let pid = running.child.id().ok_or("pid")?;
+    let baseline = peak_rss_kib(pid).ok_or("VmHWM")?;
+
+    let mut response = http1()
+        .get(format!("http://{proxy}/download"))
+        .send()
+        .await?;
+    let mut received = 0u64;
+    while let Some(chunk) = response.chunk().await? {
+        received += chunk.len() as u64;
+    }
+    assert_eq!(received, SIZE);
+
+    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let piece = vec![7u8; 256 * 1024];
+        for _ in 0..SIZE / piece.len() as u64 {
+            if tx.send(Ok(piece.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = reqwest::Body::wrap_stream(ReceiverStream(rx));
+    let response = http1()
+        .put(format!("http://{proxy}/upload"))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(response.text().await?, "stored");
+    assert_eq!(upstream.last().body_len, SIZE);
+
+    let peak = peak_rss_kib(pid).ok_or("VmHWM")?;
+    eprintln!("peak RSS {peak} KiB, baseline {baseline} KiB");
+    let (code, _) = running.terminate().await?;
+    assert_eq!(code, Some(0));
+    // 512 MiB went through; the proxy's peak grew by a few MiB at most.
+    assert!(
+        peak < 48 * 1024,
+        "peak RSS {peak} KiB (baseline {baseline} KiB)"
+    );
+    assert!(
+        peak - baseline < 24 * 1024,
+        "peak RSS grew from {baseline} KiB to {peak} KiB"
+    );
+    Ok(())
+}
+
+struct ReceiverStream(mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<Vec<u8>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
