@@ -132,7 +132,7 @@ pub async fn run(
         admin_listen = %admin_addr,
         upstream = %config.upstream.url.as_string(),
         token_url = %config.token.url,
-        "bearer-proxy {} ready to forward",
+        "bearer-proxy {} listening",
         env!("CARGO_PKG_VERSION")
     );
     serve::serve(

@@ -283,7 +283,7 @@ async fn a_rejected_secret_is_logged_with_its_code_and_never_the_secret() -> Tes
         ("RUST_LOG", "trace"),
     ];
     let mut running = Running::start(&env)?;
-    let ready = running.wait_for("ready to forward").await?;
+    let ready = running.wait_for("listening").await?;
     let error = running.wait_for("token request failed").await?;
     assert_eq!(error["level"], "ERROR");
     assert_eq!(error["provider_code"], "AADSTS7000215");
@@ -336,7 +336,7 @@ async fn tokens_never_appear_in_logs_at_trace_level() -> TestResult {
         ("RUST_LOG", "trace"),
     ];
     let mut running = Running::start(&env)?;
-    let ready = running.wait_for("ready to forward").await?;
+    let ready = running.wait_for("listening").await?;
     running.wait_for("token obtained").await?;
     let proxy = address(&ready, "listen")?;
     for client in [http1(), h2c()] {
@@ -395,7 +395,7 @@ async fn large_bodies_stream_through_in_bounded_memory() -> TestResult {
         ("BEARER_PROXY_LOG_FORMAT", "json"),
     ];
     let mut running = Running::start(&env)?;
-    let ready = running.wait_for("ready to forward").await?;
+    let ready = running.wait_for("listening").await?;
     running.wait_for("token obtained").await?;
     let proxy = address(&ready, "listen")?;
     let pid = running.child.id().ok_or("pid")?;

@@ -328,34 +328,26 @@ fn describe_sources(error: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// Walks an error's causes. `io::Error::source()` skips the error it wraps
+/// (it returns that error's own source), so wrapped errors are reached
+/// through `get_ref` instead: that is where rustls's errors sit.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| match e.downcast_ref::<std::io::Error>() {
+        Some(io) => io
+            .get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    })
+}
+
 fn find<'a, T: std::error::Error + 'static>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a T> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<T>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
+    causes(error).find_map(|e| e.downcast_ref::<T>())
 }
 
-/// rustls errors arrive wrapped in `io::Error`, whose `source()` skips them.
 fn find_tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(tls) = io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls.to_string());
-        }
-        current = e.source();
-    }
-    None
+    find::<rustls::Error>(error).map(ToString::to_string)
 }

@@ -1,0 +1,154 @@
+//! HTTPS to the upstream: a private CA made by the test, refused without
+//! `tls.ca_file` and served with it; HTTP/2 by ALPN where offered.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use support::*;
+
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki() -> Result<Pki, rcgen::Error> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+    Ok(Pki {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A TLS upstream that answers with the HTTP version it was spoken to in
+/// and the Authorization it got.
+async fn tls_upstream(
+    pki: &Pki,
+    alpn: &[&[u8]],
+) -> Result<SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(|request: hyper::Request<Incoming>| async move {
+                        let auth = request
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let body =
+                            format!("{:?} {} {}", request.version(), request.uri().path(), auth);
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test]
+async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> TestResult {
+    let pki = pki()?;
+    let addr = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await?;
+    let upstream = format!("https://localhost:{}/base", addr.port());
+    let token = FakeTokenEndpoint::start().await;
+
+    let proxy = start_proxy(&token, &upstream, &[]).await;
+    let response = http1().get(proxy.url("/x")).send().await?;
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        response.headers()["x-bearer-proxy-error"],
+        "upstream_unreachable"
+    );
+    let body: serde_json::Value = response.json().await?;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("TLS") && message.contains("UnknownIssuer"),
+        "{message}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("bearer-proxy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem)?;
+    let proxy = start_proxy(
+        &token,
+        &upstream,
+        &[(
+            "BEARER_PROXY_TLS_CA_FILE",
+            ca_file.to_str().unwrap_or_default(),
+        )],
+    )
+    .await;
+    for client in [http1(), h2c()] {
+        let response = client.get(proxy.url("/x")).send().await?;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await?;
+        assert!(
+            text.starts_with("HTTP/2.0 /base/x Bearer token-"),
+            "h2 is negotiated when offered: {text}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn http1_is_used_where_the_upstream_offers_only_http1() -> TestResult {
+    let pki = pki()?;
+    let addr = tls_upstream(&pki, &[b"http/1.1"]).await?;
+    let dir = std::env::temp_dir().join(format!("bearer-proxy-tls1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem)?;
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = format!("https://localhost:{}", addr.port());
+    let proxy = start_proxy(
+        &token,
+        &upstream,
+        &[(
+            "BEARER_PROXY_TLS_CA_FILE",
+            ca_file.to_str().unwrap_or_default(),
+        )],
+    )
+    .await;
+    for client in [http1(), h2c()] {
+        let text = client.get(proxy.url("/y")).send().await?.text().await?;
+        assert!(text.starts_with("HTTP/1.1 /y Bearer token-"), "{text}");
+    }
+    Ok(())
+}
