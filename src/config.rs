@@ -48,6 +48,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 /// Default log format.
 pub const DEFAULT_LOG_FORMAT: &str = "text";
 
+/// The config file read when present and no other is named (the container
+/// image's place for a mounted config).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/bearer-proxy/bearer-proxy.toml";
 /// The variable that names the config file.
 pub const ENV_CONFIG: &str = "BEARER_PROXY_CONFIG";
 /// The only place a literal client secret is read from.
@@ -235,10 +238,17 @@ impl Flags {
     }
 }
 
-/// Read access to environment variables.
+/// Read access to the process's surroundings: environment variables, and
+/// the config file that is read when none is named.
 pub trait Environment {
     /// The variable's value, if set.
     fn var(&self, name: &str) -> Option<OsString>;
+
+    /// The config file to read when neither `--config` nor
+    /// `BEARER_PROXY_CONFIG` names one.
+    fn default_config_file(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// The process environment.
@@ -248,6 +258,11 @@ pub struct ProcessEnv;
 impl Environment for ProcessEnv {
     fn var(&self, name: &str) -> Option<OsString> {
         std::env::var_os(name)
+    }
+
+    fn default_config_file(&self) -> Option<PathBuf> {
+        let path = PathBuf::from(DEFAULT_CONFIG_FILE);
+        path.is_file().then_some(path)
     }
 }
 
@@ -326,7 +341,9 @@ impl RawConfig {
         }
         let file = match &flags.config {
             Some(path) => Some(path.clone()),
-            None => env_string(env, ENV_CONFIG)?.map(PathBuf::from),
+            None => env_string(env, ENV_CONFIG)?
+                .map(PathBuf::from)
+                .or_else(|| env.default_config_file()),
         };
         if let Some(path) = file {
             raw.merge_file(&path)?;
@@ -606,13 +623,13 @@ impl Config {
     }
 }
 
-/// Parses the log format alone, so that `main` can set up logging even when
-/// the rest of the configuration is being reported as invalid.
-pub fn log_format(flags: &Flags, env: &(impl Environment + ?Sized)) -> LogFormat {
-    RawConfig::load(flags, env)
-        .ok()
-        .and_then(|raw| raw.get("log.format").and_then(|v| parse_log_format(v).ok()))
-        .unwrap_or(LogFormat::Text)
+/// The admin address alone: `healthcheck` needs nothing else, so it works
+/// even where the credentials are not set.
+pub fn admin_listen(
+    flags: &Flags,
+    env: &(impl Environment + ?Sized),
+) -> Result<SocketAddr, ConfigError> {
+    parse_listen(&RawConfig::load(flags, env)?, "admin_listen")
 }
 
 fn parse_log_format(v: &RawValue) -> Result<LogFormat, ConfigError> {

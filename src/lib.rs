@@ -29,8 +29,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod guard;
+pub mod healthcheck;
 pub mod proxy;
 pub mod secret;
 pub mod serve;
@@ -82,6 +84,14 @@ pub enum RunError {
     /// TLS or client setup failed.
     #[error("{0}")]
     Setup(String),
+}
+
+/// Binds the configured listeners and runs until SIGTERM or SIGINT.
+pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
+    let shutdown =
+        shutdown::on_signal().map_err(|e| RunError::Setup(format!("cannot watch signals: {e}")))?;
+    let listeners = Listeners::bind(&config).await?;
+    run(config, listeners, shutdown).await
 }
 
 /// Runs the proxy until `shutdown` fires, then drains for `shutdown.grace`.

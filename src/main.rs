@@ -1,10 +1,12 @@
 //! The `bearer-proxy` binary: parses the command line, loads the config,
-//! installs logging and hands over to the library. Exit codes: 0 normal end,
-//! 64 invalid configuration, 2 command-line syntax (clap), 1 anything else.
+//! installs logging and hands over to the library. Exit codes: 0 normal end
+//! (or a passing check), 64 invalid configuration, 2 command-line syntax
+//! (clap), 1 anything else (a failed check or health check).
 
 use std::process::ExitCode;
 
-use bearer_proxy::config::{self, Flags, ProcessEnv};
+use bearer_proxy::config::{self, ConfigError, Flags, ProcessEnv};
+use bearer_proxy::{check, healthcheck, telemetry};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -20,41 +22,52 @@ struct Cli {
     flags: Flags,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
 enum Command {
     /// Run the proxy (the default).
     Run,
+    /// Fetch one token, call the upstream's status path, and report.
+    Check,
+    /// Exit 0 if the admin /healthz answers 200, else 1 (for HEALTHCHECK).
+    Healthcheck,
 }
-
-const EX_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
+    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+        eprintln!("bearer-proxy: cannot start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    if command == Command::Healthcheck {
+        let admin = match config::admin_listen(&cli.flags, &ProcessEnv) {
+            Ok(admin) => admin,
+            Err(error) => return config_error(&error),
+        };
+        return exit(runtime.block_on(healthcheck::run(admin, healthcheck::TIMEOUT)));
+    }
     let config = match config::Config::load(&cli.flags, &ProcessEnv) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("bearer-proxy: invalid configuration: {error}");
-            return ExitCode::from(EX_CONFIG);
-        }
+        Err(error) => return config_error(&error),
     };
-    bearer_proxy::telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("bearer-proxy: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let Command::Run = cli.command.unwrap_or(Command::Run);
-        let shutdown = bearer_proxy::shutdown::on_signal().map_err(|e| e.to_string())?;
-        let listeners = bearer_proxy::Listeners::bind(&config)
-            .await
-            .map_err(|e| e.to_string())?;
-        bearer_proxy::run(config, listeners, shutdown)
-            .await
-            .map_err(|e| e.to_string())
-    });
+    if command == Command::Check {
+        let report = runtime.block_on(check::run(&config));
+        print!("{}", report.text);
+        return if report.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    telemetry::init(config.log_format);
+    exit(
+        runtime
+            .block_on(bearer_proxy::run_until_signal(config))
+            .map_err(|e| e.to_string()),
+    )
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -62,4 +75,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn config_error(error: &ConfigError) -> ExitCode {
+    eprintln!("bearer-proxy: invalid configuration: {error}");
+    ExitCode::from(64)
 }

@@ -240,36 +240,38 @@ impl Shared {
     }
 
     fn upstream_error(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
-        let detail = describe_sources(error);
-        let (code, message) = if find::<ConnectTimeout>(error).is_some() {
-            (
-                ErrorCode::UpstreamTimeout,
-                format!("{detail} (upstream.connect_timeout)"),
-            )
-        } else if let Some(tls) = find_tls_error(error) {
-            (
-                ErrorCode::UpstreamUnreachable,
-                format!("TLS with the upstream {} failed: {tls}", self.authority),
-            )
-        } else if error.is_connect() {
-            (
-                ErrorCode::UpstreamUnreachable,
-                format!(
-                    "cannot connect to the upstream {}: {detail}",
-                    self.authority
-                ),
-            )
-        } else {
-            (
-                ErrorCode::UpstreamUnreachable,
-                format!(
-                    "the upstream {} closed the connection without a response: {detail}",
-                    self.authority
-                ),
-            )
-        };
+        let (code, message) = describe_upstream_error(error, &self.authority);
         tracing::warn!(code = code.as_str(), "{message}");
         ProxyError::new(code, message)
+    }
+}
+
+/// The documented code and a sentence for a failed upstream request.
+pub fn describe_upstream_error(
+    error: &hyper_util::client::legacy::Error,
+    authority: &Authority,
+) -> (ErrorCode, String) {
+    let detail = describe_sources(error);
+    if find::<ConnectTimeout>(error).is_some() {
+        (
+            ErrorCode::UpstreamTimeout,
+            format!("{detail} (upstream.connect_timeout)"),
+        )
+    } else if let Some(tls) = find_tls_error(error) {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("TLS with the upstream {authority} failed: {tls}"),
+        )
+    } else if error.is_connect() {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("cannot connect to the upstream {authority}: {detail}"),
+        )
+    } else {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("the upstream {authority} closed the connection without a response: {detail}"),
+        )
     }
 }
 
@@ -303,20 +305,24 @@ async fn mask_token(body: Incoming, token: &CurrentToken) -> Result<Bytes, Proxy
                 format!("the upstream's status answer could not be read to mask the token: {e}"),
             )
         })?;
-    let bytes = collected.to_bytes();
-    let secret = token.token.secret().as_bytes();
-    if secret.is_empty() || !bytes.windows(secret.len()).any(|w| w == secret) {
-        return Ok(bytes);
+    Ok(mask(&collected.to_bytes(), token.token.secret()))
+}
+
+/// `body` with every copy of `secret` replaced by a mask.
+pub fn mask(body: &Bytes, secret: &str) -> Bytes {
+    let secret = secret.as_bytes();
+    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
+        return body.clone();
     }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut rest = &bytes[..];
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = &body[..];
     while let Some(at) = rest.windows(secret.len()).position(|w| w == secret) {
         out.extend_from_slice(&rest[..at]);
         out.extend_from_slice(TOKEN_MASK.as_bytes());
         rest = &rest[at + secret.len()..];
     }
     out.extend_from_slice(rest);
-    Ok(Bytes::from(out))
+    Bytes::from(out)
 }
 
 /// The error's sources in one line, without the outermost wrapper's text
