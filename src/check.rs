@@ -59,13 +59,11 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         Ok(tls) => tls,
         Err(e) => return fail(out, "TLS setup", &e, None),
     };
-    let user_agent = config
-        .upstream
-        .user_agent
-        .to_str()
-        .unwrap_or("bearer-proxy")
-        .to_owned();
-    let endpoint = match TokenEndpoint::new(config.token.clone(), tls.clone(), &user_agent) {
+    let endpoint = match TokenEndpoint::new(
+        config.token.clone(),
+        tls.clone(),
+        &config.upstream.user_agent,
+    ) {
         Ok(endpoint) => endpoint,
         Err(e) => return fail(out, "token client", &e.to_string(), None),
     };

@@ -102,14 +102,12 @@ pub async fn run(
 ) -> Result<(), RunError> {
     tls::install_crypto_provider();
     let tls = tls::client_config(config.tls.ca_file.as_deref()).map_err(RunError::Setup)?;
-    let user_agent = config
-        .upstream
-        .user_agent
-        .to_str()
-        .unwrap_or("bearer-proxy")
-        .to_owned();
-    let endpoint = token::TokenEndpoint::new(config.token.clone(), tls.clone(), &user_agent)
-        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let endpoint = token::TokenEndpoint::new(
+        config.token.clone(),
+        tls.clone(),
+        &config.upstream.user_agent,
+    )
+    .map_err(|e| RunError::Setup(e.to_string()))?;
     let slot = token::TokenSlot::new();
 
     let background = CancellationToken::new();

@@ -194,6 +194,26 @@ struct Running {
 }
 
 impl Running {
+    /// The binary pointed at the fakes, listening on port 0, logging JSON.
+    fn against(
+        token: &FakeTokenEndpoint,
+        upstream: &FakeUpstream,
+        extra: &[(&str, &str)],
+    ) -> std::io::Result<Self> {
+        let (token_url, upstream_url) = (token.url(), upstream.url());
+        let mut env = vec![
+            CREDENTIALS[0],
+            CREDENTIALS[1],
+            ("API_TOKEN_URL", token_url.as_str()),
+            ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
+            ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
+            ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("BEARER_PROXY_LOG_FORMAT", "json"),
+        ];
+        env.extend_from_slice(extra);
+        Self::start(&env)
+    }
+
     fn start(env: &[(&str, &str)]) -> std::io::Result<Self> {
         let mut child = command(env, &[])
             .stderr(Stdio::piped())
@@ -269,20 +289,14 @@ async fn a_rejected_secret_is_logged_with_its_code_and_never_the_secret() -> Tes
     let token = FakeTokenEndpoint::start().await;
     token.script([TokenReply::invalid_secret()]);
     let upstream = FakeUpstream::start().await;
-    let token_url = token.url();
-    let upstream_url = upstream.url();
-    let env = [
-        CREDENTIALS[0],
-        CREDENTIALS[1],
-        ("API_TOKEN_URL", token_url.as_str()),
-        ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
-        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
-        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
-        ("BEARER_PROXY_LOG_FORMAT", "json"),
-        ("BEARER_PROXY_TOKEN_STARTUP_WAIT", "100ms"),
-        ("RUST_LOG", "trace"),
-    ];
-    let mut running = Running::start(&env)?;
+    let mut running = Running::against(
+        &token,
+        &upstream,
+        &[
+            ("BEARER_PROXY_TOKEN_STARTUP_WAIT", "100ms"),
+            ("RUST_LOG", "trace"),
+        ],
+    )?;
     let ready = running.wait_for("listening").await?;
     let error = running.wait_for("token request failed").await?;
     assert_eq!(error["level"], "ERROR");
@@ -323,19 +337,7 @@ async fn a_rejected_secret_is_logged_with_its_code_and_never_the_secret() -> Tes
 async fn tokens_never_appear_in_logs_at_trace_level() -> TestResult {
     let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let token_url = token.url();
-    let upstream_url = upstream.url();
-    let env = [
-        CREDENTIALS[0],
-        CREDENTIALS[1],
-        ("API_TOKEN_URL", token_url.as_str()),
-        ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
-        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
-        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
-        ("BEARER_PROXY_LOG_FORMAT", "json"),
-        ("RUST_LOG", "trace"),
-    ];
-    let mut running = Running::start(&env)?;
+    let mut running = Running::against(&token, &upstream, &[("RUST_LOG", "trace")])?;
     let ready = running.wait_for("listening").await?;
     running.wait_for("token obtained").await?;
     let proxy = address(&ready, "listen")?;
@@ -383,18 +385,7 @@ async fn large_bodies_stream_through_in_bounded_memory() -> TestResult {
         }
     })
     .await;
-    let token_url = token.url();
-    let upstream_url = upstream.url();
-    let env = [
-        CREDENTIALS[0],
-        CREDENTIALS[1],
-        ("API_TOKEN_URL", token_url.as_str()),
-        ("BEARER_PROXY_UPSTREAM", upstream_url.as_str()),
-        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
-        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
-        ("BEARER_PROXY_LOG_FORMAT", "json"),
-    ];
-    let mut running = Running::start(&env)?;
+    let mut running = Running::against(&token, &upstream, &[])?;
     let ready = running.wait_for("listening").await?;
     running.wait_for("token obtained").await?;
     let proxy = address(&ready, "listen")?;
@@ -420,7 +411,7 @@ async fn large_bodies_stream_through_in_bounded_memory() -> TestResult {
             }
         }
     });
-    let body = reqwest::Body::wrap_stream(ReceiverStream(rx));
+    let body = channel_body(rx);
     let response = http1()
         .put(format!("http://{proxy}/upload"))
         .body(body)
@@ -443,16 +434,4 @@ async fn large_bodies_stream_through_in_bounded_memory() -> TestResult {
         "peak RSS grew from {baseline} KiB to {peak} KiB"
     );
     Ok(())
-}
-
-struct ReceiverStream(mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
-
-impl futures_core::Stream for ReceiverStream {
-    type Item = Result<Vec<u8>, std::io::Error>;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
-    }
 }

@@ -532,12 +532,11 @@ async fn upload_and_download_stream_without_buffering() -> TestResult {
 
     // Upload: the upstream has the first chunk before the client sends the second.
     let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let stream = futures_stream(body_rx);
     let client = http1();
     let upload = tokio::spawn(
         client
             .post(proxy.url("/upload"))
-            .body(reqwest::Body::wrap_stream(stream))
+            .body(channel_body(body_rx))
             .send(),
     );
     body_tx.send(Ok(vec![b'a'; 1000])).await?;
@@ -562,21 +561,4 @@ async fn upload_and_download_stream_without_buffering() -> TestResult {
     assert_eq!(second.as_deref(), Some(&b"second"[..]));
     assert_eq!(response.chunk().await?, None);
     Ok(())
-}
-
-/// A `Stream` over an mpsc receiver, without pulling in futures-util.
-fn futures_stream(
-    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
-) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
-    struct Rx(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
-    impl futures_core::Stream for Rx {
-        type Item = Result<Vec<u8>, std::io::Error>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            self.0.poll_recv(cx)
-        }
-    }
-    Rx(rx)
 }

@@ -19,6 +19,21 @@ struct Pki {
     key_pem: String,
 }
 
+impl Pki {
+    /// The CA certificate in a PEM file, as `tls.ca_file` takes it.
+    fn write_ca(&self) -> std::io::Result<std::path::PathBuf> {
+        let dir = std::env::temp_dir().join(format!(
+            "bearer-proxy-tls-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem)?;
+        Ok(path)
+    }
+}
+
 fn pki() -> Result<Pki, rcgen::Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -102,10 +117,7 @@ async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> Te
         "{message}"
     );
 
-    let dir = std::env::temp_dir().join(format!("bearer-proxy-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem)?;
+    let ca_file = pki.write_ca()?;
     let proxy = start_proxy(
         &token,
         &upstream,
@@ -131,10 +143,7 @@ async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> Te
 async fn http1_is_used_where_the_upstream_offers_only_http1() -> TestResult {
     let pki = pki()?;
     let addr = tls_upstream(&pki, &[b"http/1.1"]).await?;
-    let dir = std::env::temp_dir().join(format!("bearer-proxy-tls1-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem)?;
+    let ca_file = pki.write_ca()?;
     let token = FakeTokenEndpoint::start().await;
     let upstream = format!("https://localhost:{}", addr.port());
     let proxy = start_proxy(

@@ -26,12 +26,12 @@ impl TokenEndpoint {
     pub fn new(
         config: TokenConfig,
         tls: rustls::ClientConfig,
-        user_agent: &str,
+        user_agent: &http::HeaderValue,
     ) -> Result<Self, TokenError> {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(user_agent)
+            .user_agent(user_agent.clone())
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .build()

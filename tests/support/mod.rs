@@ -423,16 +423,7 @@ async fn serve_raw(
             method,
             target,
             version: parsed.version.unwrap_or(1),
-            headers: parsed
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: lower_headers(parsed.headers),
             ..Recorded::default()
         };
         let _ = progress.send(0);
@@ -442,17 +433,6 @@ async fn serve_raw(
         recorded.chunked = recorded
             .header("transfer-encoding")
             .is_some_and(|v| v.contains("chunked"));
-        let keep = |recorded: &mut Recorded, data: &[u8]| {
-            if recorded.body.len() < KEEP_BODY {
-                let room = KEEP_BODY - recorded.body.len();
-                recorded
-                    .body
-                    .extend_from_slice(&data[..data.len().min(room)]);
-            }
-            recorded.body_len += data.len() as u64;
-            let _ = progress.send(recorded.body_len);
-        };
-        let mut buf = vec![0u8; 64 * 1024];
         if recorded.chunked {
             loop {
                 let mut size_line = String::new();
@@ -471,29 +451,15 @@ async fn serve_raw(
                     }
                     break;
                 }
-                let mut left = size;
-                while left > 0 {
-                    let want = (left as usize).min(buf.len());
-                    let n = read.read(&mut buf[..want]).await?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    keep(&mut recorded, &buf[..n]);
-                    left -= n as u64;
+                if !read_body(&mut read, size, &mut recorded, &progress).await? {
+                    return Ok(());
                 }
                 let mut crlf = [0u8; 2];
                 read.read_exact(&mut crlf).await?;
             }
         } else if let Some(length) = length {
-            let mut left = length;
-            while left > 0 {
-                let want = (left as usize).min(buf.len());
-                let n = read.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    return Ok(());
-                }
-                keep(&mut recorded, &buf[..n]);
-                left -= n as u64;
+            if !read_body(&mut read, length, &mut recorded, &progress).await? {
+                return Ok(());
             }
         }
         let reply = responder(&recorded);
@@ -691,16 +657,7 @@ impl RawResponse {
         };
         Ok(Self {
             status: response.code.unwrap_or(0),
-            headers: response
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_ascii_lowercase(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: lower_headers(response.headers),
             body: bytes[len..].to_vec(),
         })
     }
@@ -711,4 +668,63 @@ impl RawResponse {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// Reads `len` body bytes, keeping up to [`KEEP_BODY`] of them and
+/// publishing the count as it grows; `false` if the peer closed first.
+async fn read_body(
+    read: &mut (impl tokio::io::AsyncRead + Unpin),
+    len: u64,
+    recorded: &mut Recorded,
+    progress: &watch::Sender<u64>,
+) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let want = (left as usize).min(buf.len());
+        let n = read.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let data = &buf[..n];
+        if recorded.body.len() < KEEP_BODY {
+            let room = KEEP_BODY - recorded.body.len();
+            recorded
+                .body
+                .extend_from_slice(&data[..data.len().min(room)]);
+        }
+        recorded.body_len += n as u64;
+        let _ = progress.send(recorded.body_len);
+        left -= n as u64;
+    }
+    Ok(true)
+}
+
+/// Header names lower-cased, values as text, in wire order.
+fn lower_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A request body fed from a channel, one message a chunk: the test decides
+/// when each piece is sent.
+pub fn channel_body(rx: mpsc::Receiver<Result<Vec<u8>, std::io::Error>>) -> reqwest::Body {
+    struct Rx(mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+    impl futures_core::Stream for Rx {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    reqwest::Body::wrap_stream(Rx(rx))
 }
