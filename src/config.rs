@@ -667,24 +667,29 @@ fn shorten(value: &str) -> String {
     }
 }
 
+/// The longest duration any key takes: larger values are typos, and would
+/// overflow the clock's arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
     let v = raw.require(key)?;
-    parse_with(
-        v,
-        key,
-        "a duration greater than zero such as \"200ms\", \"30s\" or \"5m\"",
-        |s| humantime::parse_duration(s).ok().filter(|d| !d.is_zero()),
-    )
+    let expected =
+        "a duration greater than zero and at most a year, such as \"200ms\", \"30s\" or \"5m\"";
+    parse_with(v, key, expected, |s| {
+        humantime::parse_duration(s)
+            .ok()
+            .filter(|d| !d.is_zero() && *d <= MAX_DURATION)
+    })
 }
 
 fn parse_duration_allow_zero(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
     let v = raw.require(key)?;
-    parse_with(
-        v,
-        key,
-        "a duration such as \"200ms\", \"30s\" or \"5m\"",
-        |s| humantime::parse_duration(s).ok(),
-    )
+    let expected = "a duration of at most a year, such as \"0s\", \"200ms\" or \"30s\"";
+    parse_with(v, key, expected, |s| {
+        humantime::parse_duration(s)
+            .ok()
+            .filter(|d| *d <= MAX_DURATION)
+    })
 }
 
 fn parse_listen(raw: &RawConfig, key: &'static str) -> Result<SocketAddr, ConfigError> {
@@ -710,6 +715,7 @@ fn parse_listen(raw: &RawConfig, key: &'static str) -> Result<SocketAddr, Config
 }
 
 fn parse_upstream_url(v: &RawValue) -> Result<UpstreamUrl, ConfigError> {
+    reject_credentials(v, "upstream.url")?;
     parse_with(
         v,
         "upstream.url",
@@ -737,12 +743,30 @@ fn parse_upstream_url(v: &RawValue) -> Result<UpstreamUrl, ConfigError> {
     )
 }
 
+/// A URL with `user:password` is refused without echoing it: the value holds
+/// a credential, and an error message must not print one.
+fn reject_credentials(v: &RawValue, key: &str) -> Result<(), ConfigError> {
+    let with_credentials = reqwest::Url::parse(v.value.trim())
+        .is_ok_and(|url| !url.username().is_empty() || url.password().is_some());
+    if with_credentials {
+        return Err(ConfigError::new(format!(
+            "{}: expected a URL without user:password; the value is not shown since it holds a credential",
+            Origin(key, &v.source)
+        )));
+    }
+    Ok(())
+}
+
 fn token_url(raw: &RawConfig) -> Result<reqwest::Url, ConfigError> {
     let expected = "an http:// or https:// URL such as \"https://login.example.com/oauth2/token\"";
     if let Some(v) = raw.get("token.url") {
+        reject_credentials(v, "token.url")?;
         return parse_with(v, "token.url", expected, |s| {
             let url = reqwest::Url::parse(s).ok()?;
-            (matches!(url.scheme(), "http" | "https") && url.host().is_some()).then_some(url)
+            (matches!(url.scheme(), "http" | "https")
+                && url.host().is_some()
+                && url.fragment().is_none())
+            .then_some(url)
         });
     }
     let tenant = raw.require("token.tenant_id")?;
@@ -885,6 +909,29 @@ mod tests {
     }
 
     #[test]
+    fn env_beats_file_beats_default() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("bearer-proxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("precedence.toml");
+        std::fs::write(&file, "[token]\nscope = \"file-scope\"\ntimeout = \"7s\"\n")?;
+        let flags = Flags {
+            config: Some(file),
+            ..Flags::default()
+        };
+        let env = [
+            ("API_CLIENT_ID", "a"),
+            ("API_CLIENT_SECRET", "b"),
+            ("API_SCOPE", "env-scope"),
+        ];
+        let config = Config::load(&flags, &env[..])?;
+        assert_eq!(config.token.scope, "env-scope");
+        assert_eq!(config.token.timeout, Duration::from_secs(7));
+        assert_eq!(config.token.startup_wait, Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn generic_variables_set_any_key() -> Result<(), ConfigError> {
         let config = load(&[
             ("BEARER_PROXY_TOKEN_TIMEOUT", "200ms"),
@@ -927,6 +974,18 @@ mod tests {
         assert!(e.contains("listen") && e.contains("host:port"), "{e}");
         let e = err(&[("BEARER_PROXY_TOKEN_AUTH_METHOD", "private_key_jwt")]);
         assert!(e.contains("client_secret_basic"), "{e}");
+        let e = err(&[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "400000000000years")]);
+        assert!(
+            e.contains("token.startup_wait") && e.contains("at most a year"),
+            "{e}"
+        );
+        let e = err(&[("API_TOKEN_URL", "https://id:secret@login.example.com/token")]);
+        assert!(
+            e.contains("token.url") && e.contains("user:password") && !e.contains("secret@"),
+            "{e}"
+        );
+        let e = err(&[("BEARER_PROXY_UPSTREAM", "https://user:pa55@api.example.com")]);
+        assert!(e.contains("upstream.url") && !e.contains("pa55"), "{e}");
         let e = err(&[("API_CLIENT_SECRET_FILE", "/nonexistent/secret")]);
         assert!(e.contains("API_CLIENT_SECRET") && e.contains("both"), "{e}");
     }

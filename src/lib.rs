@@ -84,6 +84,9 @@ pub enum RunError {
     /// TLS or client setup failed.
     #[error("{0}")]
     Setup(String),
+    /// A task the proxy cannot run without ended early.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 /// Binds the configured listeners and runs until SIGTERM or SIGINT.
@@ -143,18 +146,38 @@ pub async fn run(
         "bearer-proxy {} listening",
         env!("CARGO_PKG_VERSION")
     );
-    serve::serve(
+    let serving = serve::serve(
         listeners.proxy,
         proxy,
-        shutdown,
+        shutdown.clone(),
         config.shutdown_grace,
         "proxy",
-    )
-    .await;
-
+    );
+    tokio::pin!(serving);
+    let mut refresher = refresher;
+    // The refresher runs until `background` is cancelled; if it ends before,
+    // no token will ever come again: drain, then fail loudly (exit 1) so an
+    // orchestrator restarts the process rather than it answering 503 forever.
+    let refresher_failure = tokio::select! {
+        _ = &mut serving => None,
+        ended = &mut refresher => Some(match ended {
+            Err(error) if error.is_panic() => "the token refresher panicked".to_owned(),
+            _ => "the token refresher stopped".to_owned(),
+        }),
+    };
+    if let Some(failure) = &refresher_failure {
+        tracing::error!("{failure}: shutting down");
+        shutdown.cancel();
+        serving.await;
+    }
     background.cancel();
-    let _ = refresher.await;
+    if refresher_failure.is_none() {
+        let _ = refresher.await;
+    }
     let _ = admin.await;
     tracing::info!("stopped");
-    Ok(())
+    match refresher_failure {
+        Some(failure) => Err(RunError::Stopped(failure)),
+        None => Ok(()),
+    }
 }

@@ -41,6 +41,8 @@ pub async fn serve<S, B>(
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Cancelled when the grace period runs out: ends what is still open.
+    let cut = CancellationToken::new();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -59,9 +61,13 @@ pub async fn serve<S, B>(
             .serve_connection(TokioIo::new(stream), service.clone())
             .into_owned();
         let watched = graceful.watch(connection);
+        let cut = cut.clone();
         tokio::spawn(async move {
-            if let Err(error) = watched.await {
-                tracing::debug!(listener = name, error = %error, "connection ended with an error");
+            tokio::select! {
+                result = watched => if let Err(error) = result {
+                    tracing::debug!(listener = name, error = %error, "connection ended with an error");
+                },
+                _ = cut.cancelled() => {}
             }
         });
     }
@@ -72,4 +78,5 @@ pub async fn serve<S, B>(
             tracing::warn!(listener = name, grace_s = grace.as_secs_f64(), "shutdown grace elapsed: closing the remaining connections");
         }
     }
+    cut.cancel();
 }

@@ -436,7 +436,7 @@ async fn the_status_path_answer_has_the_token_masked() -> TestResult {
 #[tokio::test]
 async fn upstream_refusal_and_silence_get_502_and_504() -> TestResult {
     let token = FakeTokenEndpoint::start().await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (_held, closed) = closed_port()?;
     let proxy = start_proxy(&token, &format!("http://{closed}"), &[]).await;
     let response = http1().get(proxy.url("/x")).send().await?;
     assert_eq!(response.status(), 502);
@@ -560,5 +560,122 @@ async fn upload_and_download_stream_without_buffering() -> TestResult {
     let second = response.chunk().await?;
     assert_eq!(second.as_deref(), Some(&b"second"[..]));
     assert_eq!(response.chunk().await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upload_that_keeps_moving_is_not_cut_and_one_that_stalls_is() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let timeout = [("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms")];
+    let proxy = start_proxy(&token, &upstream.url(), &timeout).await;
+    wait_ready(&proxy).await;
+
+    // Six pieces 100 ms apart: 600 ms in all, never 300 ms without progress.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tx.send(Ok(vec![b'x'; 1024])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let response = http1()
+        .post(proxy.url("/slow-upload"))
+        .body(channel_body(rx))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.last().body_len, 6 * 1024);
+
+    // An upstream that accepts the connection but never reads nor answers.
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let stuck_addr = stuck.local_addr()?;
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = stuck.accept().await {
+            held.push(socket);
+        }
+    });
+    let proxy = start_proxy(&token, &format!("http://{stuck_addr}"), &timeout).await;
+    wait_ready(&proxy).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let piece = vec![b'y'; 256 * 1024];
+        for _ in 0..256 {
+            if tx.send(Ok(piece.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let response = http1()
+        .post(proxy.url("/stuck"))
+        .body(channel_body(rx))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"], "upstream_timeout");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stopped moving"),
+        "{body}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn targets_that_could_leave_the_upstream_base_are_refused() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &format!("{}/v1", upstream.url()), &[]).await;
+    wait_ready(&proxy).await;
+    let refused: &[&[u8]] = &[
+        b"GET http://evil.example/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /../admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /a/%2E%2e/admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /./x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ];
+    for request in refused {
+        let response = raw(proxy.addr, request).await?;
+        let shown = String::from_utf8_lossy(request);
+        assert_eq!(response.status, 400, "{shown}");
+        assert_eq!(
+            response.header("x-bearer-proxy-error"),
+            Some("bad_request_target"),
+            "{shown}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&response.body)?;
+        assert_eq!(body["error"], "bad_request_target");
+    }
+    assert!(
+        upstream.requests().is_empty(),
+        "nothing refused reached the upstream"
+    );
+
+    // Absolute form naming the proxy itself, X-Forwarded-Host, and a path
+    // that looks like an authority all stay on the upstream.
+    let allowed: &[&[u8]] = &[
+        b"GET http://localhost/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /y HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n",
+        b"GET //evil.example/z HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ];
+    for request in allowed {
+        assert_eq!(raw(proxy.addr, request).await?.status, 200);
+    }
+    let targets: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(Recorded::target_str)
+        .collect();
+    assert_eq!(targets, ["/v1/x", "/v1/y", "/v1//evil.example/z"]);
     Ok(())
 }

@@ -135,7 +135,7 @@ async fn check_explains_a_rejected_secret() -> TestResult {
 
 #[tokio::test]
 async fn check_explains_an_unreachable_provider_and_upstream_refusals() -> TestResult {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (_held, closed) = closed_port()?;
     let dead_token_url = format!("http://{closed}/tenant/oauth2/v2.0/token");
     let upstream = FakeUpstream::start().await;
     let upstream_url = upstream.url();

@@ -36,16 +36,20 @@ async fn shutdown_drains_a_request_in_flight() -> TestResult {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     proxy.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(proxy.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(refused, "the listener stopped accepting");
 
     let readyz = http1().get(proxy.admin_url("/readyz")).send().await?;
     assert_eq!(readyz.status(), 503);
     let body: serde_json::Value = readyz.json().await?;
     assert_eq!(body["reason"], "shutting down");
-    assert!(
-        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
-        "the listener stopped accepting"
-    );
 
     let response = in_flight.await??;
     assert_eq!(response.status(), 200);

@@ -102,7 +102,39 @@ async fn readiness_follows_the_first_token() -> TestResult {
 }
 
 #[tokio::test]
-async fn without_a_token_requests_wait_then_get_503_token_unavailable() -> TestResult {
+async fn requests_wait_up_to_startup_wait_for_a_slow_first_token() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    token.delay(Duration::from_secs(2));
+    let upstream = FakeUpstream::start().await;
+    let wait = [("BEARER_PROXY_TOKEN_STARTUP_WAIT", "300ms")];
+    let proxy = start_proxy(&token, &upstream.url(), &wait).await;
+    let started = std::time::Instant::now();
+    let response = http1().get(proxy.url("/x")).send().await?;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["x-bearer-proxy-error"],
+        "token_unavailable"
+    );
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await?;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("has not completed"),
+        "{body}"
+    );
+    assert!(upstream.requests().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_first_token_gives_503_token_unavailable_at_once() -> TestResult {
     let token = FakeTokenEndpoint::start().await;
     token.script([TokenReply::Raw {
         status: 503,
@@ -113,15 +145,19 @@ async fn without_a_token_requests_wait_then_get_503_token_unavailable() -> TestR
     let proxy = start_proxy(
         &token,
         &upstream.url(),
-        &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "300ms")],
+        &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "3s")],
     )
     .await;
+    until(|| token.count() == 1, "the first token request").await?;
 
+    // The next attempt (Retry-After: 7) is after the startup wait: no token
+    // can come in time, so the request is not held for 3 s.
     let started = std::time::Instant::now();
     let response = http1().get(proxy.url("/x")).send().await?;
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "the request waited for a first token"
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
     assert_eq!(response.status(), 503);
     assert_eq!(
@@ -191,19 +227,9 @@ async fn the_secret_file_is_read_afresh_for_each_token() -> TestResult {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(bearer_proxy::run(config, listeners, shutdown.clone()));
 
-    for _ in 0..100 {
-        if token.count() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| token.count() == 1, "the first token request").await?;
     std::fs::write(&file, "second-secret\r\n")?;
-    for _ in 0..400 {
-        if token.count() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| token.count() >= 2, "the renewal 1.6 s later").await?;
     let secrets: Vec<String> = token
         .requests()
         .iter()

@@ -1,40 +1,83 @@
-//! Body wrappers: a request body that says when it has been sent in full (the
-//! response deadline starts then), and the proxy's response body.
+//! Body wrappers: a request body that records when it last made progress
+//! (the response deadline counts from then), and the proxy's response body.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// What the proxy answers with: the upstream's stream, or a body of its own.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// A request body streamed to the upstream that signals, by sending or by
-/// being dropped, that the upstream has taken all of it.
+/// When a request body last moved, and whether it has been sent in full.
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    last_nanos: AtomicU64,
+    done: AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last_nanos: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self, done: bool) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_nanos.store(nanos, Ordering::Relaxed);
+        if done {
+            self.done.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The last time a piece of the body went to the upstream.
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Whether the whole body has been sent.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body streamed to the upstream that records its progress.
 #[derive(Debug)]
 pub struct TrackedBody<B> {
     inner: B,
-    done: Option<oneshot::Sender<()>>,
+    activity: Option<Arc<Activity>>,
 }
 
 impl<B: Body> TrackedBody<B> {
-    /// Wraps `inner`; the receiver resolves once the body is sent or dropped.
-    /// An empty body needs no signal: its receiver is `None`.
-    pub fn new(inner: B) -> (Self, Option<oneshot::Receiver<()>>) {
+    /// Wraps `inner`; an empty body needs no tracking and gets `None`.
+    pub fn new(inner: B) -> (Self, Option<Arc<Activity>>) {
         if inner.is_end_stream() {
-            return (Self { inner, done: None }, None);
+            return (
+                Self {
+                    inner,
+                    activity: None,
+                },
+                None,
+            );
         }
-        let (tx, rx) = oneshot::channel();
+        let activity = Arc::new(Activity::new());
         (
             Self {
                 inner,
-                done: Some(tx),
+                activity: Some(Arc::clone(&activity)),
             },
-            Some(rx),
+            Some(activity),
         )
     }
 }
@@ -49,10 +92,8 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if frame.is_none() || this.inner.is_end_stream() {
-            if let Some(done) = this.done.take() {
-                let _ = done.send(());
-            }
+        if let Some(activity) = &this.activity {
+            activity.touch(frame.is_none() || this.inner.is_end_stream());
         }
         Poll::Ready(frame)
     }
@@ -63,5 +104,16 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for TrackedBody<B> {
+    fn drop(&mut self) {
+        // Dropped by the client connection: nothing more will be sent.
+        if let Some(activity) = &self.activity
+            && !activity.is_done()
+        {
+            activity.touch(true);
+        }
     }
 }

@@ -24,7 +24,7 @@ pub mod client;
 pub mod error;
 pub mod headers;
 
-use body::{ProxyBody, TrackedBody};
+use body::{Activity, ProxyBody, TrackedBody};
 use client::{ConnectTimeout, Connector};
 pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
@@ -124,7 +124,8 @@ impl Shared {
         };
         let (mut parts, body) = request.into_parts();
         let path_and_query = self.join(parts.uri.path_and_query())?;
-        let masked = path_and_query.path() == self.status_path;
+        let masked =
+            path_and_query.path() == self.status_path && parts.method != http::Method::HEAD;
         parts.uri = Uri::from_parts({
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(self.scheme.clone());
@@ -165,8 +166,10 @@ impl Shared {
             // The answer is read to mask the token in it: ask for it uncompressed.
             parts.headers.remove(ACCEPT_ENCODING);
         }
-        let (body, sent) = TrackedBody::new(body);
-        let response = self.send(Request::from_parts(parts, body), sent).await?;
+        let (body, activity) = TrackedBody::new(body);
+        let response = self
+            .send(Request::from_parts(parts, body), activity)
+            .await?;
 
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
@@ -206,37 +209,50 @@ impl Shared {
         PathAndQuery::try_from(joined).map_err(|_| bad_target())
     }
 
-    /// Sends the request; the response deadline runs from when the request
-    /// body has been sent in full, so long uploads are not cut.
+    /// Sends the request. `upstream.response_timeout` bounds every silence:
+    /// while the body is sent, the time between two pieces of it; after the
+    /// last piece, the wait for the response headers. Long uploads that keep
+    /// moving are not cut; an upstream that stops reading one is.
     async fn send(
         &self,
         request: Request<TrackedBody<Incoming>>,
-        sent: Option<tokio::sync::oneshot::Receiver<()>>,
+        activity: Option<Arc<Activity>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.response_timeout;
         let responding = self.client.request(request);
-        let result = match sent {
-            None => tokio::time::timeout(timeout, responding).await.ok(),
-            Some(sent) => {
-                tokio::pin!(responding);
-                tokio::select! {
-                    result = &mut responding => Some(result),
-                    _ = async { let _ = sent.await; tokio::time::sleep(timeout).await } => None,
+        tokio::pin!(responding);
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                result = &mut responding => {
+                    return result.map_err(|error| self.upstream_error(&error));
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let next = activity.as_ref().map(|a| a.last() + timeout);
+                    match next {
+                        Some(next) if next > tokio::time::Instant::now() => deadline = next,
+                        _ => return Err(self.response_timeout_error(activity.as_deref())),
+                    }
                 }
             }
-        };
-        match result {
-            Some(Ok(response)) => Ok(response),
-            Some(Err(error)) => Err(self.upstream_error(&error)),
-            None => Err(ProxyError::new(
-                ErrorCode::UpstreamTimeout,
-                format!(
-                    "the upstream {} sent no response headers within {} (upstream.response_timeout)",
-                    self.authority,
-                    humantime::format_duration(timeout)
-                ),
-            )),
         }
+    }
+
+    fn response_timeout_error(&self, activity: Option<&Activity>) -> ProxyError {
+        let limit = humantime::format_duration(self.response_timeout);
+        let message = if activity.is_some_and(|a| !a.is_done()) {
+            format!(
+                "the request body stopped moving to the upstream {} for {limit} (upstream.response_timeout)",
+                self.authority
+            )
+        } else {
+            format!(
+                "the upstream {} sent no response headers within {limit} (upstream.response_timeout)",
+                self.authority
+            )
+        };
+        tracing::warn!(code = ErrorCode::UpstreamTimeout.as_str(), "{message}");
+        ProxyError::new(ErrorCode::UpstreamTimeout, message)
     }
 
     fn upstream_error(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {

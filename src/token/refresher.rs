@@ -10,6 +10,10 @@ use tokio_util::sync::CancellationToken;
 use super::slot::{CurrentToken, TokenSlot};
 use super::{TokenError, TokenSource};
 
+/// The longest `Retry-After` honoured: a provider's absurd value (or an
+/// overflowing one) must not park the refresher for years.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Backoff between failed attempts.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -42,7 +46,7 @@ impl RetryPolicy {
             floor + (cap - floor).mul_f64(random.clamp(0.0, 1.0))
         };
         match error.retry_after() {
-            Some(floor) => base.max(floor),
+            Some(floor) => base.max(floor.min(MAX_RETRY_AFTER)),
             None => base,
         }
     }
@@ -50,13 +54,14 @@ impl RetryPolicy {
 
 /// When to renew a token, counted from when its request was sent: at
 /// `refresh_in` if the provider sent one, else when the smaller of 5 minutes
-/// or a fifth of the lifetime remains; never sooner than one second.
+/// or a fifth of the lifetime remains (whichever is sooner); never sooner
+/// than one second, unless the token is usable for less.
 pub fn refresh_after(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
-    let at = match refresh_in {
-        Some(refresh_in) => refresh_in,
-        None => lifetime.saturating_sub((lifetime / 5).min(Duration::from_secs(300))),
-    };
-    at.max(Duration::from_secs(1))
+    let rule = lifetime.saturating_sub((lifetime / 5).min(Duration::from_secs(300)));
+    // A `refresh_in` later than the rule would renew after the token has
+    // stopped being sent (its expiry margin): the rule is the latest.
+    let at = refresh_in.map_or(rule, |refresh_in| refresh_in.min(rule));
+    at.max(Duration::from_secs(1).min(rule))
 }
 
 /// Owns the token source and the slot.
@@ -206,7 +211,7 @@ mod tests {
         );
         assert_eq!(
             refresh_after(Duration::from_secs(1), None),
-            Duration::from_secs(1)
+            Duration::from_millis(800)
         );
     }
 
@@ -227,6 +232,11 @@ mod tests {
             retry_after: Some(Duration::from_secs(40)),
         };
         assert_eq!(policy.delay(1, &throttled, 0.0), Duration::from_secs(40));
+        let absurd = TokenError::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+        };
+        assert_eq!(policy.delay(1, &absurd, 0.0), MAX_RETRY_AFTER);
         let permanent = TokenError::Rejected(ProviderError {
             status: 401,
             error: "invalid_client".into(),

@@ -173,6 +173,13 @@ impl TokenSlot {
                     Some(token) if token.is_usable(now) => return Ok(Arc::clone(token)),
                     Some(_) => return Err(unavailable(&state, now)),
                     None if now >= deadline => return Err(unavailable(&state, now)),
+                    // A failed attempt scheduled the next one past the
+                    // deadline: no token can come in time, so say so now.
+                    None if state.last_error.is_some()
+                        && state.next_attempt.is_some_and(|next| next > deadline) =>
+                    {
+                        return Err(unavailable(&state, now));
+                    }
                     None => {}
                 }
             }

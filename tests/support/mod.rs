@@ -597,6 +597,17 @@ pub async fn start_proxy(
     }
 }
 
+/// Polls `condition` every 10 ms for up to 5 s; an error names what never came.
+pub async fn until(condition: impl Fn() -> bool, what: &str) -> Result<(), String> {
+    for _ in 0..500 {
+        if condition() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(format!("timed out waiting for {what}"))
+}
+
 /// Waits until `/readyz` answers 200 (a token is held).
 pub async fn wait_ready(proxy: &Proxy) {
     let client = http1();
@@ -698,6 +709,15 @@ async fn read_body(
         left -= n as u64;
     }
     Ok(true)
+}
+
+/// A loopback port on which nothing listens, held so that no other test
+/// takes it while this one expects "connection refused".
+pub fn closed_port() -> std::io::Result<(tokio::net::TcpSocket, SocketAddr)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+    let addr = socket.local_addr()?;
+    Ok((socket, addr))
 }
 
 /// Header names lower-cased, values as text, in wire order.
