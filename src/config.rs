@@ -43,6 +43,14 @@ pub const DEFAULT_AUTH_METHOD: &str = "client_secret_post";
 pub const DEFAULT_TOKEN_TIMEOUT: &str = "30s";
 /// Default time a request waits for the first token.
 pub const DEFAULT_STARTUP_WAIT: &str = "10s";
+/// Default delay after a first failed token request.
+pub const DEFAULT_RETRY_INITIAL: &str = "5s";
+/// Default longest delay between token requests after failures.
+pub const DEFAULT_RETRY_MAX: &str = "5m";
+/// Default least time between two renewals forced by an upstream 401.
+pub const DEFAULT_MIN_FORCED_INTERVAL: &str = "30s";
+/// Default largest request body held back so it can be replayed after a 401.
+pub const DEFAULT_REPLAY_BUFFER: &str = "64KiB";
 /// Default time in-flight requests get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 /// Default log format.
@@ -165,6 +173,36 @@ const KEYS: &[KeySpec] = &[
         flag: None,
         env: &[],
         default: Some(DEFAULT_STARTUP_WAIT),
+    },
+    KeySpec {
+        key: "token.refresh_before",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
+        key: "token.retry_initial",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_RETRY_INITIAL),
+    },
+    KeySpec {
+        key: "token.retry_max",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_RETRY_MAX),
+    },
+    KeySpec {
+        key: "token.min_forced_interval",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_MIN_FORCED_INTERVAL),
+    },
+    KeySpec {
+        key: "proxy.replay_buffer",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_REPLAY_BUFFER),
     },
     KeySpec {
         key: "shutdown.grace",
@@ -533,6 +571,21 @@ pub struct TokenConfig {
     pub timeout: Duration,
     /// How long a request waits for the first token.
     pub startup_wait: Duration,
+    /// Renew this long before expiry, instead of the built-in rule.
+    pub refresh_before: Option<Duration>,
+    /// Delay after a first failed token request.
+    pub retry_initial: Duration,
+    /// Longest delay between failed token requests.
+    pub retry_max: Duration,
+    /// Least time between two renewals forced by an upstream 401.
+    pub min_forced_interval: Duration,
+}
+
+/// Forwarding settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Largest request body held back so it can be replayed after a 401.
+    pub replay_buffer: usize,
 }
 
 /// The validated configuration that the engine runs on.
@@ -548,6 +601,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Token settings.
     pub token: TokenConfig,
+    /// Forwarding settings.
+    pub proxy: ProxyConfig,
     /// Time in-flight requests get at shutdown.
     pub shutdown_grace: Duration,
     /// Log format.
@@ -610,6 +665,25 @@ impl Config {
             )?,
             timeout: parse_duration(raw, "token.timeout")?,
             startup_wait: parse_duration_allow_zero(raw, "token.startup_wait")?,
+            refresh_before: match raw.get("token.refresh_before") {
+                Some(_) => Some(parse_duration(raw, "token.refresh_before")?),
+                None => None,
+            },
+            retry_initial: parse_duration(raw, "token.retry_initial")?,
+            retry_max: parse_duration(raw, "token.retry_max")?,
+            min_forced_interval: parse_duration_allow_zero(raw, "token.min_forced_interval")?,
+        };
+        if token.retry_initial > token.retry_max {
+            let v = raw.require("token.retry_max")?;
+            return Err(ConfigError::new(format!(
+                "{}: expected at least token.retry_initial ({}), got {:?}",
+                Origin("token.retry_max", &v.source),
+                humantime::format_duration(token.retry_initial),
+                v.value
+            )));
+        }
+        let proxy = ProxyConfig {
+            replay_buffer: parse_size(raw, "proxy.replay_buffer")?,
         };
         Ok(Config {
             listen: parse_listen(raw, "listen")?,
@@ -617,6 +691,7 @@ impl Config {
             upstream,
             tls,
             token,
+            proxy,
             shutdown_grace: parse_duration_allow_zero(raw, "shutdown.grace")?,
             log_format: parse_log_format(raw.require("log.format")?)?,
         })
@@ -690,6 +765,35 @@ fn parse_duration_allow_zero(raw: &RawConfig, key: &'static str) -> Result<Durat
             .ok()
             .filter(|d| *d <= MAX_DURATION)
     })
+}
+
+/// The largest size any key takes.
+const MAX_SIZE: u64 = 16 * 1024 * 1024;
+
+/// A size such as `"64KiB"`, `"1MiB"`, `"64KB"` or `"65536"` (bytes).
+fn parse_size(raw: &RawConfig, key: &'static str) -> Result<usize, ConfigError> {
+    let v = raw.require(key)?;
+    parse_with(
+        v,
+        key,
+        "a size of at most 16MiB such as \"64KiB\", \"1MiB\" or \"0\"",
+        |s| {
+            let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (number, unit) = s.split_at(digits);
+            let unit_bytes: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1024,
+                "MiB" => 1024 * 1024,
+                "KB" | "kB" => 1000,
+                "MB" => 1000 * 1000,
+                _ => return None,
+            };
+            let bytes = number.parse::<u64>().ok()?.checked_mul(unit_bytes)?;
+            (bytes <= MAX_SIZE)
+                .then(|| usize::try_from(bytes).ok())
+                .flatten()
+        },
+    )
 }
 
 fn parse_listen(raw: &RawConfig, key: &'static str) -> Result<SocketAddr, ConfigError> {
@@ -884,6 +988,11 @@ mod tests {
         assert_eq!(config.upstream.connect_timeout, Duration::from_secs(10));
         assert!(matches!(config.token.secret, SecretSource::Literal(_)));
         assert_eq!(config.token.auth_method, AuthMethod::ClientSecretPost);
+        assert_eq!(config.token.retry_initial, Duration::from_secs(5));
+        assert_eq!(config.token.retry_max, Duration::from_secs(300));
+        assert_eq!(config.token.min_forced_interval, Duration::from_secs(30));
+        assert_eq!(config.token.refresh_before, None);
+        assert_eq!(config.proxy.replay_buffer, 64 * 1024);
         Ok(())
     }
 
@@ -1005,6 +1114,45 @@ mod tests {
             e.contains("API_CLIENT_SECRET") && e.contains("API_CLIENT_SECRET_FILE"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sizes_and_retry_bounds() -> Result<(), ConfigError> {
+        assert_eq!(
+            load(&[("BEARER_PROXY_PROXY_REPLAY_BUFFER", "1MiB")])?
+                .proxy
+                .replay_buffer,
+            1 << 20
+        );
+        assert_eq!(
+            load(&[("BEARER_PROXY_PROXY_REPLAY_BUFFER", "0")])?
+                .proxy
+                .replay_buffer,
+            0
+        );
+        assert_eq!(
+            load(&[("BEARER_PROXY_PROXY_REPLAY_BUFFER", "10KB")])?
+                .proxy
+                .replay_buffer,
+            10_000
+        );
+        let e = err(&[("BEARER_PROXY_PROXY_REPLAY_BUFFER", "1GiB")]);
+        assert!(
+            e.contains("proxy.replay_buffer") && e.contains("16MiB"),
+            "{e}"
+        );
+        let e = err(&[("BEARER_PROXY_TOKEN_RETRY_INITIAL", "10m")]);
+        assert!(
+            e.contains("token.retry_max") && e.contains("token.retry_initial"),
+            "{e}"
+        );
+        let config = load(&[
+            ("BEARER_PROXY_TOKEN_REFRESH_BEFORE", "2m"),
+            ("BEARER_PROXY_TOKEN_RETRY_INITIAL", "200ms"),
+        ])?;
+        assert_eq!(config.token.refresh_before, Some(Duration::from_secs(120)));
+        assert_eq!(config.token.retry_initial, Duration::from_millis(200));
+        Ok(())
     }
 
     #[test]

@@ -114,7 +114,14 @@ pub async fn run(
     let slot = token::TokenSlot::new();
 
     let background = CancellationToken::new();
-    let refresher = token::Refresher::new(endpoint, slot.clone(), token::RetryPolicy::default());
+    let policy = token::RefreshPolicy {
+        retry: token::RetryPolicy {
+            initial: config.token.retry_initial,
+            max: config.token.retry_max,
+        },
+        refresh_before: config.token.refresh_before,
+    };
+    let refresher = token::Refresher::new(endpoint, slot.clone(), policy);
     let refresher = tokio::spawn(refresher.run(background.clone()));
 
     let admin_state = admin::AdminState {
@@ -137,7 +144,7 @@ pub async fn run(
         "admin",
     ));
 
-    let proxy = proxy::Proxy::new(&config.upstream, tls, slot, config.token.startup_wait);
+    let proxy = proxy::Proxy::new(&config, tls, slot);
     tracing::info!(
         listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin_listen = %admin_addr,

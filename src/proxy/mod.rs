@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION,
-    TE, USER_AGENT,
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST,
+    LOCATION, TE, USER_AGENT,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -29,9 +30,9 @@ use client::{ConnectTimeout, Connector};
 pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
 
-use crate::config::UpstreamConfig;
+use crate::config::Config;
 use crate::guard;
-use crate::token::{CurrentToken, TokenSlot};
+use crate::token::{CurrentToken, Renewal, TokenSlot};
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
@@ -46,7 +47,7 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct Shared {
-    client: Client<Connector, TrackedBody<Incoming>>,
+    client: Client<Connector, OutBody>,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -58,16 +59,16 @@ struct Shared {
     slot: TokenSlot,
     startup_wait: Duration,
     response_timeout: Duration,
+    replay_buffer: usize,
+    min_forced_interval: Duration,
+    /// How long a request refused with 401 waits for the forced renewal.
+    renewal_wait: Duration,
 }
 
 impl Proxy {
-    /// A proxy to `upstream`, sending the tokens held in `slot`.
-    pub fn new(
-        upstream: &UpstreamConfig,
-        tls: rustls::ClientConfig,
-        slot: TokenSlot,
-        startup_wait: Duration,
-    ) -> Self {
+    /// A proxy to the configured upstream, sending the tokens held in `slot`.
+    pub fn new(config: &Config, tls: rustls::ClientConfig, slot: TokenSlot) -> Self {
+        let upstream = &config.upstream;
         let url = &upstream.url;
         let host = HeaderValue::from_str(url.authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
@@ -82,8 +83,11 @@ impl Proxy {
                 status_path: format!("{}{}", url.base_path, upstream.status_path),
                 locations: LocationRewriter::new(url),
                 slot,
-                startup_wait,
+                startup_wait: config.token.startup_wait,
                 response_timeout: upstream.response_timeout,
+                replay_buffer: config.proxy.replay_buffer,
+                min_forced_interval: config.token.min_forced_interval,
+                renewal_wait: config.token.timeout,
             }),
         }
     }
@@ -153,6 +157,7 @@ impl Shared {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             });
+        let expect_continue = parts.headers.get(EXPECT).cloned();
         headers::clean_request(&mut parts.headers);
         if trailers {
             parts
@@ -166,10 +171,19 @@ impl Shared {
             // The answer is read to mask the token in it: ask for it uncompressed.
             parts.headers.remove(ACCEPT_ENCODING);
         }
-        let (body, activity) = TrackedBody::new(body);
-        let response = self
-            .send(Request::from_parts(parts, body), activity)
-            .await?;
+        let (response, token) = if self.can_replay(&expect_continue, &parts.headers, &body) {
+            let held = match Limited::new(body, self.replay_buffer).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                // The client broke off its own request: nothing to forward.
+                Err(_) => return Ok(client_abort()),
+            };
+            self.send_replayable(parts.method, parts.uri, parts.headers, held, token)
+                .await?
+        } else {
+            let (body, activity) = TrackedBody::new(body);
+            let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
+            (self.send(request, activity).await?, token)
+        };
 
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
@@ -186,6 +200,72 @@ impl Shared {
             return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
         }
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Whether the request can be sent again after an upstream 401: no body,
+    /// or one small enough to hold back (by its Content-Length) and not
+    /// announced with `Expect: 100-continue` (its sender waits to be asked).
+    fn can_replay(
+        &self,
+        expect: &Option<HeaderValue>,
+        headers: &http::HeaderMap,
+        body: &Incoming,
+    ) -> bool {
+        if body.is_end_stream() {
+            return true;
+        }
+        let length = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        expect.is_none() && length.is_some_and(|length| length <= self.replay_buffer)
+    }
+
+    /// Sends a request whose body is held, and if the upstream refuses its
+    /// token with 401, renews the token (single flight, rate-limited) and
+    /// sends it once more. Returns the answer and the token it carried.
+    async fn send_replayable(
+        &self,
+        method: http::Method,
+        uri: Uri,
+        mut headers: http::HeaderMap,
+        body: Bytes,
+        token: Arc<CurrentToken>,
+    ) -> Result<(Response<Incoming>, Arc<CurrentToken>), ProxyError> {
+        let first = outgoing(
+            method.clone(),
+            uri.clone(),
+            headers.clone(),
+            Either::Right(Full::new(body.clone())),
+        );
+        let response = self.send(first, None).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok((response, token));
+        }
+        let renewed = match self
+            .slot
+            .request_renewal(token.generation, self.min_forced_interval)
+        {
+            Renewal::Newer(newer) => Some(newer),
+            Renewal::Pending => {
+                self.slot
+                    .wait_renewal(token.generation, self.renewal_wait)
+                    .await
+            }
+            Renewal::Declined => None,
+        };
+        let Some(renewed) = renewed else {
+            tracing::debug!("the upstream answered 401; no new token now, so the 401 is passed on");
+            return Ok((response, token));
+        };
+        drop(response);
+        tracing::info!(
+            generation = renewed.generation,
+            "the upstream answered 401: replaying the request with a new token"
+        );
+        headers.insert(AUTHORIZATION, renewed.header.clone());
+        let replay = outgoing(method, uri, headers, Either::Right(Full::new(body)));
+        Ok((self.send(replay, None).await?, renewed))
     }
 
     /// The upstream's base path and the request's path and query, joined by
@@ -215,7 +295,7 @@ impl Shared {
     /// moving are not cut; an upstream that stops reading one is.
     async fn send(
         &self,
-        request: Request<TrackedBody<Incoming>>,
+        request: Request<OutBody>,
         activity: Option<Arc<Activity>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.response_timeout;
@@ -289,6 +369,31 @@ pub fn describe_upstream_error(
             format!("the upstream {authority} closed the connection without a response: {detail}"),
         )
     }
+}
+
+/// The body sent upstream: the client's stream, or a body held back for replay.
+type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
+
+/// A request for the upstream from its parts (the client's extensions stay behind).
+fn outgoing(
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: OutBody,
+) -> Request<OutBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// The answer to a client that broke off its request body: a plain 400, as
+/// the server library gives for other malformed requests.
+fn client_abort() -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    response
 }
 
 fn bad_target() -> ProxyError {

@@ -13,8 +13,8 @@ pub mod slot;
 
 pub use endpoint::TokenEndpoint;
 pub use error::TokenError;
-pub use refresher::{Refresher, RetryPolicy};
-pub use slot::{CurrentToken, TokenSlot, Unavailable};
+pub use refresher::{RefreshPolicy, Refresher, RetryPolicy};
+pub use slot::{CurrentToken, Renewal, TokenSlot, Unavailable};
 
 /// A token as the provider issued it.
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::TokenError;
@@ -25,6 +25,8 @@ pub struct CurrentToken {
     pub expires_at: SystemTime,
     /// Wall-clock time the request for it was sent.
     pub obtained_at: SystemTime,
+    /// 1 for the first token, one more for each after it.
+    pub generation: u64,
 }
 
 impl CurrentToken {
@@ -44,6 +46,7 @@ impl CurrentToken {
             usable_until: requested_at + lifetime.saturating_sub(expiry_margin(lifetime)),
             expires_at: requested_at_wall + lifetime,
             obtained_at: requested_at_wall,
+            generation: 0,
         })
     }
 
@@ -85,6 +88,24 @@ pub struct TokenState {
     pub consecutive_failures: u32,
     /// The most recent failure, kept after a recovery.
     pub last_error: Option<LastError>,
+    /// A renewal forced by an upstream 401 is asked for and not done yet.
+    pub forced_pending: bool,
+    /// When the last forced renewal was asked for.
+    pub last_forced: Option<Instant>,
+    /// Forced renewals asked for since start.
+    pub forced_renewals: u64,
+}
+
+/// What became of a request to renew a token that the upstream refused.
+#[derive(Debug)]
+pub enum Renewal {
+    /// A newer token is already held: use it.
+    Newer(Arc<CurrentToken>),
+    /// A renewal is under way: wait for it.
+    Pending,
+    /// None will be made now (one was forced too recently, or the refresher
+    /// is already retrying after failures at the pace the provider allows).
+    Declined,
 }
 
 /// Why no token can be used now.
@@ -100,6 +121,8 @@ pub struct Unavailable {
 #[derive(Debug, Clone)]
 pub struct TokenSlot {
     tx: Arc<watch::Sender<TokenState>>,
+    /// Wakes the refresher when a renewal is forced.
+    renew: Arc<Notify>,
 }
 
 impl Default for TokenSlot {
@@ -113,6 +136,7 @@ impl TokenSlot {
     pub fn new() -> Self {
         Self {
             tx: Arc::new(watch::Sender::new(TokenState::default())),
+            renew: Arc::new(Notify::new()),
         }
     }
 
@@ -122,9 +146,11 @@ impl TokenSlot {
     }
 
     /// Stores a new token and the time of the next renewal.
-    pub fn publish_token(&self, token: CurrentToken, next: Instant, next_wall: SystemTime) {
+    pub fn publish_token(&self, mut token: CurrentToken, next: Instant, next_wall: SystemTime) {
         self.tx.send_modify(|state| {
+            token.generation = state.current.as_ref().map_or(0, |t| t.generation) + 1;
             state.current = Some(Arc::new(token));
+            state.forced_pending = false;
             state.next_attempt = Some(next);
             state.next_attempt_wall = Some(next_wall);
             state.consecutive_failures = 0;
@@ -138,6 +164,7 @@ impl TokenSlot {
             None => error.to_string(),
         };
         self.tx.send_modify(|state| {
+            state.forced_pending = false;
             state.next_attempt = Some(next);
             state.next_attempt_wall = Some(next_wall);
             state.consecutive_failures = state.consecutive_failures.saturating_add(1);
@@ -190,6 +217,81 @@ impl TokenSlot {
                 let state = rx.borrow();
                 return Err(unavailable(&state, Instant::now()));
             }
+        }
+    }
+
+    /// Asks for a new token because the upstream refused the one of
+    /// `failed_generation`. Many requests may ask at once: one renewal is
+    /// made, at most one per `min_interval`, never during a backoff.
+    pub fn request_renewal(&self, failed_generation: u64, min_interval: Duration) -> Renewal {
+        let mut outcome = Renewal::Declined;
+        let asked = self.tx.send_if_modified(|state| {
+            let now = Instant::now();
+            if let Some(token) = &state.current
+                && token.generation > failed_generation
+                && token.is_usable(now)
+            {
+                outcome = Renewal::Newer(Arc::clone(token));
+                return false;
+            }
+            if state.forced_pending {
+                outcome = Renewal::Pending;
+                return false;
+            }
+            let too_soon = state.last_forced.is_some_and(|at| now < at + min_interval);
+            if too_soon || state.consecutive_failures > 0 {
+                return false;
+            }
+            state.forced_pending = true;
+            state.last_forced = Some(now);
+            state.forced_renewals += 1;
+            outcome = Renewal::Pending;
+            true
+        });
+        if asked {
+            self.renew.notify_one();
+        }
+        outcome
+    }
+
+    /// Waits up to `wait` for the forced renewal to end; the new token if it
+    /// brought one.
+    pub async fn wait_renewal(
+        &self,
+        failed_generation: u64,
+        wait: Duration,
+    ) -> Option<Arc<CurrentToken>> {
+        let deadline = Instant::now() + wait;
+        let mut rx = self.tx.subscribe();
+        loop {
+            {
+                let state = rx.borrow_and_update();
+                if let Some(token) = &state.current
+                    && token.generation > failed_generation
+                    && token.is_usable(Instant::now())
+                {
+                    return Some(Arc::clone(token));
+                }
+                if !state.forced_pending {
+                    return None;
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Resolves when a renewal has been forced (the refresher's wake-up).
+    pub async fn forced(&self) {
+        loop {
+            if self.tx.borrow().forced_pending {
+                return;
+            }
+            self.renew.notified().await;
         }
     }
 
