@@ -84,6 +84,7 @@ async fn status(State(state): State<AdminState>) -> impl IntoResponse {
             "obtained_at": token.current.as_ref().map(|t| rfc3339(t.obtained_at)),
             "next_refresh_at": token.next_attempt_wall.map(rfc3339),
             "consecutive_failures": token.consecutive_failures,
+            "forced_renewals": token.forced_renewals,
             "last_error": last_error,
         },
     }))

@@ -72,6 +72,8 @@ impl TokenReply {
 /// What the token endpoint received.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
+    /// When it arrived.
+    pub at: std::time::Instant,
     pub path: String,
     pub content_type: Option<String>,
     pub authorization: Option<String>,
@@ -81,6 +83,9 @@ pub struct TokenRequest {
 #[derive(Debug, Default)]
 struct TokenInner {
     requests: Vec<TokenRequest>,
+    /// Each token issued, with when its request arrived.
+    issued_at: Vec<(String, std::time::Instant)>,
+    down: bool,
     script: VecDeque<TokenReply>,
     issued: u32,
     delay: Duration,
@@ -100,6 +105,12 @@ impl FakeTokenEndpoint {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind token endpoint");
+        Self::start_on(listener)
+    }
+
+    /// On a listener the test made: a provider that comes up late on a port
+    /// the proxy was already told about.
+    pub fn start_on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let inner = Arc::new(Mutex::new(TokenInner::default()));
         let app = axum::Router::new()
@@ -126,6 +137,16 @@ impl FakeTokenEndpoint {
     /// Delay before each answer.
     pub fn delay(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// While down, every request gets Entra's 503 `temporarily_unavailable`.
+    pub fn set_down(&self, down: bool) {
+        self.lock().down = down;
+    }
+
+    /// The tokens issued, with the time their request arrived.
+    pub fn issued(&self) -> Vec<(String, std::time::Instant)> {
+        self.lock().issued_at.clone()
     }
 
     pub fn requests(&self) -> Vec<TokenRequest> {
@@ -163,6 +184,7 @@ async fn token_handler(
     let (reply, delay) = {
         let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.requests.push(TokenRequest {
+            at: std::time::Instant::now(),
             path: format!("/{tenant}/oauth2/v2.0/token"),
             content_type: header("content-type"),
             authorization: header("authorization"),
@@ -170,10 +192,19 @@ async fn token_handler(
         });
         inner.in_flight += 1;
         inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
-        let reply = inner
-            .script
-            .pop_front()
-            .unwrap_or(TokenReply::Ok { expires_in: 3599 });
+        let reply = if inner.down {
+            TokenReply::entra_error(
+                503,
+                "temporarily_unavailable",
+                50196,
+                "The service is temporarily unavailable.",
+            )
+        } else {
+            inner
+                .script
+                .pop_front()
+                .unwrap_or(TokenReply::Ok { expires_in: 3599 })
+        };
         (reply, inner.delay)
     };
     tokio::time::sleep(delay).await;
@@ -182,6 +213,12 @@ async fn token_handler(
     match reply {
         TokenReply::Ok { expires_in } => {
             inner.issued += 1;
+            let name = format!("token-{}", inner.issued);
+            let arrived = inner
+                .requests
+                .last()
+                .map_or_else(std::time::Instant::now, |r| r.at);
+            inner.issued_at.push((name, arrived));
             let body = serde_json::json!({
                 "token_type": "Bearer",
                 "expires_in": expires_in,
@@ -223,6 +260,8 @@ async fn token_handler(
 /// A request as the fake upstream read it off the socket.
 #[derive(Debug, Clone, Default)]
 pub struct Recorded {
+    /// When its head had been read.
+    pub at: Option<std::time::Instant>,
     pub method: String,
     /// The request target, byte for byte.
     pub target: Vec<u8>,
@@ -342,6 +381,9 @@ impl FakeUpstream {
         let (state, conns) = (inner.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Head and body go out in two writes: without this, Nagle's
+                // algorithm and delayed ACKs add 40 ms to every answer.
+                let _ = stream.set_nodelay(true);
                 *conns.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 let (state, responder, progress) =
                     (state.clone(), responder.clone(), progress_tx.clone());
@@ -420,6 +462,7 @@ async fn serve_raw(
             .unwrap_or_default()
             .to_vec();
         let mut recorded = Recorded {
+            at: Some(std::time::Instant::now()),
             method,
             target,
             version: parsed.version.unwrap_or(1),
