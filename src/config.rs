@@ -671,7 +671,7 @@ impl Config {
             },
             retry_initial: parse_duration(raw, "token.retry_initial")?,
             retry_max: parse_duration(raw, "token.retry_max")?,
-            min_forced_interval: parse_duration_allow_zero(raw, "token.min_forced_interval")?,
+            min_forced_interval: parse_duration(raw, "token.min_forced_interval")?,
         };
         if token.retry_initial > token.retry_max {
             let v = raw.require("token.retry_max")?;

@@ -161,6 +161,17 @@ async fn soak_with_short_tokens_and_a_provider_outage() -> TestResult {
         }
     }
 
+    let last_unavailable = unavailable
+        .iter()
+        .map(|o| o.at)
+        .max()
+        .ok_or("the outage caused no 503")?;
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.status == 200 && o.at > last_unavailable),
+        "requests succeed again after the outage"
+    );
     let ok = outcomes.iter().filter(|o| o.status == 200).count();
     let first_503 = unavailable.iter().map(|o| o.at).min().map(|t| t - start);
     let last_503 = unavailable.iter().map(|o| o.at).max().map(|t| t - start);
@@ -183,6 +194,21 @@ async fn soak_with_short_tokens_and_a_provider_outage() -> TestResult {
         issued.len(),
         failures.len()
     );
+    let timeline: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            let outcome = if failures.contains(&r.at) {
+                "failed"
+            } else {
+                "ok"
+            };
+            format!(
+                "{:.1}s {outcome}",
+                r.at.saturating_duration_since(start).as_secs_f64()
+            )
+        })
+        .collect();
+    println!("token requests after start: {}", timeline.join(", "));
     let gaps: Vec<String> = requests
         .windows(2)
         .map(|w| format!("{:.1}", (w[1].at - w[0].at).as_secs_f64()))

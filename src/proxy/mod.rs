@@ -87,7 +87,8 @@ impl Proxy {
                 response_timeout: upstream.response_timeout,
                 replay_buffer: config.proxy.replay_buffer,
                 min_forced_interval: config.token.min_forced_interval,
-                renewal_wait: config.token.timeout,
+                // The forced fetch may take all of token.timeout: wait a little longer.
+                renewal_wait: config.token.timeout + Duration::from_secs(1),
             }),
         }
     }
@@ -112,20 +113,7 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 impl Shared {
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         guard::check(&request)?;
-        let token = match self.slot.current() {
-            Ok(token) => token,
-            Err(_) => self
-                .slot
-                .current_or_wait(self.startup_wait)
-                .await
-                .map_err(|u| {
-                    ProxyError::new(
-                        ErrorCode::TokenUnavailable,
-                        format!("no valid access token: {}", u.reason),
-                    )
-                    .retry_after(u.retry_after_secs)
-                })?,
-        };
+        let token = self.token_now().await?;
         let (mut parts, body) = request.into_parts();
         let path_and_query = self.join(parts.uri.path_and_query())?;
         let masked =
@@ -172,17 +160,33 @@ impl Shared {
             parts.headers.remove(ACCEPT_ENCODING);
         }
         let (response, token) = if self.can_replay(&expect_continue, &parts.headers, &body) {
-            let held = match Limited::new(body, self.replay_buffer).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                // The client broke off its own request: nothing to forward.
-                Err(_) => return Ok(client_abort()),
+            let collecting = Limited::new(body, self.replay_buffer).collect();
+            let held = match tokio::time::timeout(self.response_timeout, collecting).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                // The client broke off or stalled its own request: nothing to forward.
+                _ => return Ok(client_abort()),
             };
+            // The body took time to arrive: the token must still be usable.
+            let token = if token.is_usable(tokio::time::Instant::now()) {
+                token
+            } else {
+                self.token_now().await?
+            };
+            parts.headers.insert(AUTHORIZATION, token.header.clone());
             self.send_replayable(parts.method, parts.uri, parts.headers, held, token)
                 .await?
         } else {
             let (body, activity) = TrackedBody::new(body);
             let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
-            (self.send(request, activity).await?, token)
+            let response = self.send(request, activity).await?;
+            if response.status() == StatusCode::UNAUTHORIZED {
+                // Not replayable, but the next requests should not meet the
+                // same refusal: ask for a new token without waiting for it.
+                let _ = self
+                    .slot
+                    .request_renewal(token.generation, self.min_forced_interval);
+            }
+            (response, token)
         };
 
         let (mut parts, body) = response.into_parts();
@@ -200,6 +204,24 @@ impl Shared {
             return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
         }
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// The token to send now; before the first one, waits up to
+    /// `token.startup_wait` for it.
+    async fn token_now(&self) -> Result<Arc<CurrentToken>, ProxyError> {
+        if let Ok(token) = self.slot.current() {
+            return Ok(token);
+        }
+        self.slot
+            .current_or_wait(self.startup_wait)
+            .await
+            .map_err(|u| {
+                ProxyError::new(
+                    ErrorCode::TokenUnavailable,
+                    format!("no valid access token: {}", u.reason),
+                )
+                .retry_after(u.retry_after_secs)
+            })
     }
 
     /// Whether the request can be sent again after an upstream 401: no body,

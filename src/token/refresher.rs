@@ -78,7 +78,9 @@ pub fn refresh_after(
     random: f64,
 ) -> Duration {
     let at = match (refresh_before, refresh_in) {
-        (Some(before), _) => lifetime.saturating_sub(before),
+        // A lead as long as the token would renew it at once, and again a
+        // second later, for ever: at most half the lifetime.
+        (Some(before), _) => lifetime.saturating_sub(before.min(lifetime / 2)),
         (None, Some(refresh_in)) => refresh_in,
         (None, None) if lifetime > LONG_LIVED => lifetime / 2,
         (None, None) => lifetime.saturating_sub((lifetime / 5).min(Duration::from_secs(300))),
@@ -309,6 +311,11 @@ mod tests {
             S(3479)
         );
         assert_eq!(refresh_after(S(3599), None, Some(S(1)), 0.0), S(3539));
+        assert_eq!(
+            refresh_after(S(300), None, Some(S(300)), 0.0),
+            S(150),
+            "a lead past the lifetime is halved"
+        );
         // Tiny lifetimes stay inside the usable window.
         assert_eq!(
             refresh_after(S(1), None, None, 0.0),

@@ -362,6 +362,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn no_forced_renewal_during_a_backoff() {
+        let slot = TokenSlot::new();
+        let now = Instant::now();
+        let Some(token) = CurrentToken::new(
+            AccessToken::new("t"),
+            Duration::from_secs(100),
+            now,
+            SystemTime::now(),
+        ) else {
+            panic!("valid token")
+        };
+        slot.publish_token(token, now + Duration::from_secs(80), SystemTime::now());
+        let error = TokenError::Status {
+            status: 503,
+            retry_after: Some(Duration::from_secs(20)),
+        };
+        slot.publish_failure(&error, now + Duration::from_secs(20), SystemTime::now());
+        assert!(matches!(
+            slot.request_renewal(1, Duration::from_secs(30)),
+            Renewal::Declined
+        ));
+        assert_eq!(slot.state().forced_renewals, 0);
+        assert!(
+            slot.wait_renewal(1, Duration::from_secs(1)).await.is_none(),
+            "nothing pending: no wait"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn waiting_ends_with_the_first_token_or_the_deadline() {
         let slot = TokenSlot::new();
         let waited = slot.current_or_wait(Duration::from_secs(2)).await;

@@ -702,7 +702,20 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
+    /// Parses the final response, skipping interim (1xx) ones.
     pub fn parse(bytes: &[u8]) -> std::io::Result<Self> {
+        let mut bytes = bytes;
+        loop {
+            let response = Self::parse_one(bytes)?;
+            let consumed = bytes.len() - response.body.len();
+            if !(100..200).contains(&response.status) || consumed >= bytes.len() {
+                return Ok(response);
+            }
+            bytes = &bytes[consumed..];
+        }
+    }
+
+    fn parse_one(bytes: &[u8]) -> std::io::Result<Self> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut response = httparse::Response::new(&mut headers);
         let status = response.parse(bytes).map_err(std::io::Error::other)?;
