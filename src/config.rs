@@ -51,6 +51,12 @@ pub const DEFAULT_RETRY_MAX: &str = "5m";
 pub const DEFAULT_MIN_FORCED_INTERVAL: &str = "30s";
 /// Default largest request body held back so it can be replayed after a 401.
 pub const DEFAULT_REPLAY_BUFFER: &str = "64KiB";
+/// Default limit on requests in flight.
+pub const DEFAULT_MAX_CONCURRENT: &str = "1024";
+/// Default time a client has to send a request's headers.
+pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
+/// Default paths whose JSON answers have the token masked.
+pub const DEFAULT_MASK_TOKEN_IN: &str = "/api/status";
 /// Default time in-flight requests get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 /// Default log format.
@@ -205,6 +211,42 @@ const KEYS: &[KeySpec] = &[
         default: Some(DEFAULT_REPLAY_BUFFER),
     },
     KeySpec {
+        key: "proxy.max_concurrent",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_MAX_CONCURRENT),
+    },
+    KeySpec {
+        key: "proxy.header_timeout",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_HEADER_TIMEOUT),
+    },
+    KeySpec {
+        key: "proxy.mask_token_in",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_MASK_TOKEN_IN),
+    },
+    KeySpec {
+        key: "guard.allowed_hosts",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
+        key: "guard.allowed_origins",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
+        key: "guard.local_key_file",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
         key: "shutdown.grace",
         flag: None,
         env: &[],
@@ -216,6 +258,13 @@ const KEYS: &[KeySpec] = &[
         env: &[],
         default: Some(DEFAULT_LOG_FORMAT),
     },
+];
+
+/// Keys whose value is a list: a TOML array, or comma-separated elsewhere.
+const LIST_KEYS: &[&str] = &[
+    "guard.allowed_hosts",
+    "guard.allowed_origins",
+    "proxy.mask_token_in",
 ];
 
 /// Every key the config file may hold, in the order of the table.
@@ -449,11 +498,37 @@ impl RawConfig {
                     known_keys().collect::<Vec<_>>().join(", ")
                 )));
             };
-            let toml::Value::String(value) = value else {
-                return Err(ConfigError::new(format!(
-                    "config file {}: key `{name}` must be a string (quote it), got {value}",
-                    path.display()
-                )));
+            // Leaves are strings, an integer where a count is wanted, or a
+            // list of strings (kept comma-joined, as the environment has it).
+            let value = match value {
+                toml::Value::String(value) => value,
+                toml::Value::Integer(number) if spec.key == "proxy.max_concurrent" => {
+                    number.to_string()
+                }
+                toml::Value::Array(items) if LIST_KEYS.contains(&spec.key) => {
+                    let mut list = Vec::new();
+                    for item in items {
+                        let toml::Value::String(item) = item else {
+                            return Err(ConfigError::new(format!(
+                                "config file {}: key `{name}` must be a list of strings, got an item {item}",
+                                path.display()
+                            )));
+                        };
+                        list.push(item);
+                    }
+                    list.join(",")
+                }
+                other => {
+                    let expected = if LIST_KEYS.contains(&spec.key) {
+                        "a list of strings"
+                    } else {
+                        "a string (quote it)"
+                    };
+                    return Err(ConfigError::new(format!(
+                        "config file {}: key `{name}` must be {expected}, got {other}",
+                        path.display()
+                    )));
+                }
             };
             self.set(spec.key, value, Source::File(path.to_owned()));
         }
@@ -586,6 +661,24 @@ pub struct TokenConfig {
 pub struct ProxyConfig {
     /// Largest request body held back so it can be replayed after a 401.
     pub replay_buffer: usize,
+    /// Most requests in flight; past it, 503 `overloaded`.
+    pub max_concurrent: usize,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Paths (as the client sends them) whose JSON answers have the token masked.
+    pub mask_token_in: Vec<String>,
+}
+
+/// Who may use the proxy.
+#[derive(Debug, Clone, Default)]
+pub struct GuardConfig {
+    /// Host names (optionally `name:port`) accepted besides the loopback and
+    /// the listen address; `*` accepts any.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) accepted besides the loopback's.
+    pub allowed_origins: Vec<String>,
+    /// The key clients must send in `X-Proxy-Key`, if one is required.
+    pub local_key: Option<crate::secret::LocalKey>,
 }
 
 /// The validated configuration that the engine runs on.
@@ -603,6 +696,8 @@ pub struct Config {
     pub token: TokenConfig,
     /// Forwarding settings.
     pub proxy: ProxyConfig,
+    /// Who may use the proxy.
+    pub guard: GuardConfig,
     /// Time in-flight requests get at shutdown.
     pub shutdown_grace: Duration,
     /// Log format.
@@ -684,6 +779,52 @@ impl Config {
         }
         let proxy = ProxyConfig {
             replay_buffer: parse_size(raw, "proxy.replay_buffer")?,
+            max_concurrent: parse_with(
+                raw.require("proxy.max_concurrent")?,
+                "proxy.max_concurrent",
+                "a whole number from 1 to 1000000",
+                |s| {
+                    s.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                },
+            )?,
+            header_timeout: parse_duration(raw, "proxy.header_timeout")?,
+            mask_token_in: parse_list(
+                raw,
+                "proxy.mask_token_in",
+                "paths starting with /",
+                |item| item.starts_with('/').then(|| item.to_owned()),
+            )?,
+        };
+        let guard = GuardConfig {
+            allowed_hosts: parse_list(
+                raw,
+                "guard.allowed_hosts",
+                "host names such as \"bearer-proxy\" or \"api-proxy:8080\", or *",
+                |item| {
+                    let valid = item == "*"
+                        || item.chars().all(|c| {
+                            c.is_ascii_alphanumeric()
+                                || matches!(c, '-' | '.' | ':' | '[' | ']' | '_')
+                        });
+                    valid.then(|| item.to_ascii_lowercase())
+                },
+            )?,
+            allowed_origins: parse_list(
+                raw,
+                "guard.allowed_origins",
+                "origins such as \"https://app.example.com\", or *",
+                |item| {
+                    let valid =
+                        item == "*" || item.starts_with("http://") || item.starts_with("https://");
+                    valid.then(|| item.trim_end_matches('/').to_ascii_lowercase())
+                },
+            )?,
+            local_key: match raw.get("guard.local_key_file") {
+                None => None,
+                Some(v) => Some(read_local_key(v)?),
+            },
         };
         Ok(Config {
             listen: parse_listen(raw, "listen")?,
@@ -692,6 +833,7 @@ impl Config {
             tls,
             token,
             proxy,
+            guard,
             shutdown_grace: parse_duration_allow_zero(raw, "shutdown.grace")?,
             log_format: parse_log_format(raw.require("log.format")?)?,
         })
@@ -765,6 +907,53 @@ fn parse_duration_allow_zero(raw: &RawConfig, key: &'static str) -> Result<Durat
             .ok()
             .filter(|d| *d <= MAX_DURATION)
     })
+}
+
+/// A comma-separated list; each item trimmed, empty items skipped, each
+/// checked by `parse`.
+fn parse_list(
+    raw: &RawConfig,
+    key: &'static str,
+    expected: &str,
+    parse: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(v) = raw.get(key) else {
+        return Ok(Vec::new());
+    };
+    v.value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            parse(item).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "{}: expected {expected}, got {:?}",
+                    Origin(key, &v.source),
+                    shorten(item)
+                ))
+            })
+        })
+        .collect()
+}
+
+fn read_local_key(v: &RawValue) -> Result<crate::secret::LocalKey, ConfigError> {
+    let path = PathBuf::from(&v.value);
+    let content = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::new(format!(
+            "{}: cannot read {}: {e}; expected a readable file holding the local key",
+            Origin("guard.local_key_file", &v.source),
+            path.display()
+        ))
+    })?;
+    let key = trim_secret(&content);
+    if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(format!(
+            "{}: the key in {} must be at least 16 printable characters without spaces",
+            Origin("guard.local_key_file", &v.source),
+            path.display()
+        )));
+    }
+    Ok(crate::secret::LocalKey::new(key))
 }
 
 /// The largest size any key takes.

@@ -1,29 +1,200 @@
-//! Who and what may use the proxy. Checks run in DESIGN.md's order: target,
-//! Host, Origin, local key, method, capacity. This version checks the target
-//! (no tunnel, no other authority, no dot-segment, exactly one Host) and the
-//! method; the Host allow-list, Origin and local-key checks come next.
+//! Who and what may use the proxy. Whoever reaches its port acts with its
+//! credentials, so the perimeter is tight by default and every refusal says
+//! why. Checks run in DESIGN.md's order: target, Host, Origin, local key,
+//! method (capacity is counted by the proxy, which holds the permit).
 
-use http::header::{CONNECTION, HOST, UPGRADE};
-use http::{Method, Request, Version};
+use std::net::{IpAddr, SocketAddr};
 
+use http::header::{CONNECTION, HOST, ORIGIN, UPGRADE};
+use http::{HeaderName, Method, Request, Version};
+
+use crate::config::GuardConfig;
 use crate::proxy::{ErrorCode, ProxyError};
+use crate::secret::LocalKey;
 
-/// Refuses what the proxy must never forward.
-pub fn check<B>(request: &Request<B>) -> Result<(), ProxyError> {
-    check_target(request)?;
-    if request.method() == Method::TRACE {
-        return Err(ProxyError::new(
-            ErrorCode::MethodNotAllowed,
-            "TRACE is refused: the upstream would echo the injected token back",
-        ));
+/// The header that carries the local key.
+pub const LOCAL_KEY_HEADER: HeaderName = HeaderName::from_static("x-proxy-key");
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// The checks, with what they accept.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
+    local_key: Option<LocalKey>,
+    /// The listen address's IP, or `None` when listening on every interface.
+    listen_ip: Option<IpAddr>,
+    any_ip: bool,
+}
+
+impl Guard {
+    /// From the configuration and the address actually listened on.
+    pub fn new(config: &GuardConfig, listen: Option<SocketAddr>) -> Self {
+        let listen_ip = listen.map(|addr| addr.ip());
+        Self {
+            allowed_hosts: config.allowed_hosts.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            local_key: config.local_key.clone(),
+            any_ip: listen_ip.is_some_and(|ip| ip.is_unspecified()),
+            listen_ip,
+        }
     }
-    if is_upgrade(request) {
-        return Err(ProxyError::new(
-            ErrorCode::UpgradeNotSupported,
-            "protocol upgrades (WebSocket) are not supported: send plain HTTP requests",
-        ));
+
+    /// Refuses what the proxy must never forward, in the documented order.
+    pub fn check<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        check_target(request)?;
+        self.check_host(request)?;
+        self.check_origin(request)?;
+        self.check_key(request)?;
+        if request.method() == Method::TRACE {
+            return Err(ProxyError::new(
+                ErrorCode::MethodNotAllowed,
+                "TRACE is refused: the upstream would echo the injected token back",
+            ));
+        }
+        if is_upgrade(request) {
+            return Err(ProxyError::new(
+                ErrorCode::UpgradeNotSupported,
+                "protocol upgrades (WebSocket) are not supported: send plain HTTP requests",
+            ));
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// DNS rebinding: a page whose name suddenly resolves to 127.0.0.1 still
+    /// sends its own name in Host. Only the loopback names, the listen
+    /// address and `guard.allowed_hosts` are accepted.
+    fn check_host<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        let authority = match request.headers().get(HOST) {
+            Some(host) => host.to_str().ok().map(str::to_owned),
+            None => request.uri().authority().map(|a| a.as_str().to_owned()),
+        };
+        let Some(authority) = authority else {
+            // HTTP/1.0 without Host: there is no name to rebind.
+            return Ok(());
+        };
+        if self.host_allowed(&authority) {
+            return Ok(());
+        }
+        Err(ProxyError::new(
+            ErrorCode::HostNotAllowed,
+            format!(
+                "the Host {:?} is not allowed: use localhost, or add the name to guard.allowed_hosts",
+                shorten(&authority)
+            ),
+        ))
+    }
+
+    fn host_allowed(&self, authority: &str) -> bool {
+        let authority = authority.trim().to_ascii_lowercase();
+        let (host, _port) = split_host_port(&authority);
+        let host = host.trim_end_matches('.');
+        if host == "localhost" || host.ends_with(".localhost") {
+            return true;
+        }
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            // An IP literal names no DNS entry that could be rebound.
+            if ip.is_loopback() || self.any_ip || Some(ip) == self.listen_ip {
+                return true;
+            }
+        }
+        self.allowed_hosts
+            .iter()
+            .any(|allowed| allowed == "*" || allowed == host || *allowed == authority)
+    }
+
+    /// Browsers: a page from another origin must not make calls with our
+    /// credentials. Requests without Origin (curl, apps) are not browsers'.
+    fn check_origin<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        let headers = request.headers();
+        if let Some(origin) = headers.get(ORIGIN) {
+            let origin = origin.to_str().unwrap_or("").trim().to_ascii_lowercase();
+            if self.origin_allowed(&origin) {
+                return Ok(());
+            }
+            return Err(ProxyError::new(
+                ErrorCode::OriginNotAllowed,
+                format!(
+                    "requests from the web origin {:?} are refused: add it to guard.allowed_origins if it must call the API",
+                    shorten(&origin)
+                ),
+            ));
+        }
+        let cross_site = headers
+            .get(SEC_FETCH_SITE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("cross-site"));
+        if cross_site {
+            return Err(ProxyError::new(
+                ErrorCode::OriginNotAllowed,
+                "a cross-site browser request is refused: add its origin to guard.allowed_origins if it must call the API",
+            ));
+        }
+        Ok(())
+    }
+
+    fn origin_allowed(&self, origin: &str) -> bool {
+        if self
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == "*" || allowed == origin)
+        {
+            return true;
+        }
+        // The proxy's own loopback origins (any port).
+        let Some(rest) = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+        else {
+            return false;
+        };
+        let (host, _) = split_host_port(rest);
+        host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    fn check_key<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        let Some(key) = &self.local_key else {
+            return Ok(());
+        };
+        let offered = request
+            .headers()
+            .get(LOCAL_KEY_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if key.matches(offered) {
+            return Ok(());
+        }
+        Err(ProxyError::new(
+            ErrorCode::LocalKeyRequired,
+            "this proxy requires its local key: send it in the X-Proxy-Key header (guard.local_key_file holds it)",
+        ))
+    }
+}
+
+/// `host:port`, `[v6]:port`, `host` → (host, port).
+fn split_host_port(authority: &str) -> (&str, Option<&str>) {
+    if let Some(end) = authority.strip_prefix('[').and_then(|rest| rest.find(']')) {
+        let host = &authority[..end + 2];
+        let port = authority[end + 2..].strip_prefix(':');
+        return (host, port);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, Some(port)),
+        _ => (authority, None),
+    }
+}
+
+fn shorten(value: &str) -> String {
+    value.chars().take(100).collect()
 }
 
 fn bad_target(message: &str) -> ProxyError {
@@ -43,7 +214,7 @@ fn check_target<B>(request: &Request<B>) -> Result<(), ProxyError> {
     // HTTP/2 requests always carry their authority in the URI; only an
     // HTTP/1.1 request says it in the Host header, which it must have.
     let http1 = request.version() <= Version::HTTP_11;
-    if http1 && hosts == 0 && request.version() == Version::HTTP_11 {
+    if request.version() == Version::HTTP_11 && hosts == 0 {
         return Err(bad_target(
             "the request has no Host header: HTTP/1.1 requires one",
         ));
@@ -89,8 +260,12 @@ fn is_upgrade<B>(request: &Request<B>) -> bool {
 mod tests {
     use super::*;
 
-    fn code(request: Request<()>) -> Option<ErrorCode> {
-        check(&request).err().map(|e| e.code)
+    fn guard() -> Guard {
+        Guard::new(&GuardConfig::default(), "127.0.0.1:8080".parse().ok())
+    }
+
+    fn code(guard: &Guard, request: Request<()>) -> Option<ErrorCode> {
+        guard.check(&request).err().map(|e| e.code)
     }
 
     fn get(uri: &str) -> http::request::Builder {
@@ -99,44 +274,48 @@ mod tests {
 
     #[test]
     fn refusals() -> Result<(), http::Error> {
+        let g = guard();
         let connect = Request::builder()
             .method("CONNECT")
             .uri("evil.example:443")
             .header("host", "evil.example:443");
-        assert_eq!(code(connect.body(())?), Some(ErrorCode::BadRequestTarget));
         assert_eq!(
-            code(get("/").method("TRACE").body(())?),
+            code(&g, connect.body(())?),
+            Some(ErrorCode::BadRequestTarget)
+        );
+        assert_eq!(
+            code(&g, get("/").method("TRACE").body(())?),
             Some(ErrorCode::MethodNotAllowed)
         );
         let ws = get("/")
             .header("connection", "keep-alive, Upgrade")
             .header("upgrade", "websocket");
-        assert_eq!(code(ws.body(())?), Some(ErrorCode::UpgradeNotSupported));
-        assert_eq!(code(get("/x").method("PATCH").body(())?), None);
-        assert_eq!(code(get("/x").method("PURGE").body(())?), None);
+        assert_eq!(code(&g, ws.body(())?), Some(ErrorCode::UpgradeNotSupported));
+        assert_eq!(code(&g, get("/x").method("PATCH").body(())?), None);
+        assert_eq!(code(&g, get("/x").method("PURGE").body(())?), None);
         Ok(())
     }
 
     #[test]
     fn targets() -> Result<(), http::Error> {
+        let g = guard();
         let bad = Some(ErrorCode::BadRequestTarget);
-        assert_eq!(code(get("http://evil.example/x").body(())?), bad);
-        assert_eq!(code(get("http://localhost:8080/x").body(())?), None);
+        assert_eq!(code(&g, get("http://evil.example/x").body(())?), bad);
+        assert_eq!(code(&g, get("http://localhost:8080/x").body(())?), None);
         assert_eq!(
-            code(Request::builder().uri("/x").body(())?),
+            code(&g, Request::builder().uri("/x").body(())?),
             bad,
             "HTTP/1.1 without Host"
         );
         let http10 = Request::builder().version(Version::HTTP_10).uri("/x");
-        assert_eq!(code(http10.body(())?), None, "HTTP/1.0 may omit Host");
-        let two = get("/x").header("host", "other");
-        assert_eq!(code(two.body(())?), bad);
+        assert_eq!(code(&g, http10.body(())?), None, "HTTP/1.0 may omit Host");
+        assert_eq!(code(&g, get("/x").header("host", "other").body(())?), bad);
         let h2 = Request::builder()
             .version(Version::HTTP_2)
             .uri("http://localhost:8080/x");
-        assert_eq!(code(h2.body(())?), None);
+        assert_eq!(code(&g, h2.body(())?), None);
         for path in ["/a/../b", "/..", "/./x", "/a/%2e%2E/b", "/%2e/x", "/a/.%2e"] {
-            assert_eq!(code(get(path).body(())?), bad, "{path}");
+            assert_eq!(code(&g, get(path).body(())?), bad, "{path}");
         }
         for path in [
             "/a/..b/c",
@@ -145,8 +324,145 @@ mod tests {
             "/x?path=../..",
             "//evil.example/x",
         ] {
-            assert_eq!(code(get(path).body(())?), None, "{path}");
+            assert_eq!(code(&g, get(path).body(())?), None, "{path}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn hosts() -> Result<(), http::Error> {
+        let g = guard();
+        let host = |h: &str| Request::builder().uri("/").header("host", h).body(());
+        for ok in [
+            "localhost",
+            "localhost:1",
+            "LOCALHOST.",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:9",
+            "app.localhost",
+        ] {
+            assert_eq!(code(&g, host(ok)?), None, "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.5:8080",
+            "localhost.evil.example",
+            "[::2]",
+        ] {
+            assert_eq!(
+                code(&g, host(refused)?),
+                Some(ErrorCode::HostNotAllowed),
+                "{refused}"
+            );
+        }
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://rebound.example/x")
+            .body(())?;
+        assert_eq!(
+            code(&g, h2),
+            Some(ErrorCode::HostNotAllowed),
+            "h2 is judged by :authority"
+        );
+
+        let config = GuardConfig {
+            allowed_hosts: vec!["bearer-proxy".into(), "api:8443".into()],
+            ..GuardConfig::default()
+        };
+        let g = Guard::new(&config, "0.0.0.0:8080".parse().ok());
+        for ok in [
+            "bearer-proxy",
+            "bearer-proxy:8080",
+            "api:8443",
+            "172.18.0.4:8080",
+        ] {
+            assert_eq!(code(&g, host(ok)?), None, "{ok}");
+        }
+        for refused in ["api:8080", "evil.example"] {
+            assert_eq!(
+                code(&g, host(refused)?),
+                Some(ErrorCode::HostNotAllowed),
+                "{refused}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn origins() -> Result<(), http::Error> {
+        let config = GuardConfig {
+            allowed_origins: vec!["https://app.example.com".into()],
+            ..GuardConfig::default()
+        };
+        let g = Guard::new(&config, "127.0.0.1:8080".parse().ok());
+        let with = |name: &str, value: &str| get("/").header(name, value).body(());
+        for ok in [
+            "http://localhost:3000",
+            "http://127.0.0.1:8080",
+            "https://app.example.com",
+            "http://[::1]:1",
+        ] {
+            assert_eq!(code(&g, with("origin", ok)?), None, "{ok}");
+        }
+        for refused in [
+            "https://evil.example",
+            "null",
+            "http://localhost.evil.example",
+            "https://app.example.com.evil",
+        ] {
+            assert_eq!(
+                code(&g, with("origin", refused)?),
+                Some(ErrorCode::OriginNotAllowed),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            code(&g, with("sec-fetch-site", "cross-site")?),
+            Some(ErrorCode::OriginNotAllowed)
+        );
+        assert_eq!(code(&g, with("sec-fetch-site", "same-origin")?), None);
+        Ok(())
+    }
+
+    #[test]
+    fn local_key_and_order() -> Result<(), http::Error> {
+        let config = GuardConfig {
+            local_key: Some(LocalKey::new("k3y-0123456789abcdef")),
+            ..GuardConfig::default()
+        };
+        let g = Guard::new(&config, "127.0.0.1:8080".parse().ok());
+        assert_eq!(
+            code(&g, get("/").body(())?),
+            Some(ErrorCode::LocalKeyRequired)
+        );
+        assert_eq!(
+            code(&g, get("/").header("x-proxy-key", "wrong").body(())?),
+            Some(ErrorCode::LocalKeyRequired)
+        );
+        assert_eq!(
+            code(
+                &g,
+                get("/")
+                    .header("x-proxy-key", "k3y-0123456789abcdef")
+                    .body(())?
+            ),
+            None
+        );
+        // Order: Host before Origin before key before method.
+        let all = Request::builder()
+            .method("TRACE")
+            .uri("/")
+            .header("host", "evil")
+            .header("origin", "https://evil");
+        assert_eq!(code(&g, all.body(())?), Some(ErrorCode::HostNotAllowed));
+        let all = get("/").method("TRACE").header("origin", "https://evil");
+        assert_eq!(code(&g, all.body(())?), Some(ErrorCode::OriginNotAllowed));
+        assert_eq!(
+            code(&g, get("/").method("TRACE").body(())?),
+            Some(ErrorCode::LocalKeyRequired)
+        );
         Ok(())
     }
 }

@@ -141,10 +141,22 @@ pub async fn run(
         admin_service,
         background.clone(),
         config.shutdown_grace,
+        config.proxy.header_timeout,
         "admin",
     ));
 
-    let proxy = proxy::Proxy::new(&config, tls, slot);
+    let listen = listeners.proxy.local_addr().ok();
+    if let Some(addr) = listen
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %addr,
+            "listening beyond loopback: whoever reaches this address calls the upstream with these credentials; \
+             restrict it with guard.allowed_hosts, guard.local_key_file and the network around it"
+        );
+    }
+    let guard = guard::Guard::new(&config.guard, listen);
+    let proxy = proxy::Proxy::new(&config, tls, slot, guard);
     tracing::info!(
         listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin_listen = %admin_addr,
@@ -158,6 +170,7 @@ pub async fn run(
         proxy,
         shutdown.clone(),
         config.shutdown_grace,
+        config.proxy.header_timeout,
         "proxy",
     );
     tokio::pin!(serving);

@@ -42,10 +42,38 @@ secret_newtype!(
     /// An access token issued by the token endpoint.
     AccessToken
 );
+secret_newtype!(
+    /// The key local clients send in `X-Proxy-Key`, when one is required.
+    LocalKey
+);
+
+impl LocalKey {
+    /// Compares with what a client sent, in time that depends only on the
+    /// lengths, so the key cannot be guessed byte by byte from timing.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        let expected = self.secret().as_bytes();
+        let mut diff = expected.len() ^ offered.len();
+        for (i, byte) in expected.iter().enumerate() {
+            diff |= usize::from(byte ^ offered.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_key_comparison() {
+        let key = LocalKey::new("0123456789abcdef");
+        assert!(key.matches(b"0123456789abcdef"));
+        assert!(!key.matches(b"0123456789abcdeF"));
+        assert!(!key.matches(b"0123456789abcde"));
+        assert!(!key.matches(b"0123456789abcdef0"));
+        assert!(!key.matches(b""));
+        assert_eq!(format!("{key:?}"), "LocalKey([redacted])");
+    }
 
     #[test]
     fn debug_is_redacted() {

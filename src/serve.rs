@@ -19,11 +19,14 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Serves `service` on `listener` until `stop` fires, then lets open
 /// connections finish their requests for up to `grace`.
+/// Oversized, malformed or ambiguously framed requests are refused by hyper
+/// itself before the service sees them.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     stop: CancellationToken,
     grace: Duration,
+    header_timeout: Duration,
     name: &'static str,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
@@ -38,7 +41,11 @@ pub async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
+    // A client gets `header_timeout` to send a request's headers (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     // Cancelled when the grace period runs out: ends what is still open.

@@ -11,10 +11,54 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-/// What the proxy answers with: the upstream's stream, or a body of its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What the proxy answers with: the upstream's stream or a body of its own,
+/// holding the request's capacity permit until the last byte is sent.
+#[derive(Debug)]
+pub struct ProxyBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ProxyBody {
+    /// The upstream's body, streamed.
+    pub fn upstream(body: Incoming, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            inner: Either::Left(body),
+            _permit: permit,
+        }
+    }
+
+    /// A body the proxy made.
+    pub fn full(bytes: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            inner: Either::Right(Full::new(bytes)),
+            _permit: permit,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// When a request body last moved, and whether it has been sent in full.
 #[derive(Debug)]

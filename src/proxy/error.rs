@@ -5,7 +5,6 @@
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 
 /// The header that marks a response as the proxy's own.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-bearer-proxy-error");
@@ -95,9 +94,9 @@ impl ProxyError {
     }
 
     /// The response: status, JSON body, `x-bearer-proxy-error`.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
+    pub fn to_response(&self) -> Response<Bytes> {
         let body = serde_json::json!({ "error": self.code.as_str(), "message": self.message });
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        let mut response = Response::new(Bytes::from(body.to_string()));
         *response.status_mut() = self.code.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -19,6 +19,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use tokio::sync::Semaphore;
 
 pub mod body;
 pub mod client;
@@ -31,13 +32,13 @@ pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
 
 use crate::config::Config;
-use crate::guard;
+use crate::guard::Guard;
 use crate::token::{CurrentToken, Renewal, TokenSlot};
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
 /// What replaces the token where the upstream echoes it.
-const TOKEN_MASK: &str = "[masked by bearer-proxy]";
+const TOKEN_MASK: &str = "[masked]";
 
 /// The proxy service: cheap to clone, one per connection.
 #[derive(Debug, Clone)]
@@ -53,8 +54,11 @@ struct Shared {
     host: HeaderValue,
     base_path: String,
     user_agent: HeaderValue,
-    /// The status path as the upstream sees it (base path included).
-    status_path: String,
+    /// `proxy.mask_token_in`, normalised.
+    mask_paths: Vec<Vec<u8>>,
+    guard: Guard,
+    capacity: Arc<Semaphore>,
+    max_concurrent: usize,
     locations: LocationRewriter,
     slot: TokenSlot,
     startup_wait: Duration,
@@ -67,7 +71,7 @@ struct Shared {
 
 impl Proxy {
     /// A proxy to the configured upstream, sending the tokens held in `slot`.
-    pub fn new(config: &Config, tls: rustls::ClientConfig, slot: TokenSlot) -> Self {
+    pub fn new(config: &Config, tls: rustls::ClientConfig, slot: TokenSlot, guard: Guard) -> Self {
         let upstream = &config.upstream;
         let url = &upstream.url;
         let host = HeaderValue::from_str(url.authority.as_str())
@@ -80,7 +84,15 @@ impl Proxy {
                 host,
                 base_path: url.base_path.clone(),
                 user_agent: upstream.user_agent.clone(),
-                status_path: format!("{}{}", url.base_path, upstream.status_path),
+                mask_paths: config
+                    .proxy
+                    .mask_token_in
+                    .iter()
+                    .map(|p| normalize_path(p))
+                    .collect(),
+                guard,
+                capacity: Arc::new(Semaphore::new(config.proxy.max_concurrent)),
+                max_concurrent: config.proxy.max_concurrent,
                 locations: LocationRewriter::new(url),
                 slot,
                 startup_wait: config.token.startup_wait,
@@ -104,7 +116,7 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
         Box::pin(async move {
             Ok(match shared.forward(request).await {
                 Ok(response) => response,
-                Err(error) => error.to_response().map(Either::Right),
+                Err(error) => error.to_response().map(|body| ProxyBody::full(body, None)),
             })
         })
     }
@@ -112,12 +124,25 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 
 impl Shared {
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        guard::check(&request)?;
+        self.guard.check(&request)?;
+        let Ok(permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
+            return Err(ProxyError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "more than {} requests are in flight (proxy.max_concurrent): retry shortly",
+                    self.max_concurrent
+                ),
+            )
+            .retry_after(1));
+        };
+        let permit = Some(permit);
+        let masked = request.method() != http::Method::HEAD
+            && self
+                .mask_paths
+                .contains(&normalize_path(request.uri().path()));
         let token = self.token_now().await?;
         let (mut parts, body) = request.into_parts();
         let path_and_query = self.join(parts.uri.path_and_query())?;
-        let masked =
-            path_and_query.path() == self.status_path && parts.method != http::Method::HEAD;
         parts.uri = Uri::from_parts({
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(self.scheme.clone());
@@ -201,9 +226,12 @@ impl Shared {
         if masked && is_plain_json(&parts.headers) {
             let body = mask_token(body, &token).await?;
             parts.headers.remove(CONTENT_LENGTH);
-            return Ok(Response::from_parts(parts, Either::Right(Full::new(body))));
+            return Ok(Response::from_parts(parts, ProxyBody::full(body, permit)));
         }
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::upstream(body, permit),
+        ))
     }
 
     /// The token to send now; before the first one, waits up to
@@ -413,7 +441,7 @@ fn outgoing(
 /// The answer to a client that broke off its request body: a plain 400, as
 /// the server library gives for other malformed requests.
 fn client_abort() -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    let mut response = Response::new(ProxyBody::full(Bytes::new(), None));
     *response.status_mut() = StatusCode::BAD_REQUEST;
     response
 }
@@ -451,10 +479,23 @@ async fn mask_token(body: Incoming, token: &CurrentToken) -> Result<Bytes, Proxy
     Ok(mask(&collected.to_bytes(), token.token.secret()))
 }
 
-/// `body` with every copy of `secret` replaced by a mask.
+/// `body` with the token masked: in JSON, every `token` field and every
+/// string holding the token become `"[masked]"`; in anything else, every
+/// copy of the token's bytes.
 pub fn mask(body: &Bytes, secret: &str) -> Bytes {
+    if secret.is_empty() {
+        return body.clone();
+    }
+    if let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(body) {
+        if mask_json(&mut json, secret)
+            && let Ok(out) = serde_json::to_vec(&json)
+        {
+            return Bytes::from(out);
+        }
+        return body.clone();
+    }
     let secret = secret.as_bytes();
-    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
+    if !body.windows(secret.len()).any(|w| w == secret) {
         return body.clone();
     }
     let mut out = Vec::with_capacity(body.len());
@@ -466,6 +507,64 @@ pub fn mask(body: &Bytes, secret: &str) -> Bytes {
     }
     out.extend_from_slice(rest);
     Bytes::from(out)
+}
+
+/// Masks in place; whether anything changed.
+fn mask_json(value: &mut serde_json::Value, secret: &str) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut changed = false;
+            for (key, item) in map.iter_mut() {
+                if key.eq_ignore_ascii_case("token") && item.is_string() {
+                    *item = Value::String(TOKEN_MASK.to_owned());
+                    changed = true;
+                } else {
+                    changed |= mask_json(item, secret);
+                }
+            }
+            changed
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, item| mask_json(item, secret) | changed),
+        Value::String(text) if text.contains(secret) => {
+            *text = text.replace(secret, TOKEN_MASK);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A path as compared with `proxy.mask_token_in`: percent-escapes decoded,
+/// repeated slashes collapsed, so `/api//status` and `/api/%73tatus` match.
+pub fn normalize_path(path: &str) -> Vec<u8> {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).and_then(|b| hex(*b)),
+                bytes.get(i + 2).and_then(|b| hex(*b)),
+            )
+        {
+            decoded.push((hi * 16 + lo) as u8);
+            i += 3;
+            continue;
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let mut out = Vec::with_capacity(decoded.len());
+    for byte in decoded {
+        if byte == b'/' && out.last() == Some(&b'/') {
+            continue;
+        }
+        out.push(byte);
+    }
+    out
 }
 
 /// The error's sources in one line, without the outermost wrapper's text
