@@ -66,6 +66,7 @@ pub struct Activity {
     base: Instant,
     last_nanos: AtomicU64,
     done: AtomicBool,
+    client_failed: AtomicBool,
 }
 
 impl Activity {
@@ -74,6 +75,7 @@ impl Activity {
             base: Instant::now(),
             last_nanos: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            client_failed: AtomicBool::new(false),
         }
     }
 
@@ -88,6 +90,11 @@ impl Activity {
     /// The last time a piece of the body went to the upstream.
     pub fn last(&self) -> Instant {
         self.base + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Whether reading the client's body failed (bad chunk, connection lost).
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Relaxed)
     }
 
     /// Whether the whole body has been sent.
@@ -137,6 +144,9 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
         let this = &mut *self;
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(activity) = &this.activity {
+            if matches!(frame, Some(Err(_))) {
+                activity.client_failed.store(true, Ordering::Relaxed);
+            }
             activity.touch(frame.is_none() || this.inner.is_end_stream());
         }
         Poll::Ready(frame)

@@ -75,6 +75,9 @@ pub struct ProxyError {
     pub message: String,
     /// `Retry-After` in seconds, for 503s.
     pub retry_after: Option<u64>,
+    /// The client's own request was broken (its body could not be read):
+    /// answered with a plain 400 like other malformed requests, not a JSON error.
+    pub client_fault: bool,
 }
 
 impl ProxyError {
@@ -84,6 +87,7 @@ impl ProxyError {
             code,
             message: message.into(),
             retry_after: None,
+            client_fault: false,
         }
     }
 
@@ -93,8 +97,24 @@ impl ProxyError {
         self
     }
 
+    /// The client broke its own request off: nothing was or will be forwarded.
+    pub fn client_fault() -> Self {
+        Self {
+            client_fault: true,
+            ..Self::new(
+                ErrorCode::BadRequestTarget,
+                "the request body could not be read",
+            )
+        }
+    }
+
     /// The response: status, JSON body, `x-bearer-proxy-error`.
     pub fn to_response(&self) -> Response<Bytes> {
+        if self.client_fault {
+            let mut response = Response::new(Bytes::new());
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            return response;
+        }
         let body = serde_json::json!({ "error": self.code.as_str(), "message": self.message });
         let mut response = Response::new(Bytes::from(body.to_string()));
         *response.status_mut() = self.code.status();

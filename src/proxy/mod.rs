@@ -189,7 +189,7 @@ impl Shared {
             let held = match tokio::time::timeout(self.response_timeout, collecting).await {
                 Ok(Ok(collected)) => collected.to_bytes(),
                 // The client broke off or stalled its own request: nothing to forward.
-                _ => return Ok(client_abort()),
+                _ => return Err(ProxyError::client_fault()),
             };
             // The body took time to arrive: the token must still be usable.
             let token = if token.is_usable(tokio::time::Instant::now()) {
@@ -355,6 +355,9 @@ impl Shared {
         loop {
             tokio::select! {
                 result = &mut responding => {
+                    if result.is_err() && activity.as_ref().is_some_and(|a| a.client_failed()) {
+                        return Err(ProxyError::client_fault());
+                    }
                     return result.map_err(|error| self.upstream_error(&error));
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -436,14 +439,6 @@ fn outgoing(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     request
-}
-
-/// The answer to a client that broke off its request body: a plain 400, as
-/// the server library gives for other malformed requests.
-fn client_abort() -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::new(), None));
-    *response.status_mut() = StatusCode::BAD_REQUEST;
-    response
 }
 
 fn bad_target() -> ProxyError {
