@@ -22,6 +22,8 @@ use crate::secret::ClientSecret;
 
 /// Default proxy listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default mode of a unix socket listener: the owner only.
+pub const DEFAULT_SOCKET_MODE: &str = "0600";
 /// Default admin listen address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default upstream: the Kalibrate Data API sandpit.
@@ -89,6 +91,12 @@ const KEYS: &[KeySpec] = &[
         flag: Some("--listen"),
         env: &[],
         default: Some(DEFAULT_LISTEN),
+    },
+    KeySpec {
+        key: "socket_mode",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_SOCKET_MODE),
     },
     KeySpec {
         key: "admin_listen",
@@ -685,7 +693,9 @@ pub struct GuardConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Proxy listen address.
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+    /// Mode of the unix socket file, when `listen` is one.
+    pub socket_mode: u32,
     /// Admin listen address.
     pub admin_listen: SocketAddr,
     /// Upstream settings.
@@ -827,7 +837,13 @@ impl Config {
             },
         };
         Ok(Config {
-            listen: parse_listen(raw, "listen")?,
+            listen: parse_proxy_listen(raw)?,
+            socket_mode: parse_with(
+                raw.require("socket_mode")?,
+                "socket_mode",
+                "an octal file mode such as \"0600\" or \"0660\"",
+                |s| u32::from_str_radix(s, 8).ok().filter(|mode| *mode <= 0o777),
+            )?,
             admin_listen: parse_listen(raw, "admin_listen")?,
             upstream,
             tls,
@@ -985,11 +1001,45 @@ fn parse_size(raw: &RawConfig, key: &'static str) -> Result<usize, ConfigError> 
     )
 }
 
+/// Where the proxy listens: a TCP address or a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `host:port`.
+    Tcp(SocketAddr),
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+fn parse_proxy_listen(raw: &RawConfig) -> Result<ListenAddr, ConfigError> {
+    let v = raw.require("listen")?;
+    if let Some(path) = v.value.trim().strip_prefix("unix:") {
+        return parse_with(
+            v,
+            "listen",
+            "unix: followed by an absolute path, such as \"unix:/run/bearer-proxy/proxy.sock\"",
+            |_| {
+                path.starts_with('/')
+                    .then(|| ListenAddr::Unix(PathBuf::from(path)))
+            },
+        );
+    }
+    parse_listen(raw, "listen").map(ListenAddr::Tcp)
+}
+
 fn parse_listen(raw: &RawConfig, key: &'static str) -> Result<SocketAddr, ConfigError> {
     let v = raw.require(key)?;
     if v.value.starts_with("unix:") {
         return Err(ConfigError::new(format!(
-            "{}: unix sockets are not supported by this version; expected host:port such as \"127.0.0.1:8080\"",
+            "{}: a unix socket is only supported for listen; expected host:port such as \"127.0.0.1:9090\"",
             Origin(key, &v.source)
         )));
     }
@@ -1157,12 +1207,11 @@ mod tests {
     #[test]
     fn defaults_target_the_sandpit() -> Result<(), ConfigError> {
         let config = load(&[])?;
-        assert_eq!(
-            config.listen,
-            "127.0.0.1:8080"
-                .parse()
-                .map_err(|_| ConfigError::new("x"))?
-        );
+        let loopback: SocketAddr = "127.0.0.1:8080"
+            .parse()
+            .map_err(|_| ConfigError::new("address"))?;
+        assert_eq!(config.listen, ListenAddr::Tcp(loopback));
+        assert_eq!(config.socket_mode, 0o600);
         assert_eq!(
             config.upstream.url.as_string(),
             "https://dev.data.thekalibratecloud.com"

@@ -22,9 +22,6 @@
 //! `main.rs` parses the command line, loads the config, installs logging and
 //! calls [`run`], which the integration tests in `tests/` call too.
 
-use std::net::SocketAddr;
-
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +30,7 @@ pub mod check;
 pub mod config;
 pub mod guard;
 pub mod healthcheck;
+pub mod listen;
 pub mod proxy;
 pub mod secret;
 pub mod serve;
@@ -43,44 +41,14 @@ pub mod token;
 
 pub use config::Config;
 
-/// The two listeners, bound by the caller (tests bind port 0).
-#[derive(Debug)]
-pub struct Listeners {
-    /// Where clients send requests.
-    pub proxy: TcpListener,
-    /// Where `/healthz`, `/readyz` and `/status` are served.
-    pub admin: TcpListener,
-}
-
-impl Listeners {
-    /// Binds the configured addresses.
-    pub async fn bind(config: &Config) -> Result<Self, RunError> {
-        Ok(Self {
-            proxy: bind(config.listen, "listen").await?,
-            admin: bind(config.admin_listen, "admin_listen").await?,
-        })
-    }
-}
-
-async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { key, addr, source })
-}
+pub use listen::{Listeners, ProxyListener};
 
 /// Why the proxy could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({key}): {source}")]
-    Bind {
-        /// The config key of the address.
-        key: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] listen::BindError),
     /// TLS or client setup failed.
     #[error("{0}")]
     Setup(String),
@@ -137,7 +105,7 @@ pub async fn run(
         .unwrap_or_default();
     let admin_service = hyper_util::service::TowerToHyperService::new(admin::router(admin_state));
     let admin = tokio::spawn(serve::serve(
-        listeners.admin,
+        listeners.admin.into(),
         admin_service,
         background.clone(),
         config.shutdown_grace,
@@ -145,7 +113,7 @@ pub async fn run(
         "admin",
     ));
 
-    let listen = listeners.proxy.local_addr().ok();
+    let listen = listeners.proxy.tcp_addr();
     if let Some(addr) = listen
         && !addr.ip().is_loopback()
     {
@@ -158,7 +126,7 @@ pub async fn run(
     let guard = guard::Guard::new(&config.guard, listen);
     let proxy = proxy::Proxy::new(&config, tls, slot, guard);
     tracing::info!(
-        listen = %listeners.proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %listeners.proxy.describe(),
         admin_listen = %admin_addr,
         upstream = %config.upstream.url.as_string(),
         token_url = %config.token.url,

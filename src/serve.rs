@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
+use crate::listen::ProxyListener;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -22,7 +22,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Oversized, malformed or ambiguously framed requests are refused by hyper
 /// itself before the service sees them.
 pub async fn serve<S, B>(
-    listener: TcpListener,
+    listener: ProxyListener,
     service: S,
     stop: CancellationToken,
     grace: Duration,
@@ -56,14 +56,13 @@ pub async fn serve<S, B>(
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+            Ok(stream) => stream,
             Err(error) => {
                 tracing::warn!(listener = name, %error, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let connection = builder
             .serve_connection(TokioIo::new(stream), service.clone())
             .into_owned();

@@ -334,12 +334,28 @@ async fn a_rejected_secret_is_logged_with_its_code_and_never_the_secret() -> Tes
 }
 
 #[tokio::test]
-async fn tokens_never_appear_in_logs_at_trace_level() -> TestResult {
+async fn secrets_never_appear_in_logs_at_trace_level() -> TestResult {
+    // A rejected token request, then tokens; an upstream that refuses the
+    // first token, so a 401 replay happens too.
     let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let mut running = Running::against(&token, &upstream, &[("RUST_LOG", "trace")])?;
+    token.script([TokenReply::invalid_secret()]);
+    let upstream = FakeUpstream::with(|request| {
+        if request.header("authorization") == Some("Bearer token-1") {
+            Reply::status(401)
+        } else {
+            Reply::ok("ok")
+        }
+    })
+    .await;
+    let extra = [
+        ("RUST_LOG", "trace"),
+        ("BEARER_PROXY_TOKEN_RETRY_INITIAL", "100ms"),
+        ("BEARER_PROXY_TOKEN_RETRY_MAX", "300ms"),
+    ];
+    let mut running = Running::against(&token, &upstream, &extra)?;
     let ready = running.wait_for("listening").await?;
-    running.wait_for("token obtained").await?;
+    running.wait_for("token request failed").await?;
+    running.wait_for("token endpoint recovered").await?;
     let proxy = address(&ready, "listen")?;
     for client in [http1(), h2c()] {
         let response = client
@@ -349,17 +365,48 @@ async fn tokens_never_appear_in_logs_at_trace_level() -> TestResult {
             .await?;
         assert_eq!(response.status(), 200);
     }
+    let tokens: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap_or_default().to_owned())
+        .collect();
     assert_eq!(
-        upstream.last().header("authorization"),
-        Some("Bearer token-1")
+        tokens,
+        ["Bearer token-1", "Bearer token-2", "Bearer token-2"],
+        "a 401 replay happened"
     );
     let (code, logs) = running.terminate().await?;
     assert_eq!(code, Some(0));
-    assert!(!logs.contains("token-1"), "the token appears in the logs");
     assert!(
-        !logs.contains(CLIENT_SECRET),
-        "the secret appears in the logs"
+        logs.lines().count() > 50,
+        "trace level logged: {} lines",
+        logs.lines().count()
     );
+    for secret in ["token-1", "token-2", CLIENT_SECRET] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+    }
+    let encoded: String = form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect();
+    assert!(
+        !logs.contains(&encoded),
+        "the encoded secret appears in the logs"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_non_loopback_listen_address_is_warned_about() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let mut running = Running::against(&token, &upstream, &[("BEARER_PROXY_LISTEN", "0.0.0.0:0")])?;
+    let warning = running.wait_for("listening beyond loopback").await?;
+    assert_eq!(warning["level"], "WARN");
+    let message = warning["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("guard.allowed_hosts") && message.contains("guard.local_key_file"),
+        "{message}"
+    );
+    let (code, _) = running.terminate().await?;
+    assert_eq!(code, Some(0));
     Ok(())
 }
 

@@ -221,7 +221,7 @@ async fn the_secret_file_is_read_afresh_for_each_token() -> TestResult {
     env.remove("API_CLIENT_SECRET");
     let config = bearer_proxy::Config::load(&bearer_proxy::config::Flags::default(), &env)?;
     let listeners = bearer_proxy::Listeners {
-        proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await?.into(),
         admin: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();

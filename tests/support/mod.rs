@@ -630,7 +630,10 @@ pub async fn start_proxy(
         admin.local_addr().expect("addr"),
     );
     let shutdown = CancellationToken::new();
-    let listeners = bearer_proxy::Listeners { proxy, admin };
+    let listeners = bearer_proxy::Listeners {
+        proxy: proxy.into(),
+        admin,
+    };
     let task = tokio::spawn(bearer_proxy::run(config, listeners, shutdown.clone()));
     Proxy {
         addr,
