@@ -13,9 +13,12 @@
 //! - [`proxy`]: forwarding; header rewriting ([`proxy::headers`]), the
 //!   upstream client ([`proxy::client`]), body wrappers ([`proxy::body`]) and
 //!   the proxy's own error responses ([`proxy::error`]).
-//! - [`guard`]: what the proxy refuses before forwarding.
+//! - [`guard`]: who may use the proxy (target, Host, Origin, local key,
+//!   method), checked before forwarding.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status` on the admin listener.
+//! - [`listen`]: TCP and unix-socket listeners (the socket made safely).
 //! - [`serve`]: the accept loop (HTTP/1.1 and h2c) with graceful drain.
+//! - [`check`] and [`healthcheck`]: the operator subcommands.
 //! - [`telemetry`]: the tracing subscriber; [`shutdown`]: signals.
 //! - [`tls`]: the rustls client settings shared by both outgoing clients.
 //!
