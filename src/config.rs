@@ -1355,6 +1355,15 @@ mod tests {
     }
 
     #[test]
+    fn debug_of_the_config_redacts_the_secret() -> Result<(), ConfigError> {
+        let config = load(&[])?;
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("ClientSecret([redacted])"), "{shown}");
+        Ok(())
+    }
+
+    #[test]
     fn sizes_and_retry_bounds() -> Result<(), ConfigError> {
         assert_eq!(
             load(&[("BEARER_PROXY_PROXY_REPLAY_BUFFER", "1MiB")])?

@@ -65,13 +65,29 @@ impl Guard {
     /// sends its own name in Host. Only the loopback names, the listen
     /// address and `guard.allowed_hosts` are accepted.
     fn check_host<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
-        let authority = match request.headers().get(HOST) {
-            Some(host) => host.to_str().ok().map(str::to_owned),
-            None => request.uri().authority().map(|a| a.as_str().to_owned()),
-        };
-        let Some(authority) = authority else {
-            // HTTP/1.0 without Host: there is no name to rebind.
-            return Ok(());
+        let header = request.headers().get(HOST);
+        let authority = if request.version() == Version::HTTP_2 {
+            // HTTP/2 names its authority in `:authority`; a `host` header,
+            // if any, must agree with it.
+            let Some(authority) = request.uri().authority() else {
+                return Err(bad_target("the HTTP/2 request has no :authority"));
+            };
+            if header.is_some_and(|h| {
+                !h.as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            }) {
+                return Err(bad_target("the host header differs from :authority"));
+            }
+            authority.as_str().to_owned()
+        } else {
+            match header {
+                // HTTP/1.0 without Host: there is no name to rebind.
+                None => return Ok(()),
+                Some(host) => match host.to_str() {
+                    Ok(host) => host.to_owned(),
+                    Err(_) => return Err(bad_target("the Host header is not plain ASCII")),
+                },
+            }
         };
         if self.host_allowed(&authority) {
             return Ok(());
@@ -87,7 +103,9 @@ impl Guard {
 
     fn host_allowed(&self, authority: &str) -> bool {
         let authority = authority.trim().to_ascii_lowercase();
-        let (host, _port) = split_host_port(&authority);
+        let Some((host, _port)) = split_host_port(&authority) else {
+            return false;
+        };
         let host = host.trim_end_matches('.');
         if host == "localhost" || host.ends_with(".localhost") {
             return true;
@@ -152,7 +170,9 @@ impl Guard {
         else {
             return false;
         };
-        let (host, _) = split_host_port(rest);
+        let Some((host, _)) = split_host_port(rest) else {
+            return false;
+        };
         host == "localhost"
             || host
                 .trim_start_matches('[')
@@ -180,16 +200,28 @@ impl Guard {
     }
 }
 
-/// `host:port`, `[v6]:port`, `host` → (host, port).
-fn split_host_port(authority: &str) -> (&str, Option<&str>) {
-    if let Some(end) = authority.strip_prefix('[').and_then(|rest| rest.find(']')) {
-        let host = &authority[..end + 2];
-        let port = authority[end + 2..].strip_prefix(':');
-        return (host, port);
+/// `host:port`, `[v6]:port`, `host` → (host, port); `None` for anything
+/// else (junk after `]`, a port that is not digits, userinfo).
+fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
+    let valid_port = |port: &str| {
+        !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+    };
+    if authority.is_empty() || authority.contains(['@', '/', '\\', ' ']) {
+        return None;
+    }
+    if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let (host, rest) = authority.split_at(end + 1);
+        return match rest.strip_prefix(':') {
+            None if rest.is_empty() => Some((host, None)),
+            Some(port) if valid_port(port) => Some((host, Some(port))),
+            _ => None,
+        };
     }
     match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => (host, Some(port)),
-        _ => (authority, None),
+        Some((host, port)) if !host.contains(':') => valid_port(port).then_some((host, Some(port))),
+        Some(_) => None,
+        None => Some((authority, None)),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -62,17 +62,28 @@ impl ProxyListener {
     }
 }
 
-/// A bound unix socket that removes its file when dropped.
+/// A bound unix socket that removes its file when dropped, if the file is
+/// still this socket (not one another process has put there since).
 #[derive(Debug)]
 pub struct UnixSocket {
     listener: UnixListener,
     path: PathBuf,
+    identity: (u64, u64),
 }
 
 impl Drop for UnixSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if identity(&self.path).is_some_and(|id| id == self.identity) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// Device and inode of what `path` names (not following links).
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
 }
 
 /// Binds a unix socket at `path` with `mode`, never more open than that: it
@@ -91,13 +102,24 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixSocket> {
             ));
         }
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            // Only "refused" proves nothing listens: "permission denied"
+            // may well be another user's live socket.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("another process is listening on {}", path.display()),
                 ));
             }
-            Err(_) => std::fs::remove_file(path)?,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} is a socket that may be in use ({e}): remove it if it is stale",
+                        path.display()
+                    ),
+                ));
+            }
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -116,10 +138,19 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixSocket> {
         let staged = private.join("socket");
         let listener = UnixListener::bind(&staged)?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&staged, path)?;
+        // A hard link fails if the path appeared meanwhile (another instance
+        // starting at the same moment), where a rename would replace it.
+        std::fs::hard_link(&staged, path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot place the socket at {}: {e}", path.display()),
+            )
+        })?;
+        let identity = identity(path).ok_or_else(|| io::Error::other("the socket vanished"))?;
         Ok(UnixSocket {
             listener,
             path: path.to_owned(),
+            identity,
         })
     })();
     let _ = std::fs::remove_dir_all(&private);

@@ -339,10 +339,101 @@ async fn hostile_input_is_refused_cleanly_and_others_are_still_served() -> TestR
     let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the proxy closed the slow connection itself");
 
+    // A client that connects and sends nothing, or half an HTTP/2 preface,
+    // is cut too.
+    for opening in [&b""[..], b"PRI * HT"] {
+        let mut idle = tokio::net::TcpStream::connect(proxy.addr).await?;
+        idle.write_all(opening).await?;
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut answer)).await;
+        assert!(
+            read.is_ok(),
+            "a connection opened with {opening:?} was held open"
+        );
+    }
+
     // Everyone else is still served.
     assert_eq!(
         http1().get(proxy.url("/still-fine")).send().await?.status(),
         200
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_header_timeout_never_cuts_a_slow_answer() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|_| {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = tx.send(b"tick ".to_vec()).await;
+            }
+        });
+        Reply {
+            status: 200,
+            headers: vec![],
+            body: Body::Stream(rx),
+        }
+    })
+    .await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "500ms")],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    // A short request (fewer bytes than the HTTP/2 preface), a 1.2 s answer.
+    let response = raw(proxy.addr, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+    assert_eq!(response.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn masking_fails_closed_and_covers_every_spelling() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|request| {
+        let bearer = request
+            .header("authorization")
+            .unwrap_or_default()
+            .trim_start_matches("Bearer ")
+            .to_owned();
+        match request.target_str().as_str() {
+            "/api/status/gzip" => Reply::ok("compressed").header("content-encoding", "gzip"),
+            _ => Reply::ok(&format!("token={bearer}; up")),
+        }
+    })
+    .await;
+    let mask = [(
+        "BEARER_PROXY_PROXY_MASK_TOKEN_IN",
+        "/api/status,/api/status/gzip",
+    )];
+    let proxy = start_proxy(&token, &upstream.url(), &mask).await;
+    wait_ready(&proxy).await;
+    for path in [
+        "/api/status",
+        "/API/Status",
+        "/api/status/",
+        "/api//%53tatus",
+    ] {
+        let text = http1().get(proxy.url(path)).send().await?.text().await?;
+        assert_eq!(
+            text, "token=[masked]; up",
+            "{path}: a non-JSON answer is masked too"
+        );
+    }
+    let response = http1().get(proxy.url("/api/status/gzip")).send().await?;
+    assert_eq!(
+        response.status(),
+        502,
+        "a compressed answer cannot be searched: refused, not passed on"
+    );
+    assert_eq!(
+        response.headers()["x-bearer-proxy-error"],
+        "upstream_unreachable"
     );
     Ok(())
 }

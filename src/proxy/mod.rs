@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST,
-    LOCATION, TE, USER_AGENT,
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, HOST, LOCATION, TE,
+    USER_AGENT,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -136,13 +136,16 @@ impl Shared {
             .retry_after(1));
         };
         let permit = Some(permit);
-        let masked = request.method() != http::Method::HEAD
-            && self
-                .mask_paths
-                .contains(&normalize_path(request.uri().path()));
         let token = self.token_now().await?;
         let (mut parts, body) = request.into_parts();
         let path_and_query = self.join(parts.uri.path_and_query())?;
+        // Masked paths are matched as the client wrote them and as the
+        // upstream sees them (its base path included).
+        let masked = parts.method != http::Method::HEAD
+            && !self.mask_paths.is_empty()
+            && [parts.uri.path(), path_and_query.path()]
+                .iter()
+                .any(|path| self.mask_paths.contains(&normalize_path(path)));
         parts.uri = Uri::from_parts({
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(self.scheme.clone());
@@ -223,9 +226,20 @@ impl Shared {
         {
             parts.headers.insert(LOCATION, value);
         }
-        if masked && is_plain_json(&parts.headers) {
-            let body = mask_token(body, &token).await?;
+        if masked {
+            if !is_identity(&parts.headers) {
+                // Fail closed: a compressed answer cannot be searched for the token.
+                return Err(ProxyError::new(
+                    ErrorCode::UpstreamUnreachable,
+                    "the upstream compressed an answer whose token must be masked (proxy.mask_token_in), although it was asked not to",
+                ));
+            }
+            let body = tokio::time::timeout(self.response_timeout, mask_token(body, &token))
+                .await
+                .map_err(|_| self.response_timeout_error(None))??;
             parts.headers.remove(CONTENT_LENGTH);
+            // The body changed: validators of the old one no longer hold.
+            parts.headers.remove(http::header::ETAG);
             return Ok(Response::from_parts(parts, ProxyBody::full(body, permit)));
         }
         Ok(Response::from_parts(
@@ -448,16 +462,11 @@ fn bad_target() -> ProxyError {
     )
 }
 
-fn is_plain_json(headers: &http::HeaderMap) -> bool {
-    let json = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-    let identity = headers
+fn is_identity(headers: &http::HeaderMap) -> bool {
+    headers
         .get(CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| v.eq_ignore_ascii_case("identity"));
-    json && identity
+        .is_none_or(|v| v.trim().eq_ignore_ascii_case("identity"))
 }
 
 /// Reads the status path's answer and replaces every copy of the token.
@@ -481,15 +490,19 @@ pub fn mask(body: &Bytes, secret: &str) -> Bytes {
     if secret.is_empty() {
         return body.clone();
     }
-    if let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(body) {
-        if mask_json(&mut json, secret)
-            && let Ok(out) = serde_json::to_vec(&json)
-        {
-            return Bytes::from(out);
+    let masked_json = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(mut json) => {
+            let changed = mask_json(&mut json, secret);
+            changed.then(|| serde_json::to_vec(&json).ok()).flatten()
         }
-        return body.clone();
-    }
-    let secret = secret.as_bytes();
+        Err(_) => None,
+    };
+    let body = masked_json.map_or_else(|| body.clone(), Bytes::from);
+    // Whatever the JSON walk did not reach (a key, a non-JSON body): bytes.
+    replace_bytes(&body, secret.as_bytes())
+}
+
+fn replace_bytes(body: &Bytes, secret: &[u8]) -> Bytes {
     if !body.windows(secret.len()).any(|w| w == secret) {
         return body.clone();
     }
@@ -532,7 +545,10 @@ fn mask_json(value: &mut serde_json::Value, secret: &str) -> bool {
 }
 
 /// A path as compared with `proxy.mask_token_in`: percent-escapes decoded,
-/// repeated slashes collapsed, so `/api//status` and `/api/%73tatus` match.
+/// repeated slashes collapsed, ASCII lower-cased and a trailing slash
+/// dropped, so `/api//status`, `/api/%73tatus`, `/API/Status` and
+/// `/api/status/` all match (servers that route them alike would echo the
+/// token for each).
 pub fn normalize_path(path: &str) -> Vec<u8> {
     let bytes = path.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
@@ -557,7 +573,10 @@ pub fn normalize_path(path: &str) -> Vec<u8> {
         if byte == b'/' && out.last() == Some(&b'/') {
             continue;
         }
-        out.push(byte);
+        out.push(byte.to_ascii_lowercase());
+    }
+    if out.len() > 1 && out.last() == Some(&b'/') {
+        out.pop();
     }
     out
 }

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = normalize_path(text);
             let _ = has_dot_segment(text);
         }
-        let _ = mask(&bytes::Bytes::copy_from_slice(data), "tok-en");
+        assert_masked(data);
         return;
     };
     let mut builder = http::Request::builder()
@@ -40,9 +40,19 @@ fuzz_target!(|data: &[u8]| {
         },
         "0.0.0.0:8080".parse().ok(),
     );
-    let _ = plain.check(&request);
-    let _ = strict.check(&request);
+    // Whatever a guard accepts has no dot-segment and carries its key.
+    for guard in [&plain, &strict] {
+        if guard.check(&request).is_ok() {
+            assert!(!has_dot_segment(request.uri().path()));
+            assert_ne!(request.method(), http::Method::CONNECT);
+            assert_ne!(request.method(), http::Method::TRACE);
+        }
+    }
+    if strict.check(&request).is_ok() {
+        assert_eq!(request.headers().get("x-proxy-key").map(|v| v.as_bytes()), Some(&b"0123456789abcdef"[..]));
+    }
     let _ = normalize_path(request.uri().path());
+    assert_masked(data);
 
     let mut cleaned = request.headers().clone();
     clean_request(&mut cleaned);
@@ -65,3 +75,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// The token never survives masking, whatever the body.
+fn assert_masked(data: &[u8]) {
+    let masked = mask(&bytes::Bytes::copy_from_slice(data), "tok-en");
+    assert!(!masked.windows(6).any(|w| w == b"tok-en"), "the token survived masking");
+}
