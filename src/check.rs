@@ -107,7 +107,15 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     let Ok(request) = request else {
         return fail(out, "status call", "the request cannot be built", None);
     };
-    let client = crate::proxy::client::build::<Empty<Bytes>>(tls, config.upstream.connect_timeout);
+    let upstream_tls = match &config.upstream.client_cert {
+        Some(files) => match crate::tls::with_client_cert(&tls, files) {
+            Ok(tls) => tls,
+            Err(e) => return fail(out, "client certificate", &e, None),
+        },
+        None => tls,
+    };
+    let client =
+        crate::proxy::client::build::<Empty<Bytes>>(upstream_tls, config.upstream.connect_timeout);
     let started = Instant::now();
     let response =
         match tokio::time::timeout(config.upstream.response_timeout, client.request(request)).await

@@ -135,6 +135,18 @@ const KEYS: &[KeySpec] = &[
         default: Some(DEFAULT_RESPONSE_TIMEOUT),
     },
     KeySpec {
+        key: "upstream.client_cert_file",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
+        key: "upstream.client_key_file",
+        flag: None,
+        env: &[],
+        default: None,
+    },
+    KeySpec {
         key: "tls.ca_file",
         flag: None,
         env: &[],
@@ -628,6 +640,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed between the end of the request and the response headers.
     pub response_timeout: Duration,
+    /// Client certificate and key presented to the upstream (mTLS).
+    pub client_cert: Option<crate::tls::ClientCertFiles>,
 }
 
 /// TLS settings shared by the upstream and the token endpoint.
@@ -739,6 +753,7 @@ impl Config {
             )?,
             connect_timeout: parse_duration(raw, "upstream.connect_timeout")?,
             response_timeout: parse_duration(raw, "upstream.response_timeout")?,
+            client_cert: client_cert(raw)?,
         };
         let tls = TlsConfig {
             ca_file: raw.get("tls.ca_file").map(|v| PathBuf::from(&v.value)),
@@ -1084,6 +1099,42 @@ fn parse_upstream_url(v: &RawValue) -> Result<UpstreamUrl, ConfigError> {
             })
         },
     )
+}
+
+/// `upstream.client_cert_file` and `upstream.client_key_file`: both or
+/// neither, and a key that belongs to the certificate.
+fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, ConfigError> {
+    let cert = raw.get("upstream.client_cert_file");
+    let key = raw.get("upstream.client_key_file");
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(v), None) | (None, Some(v)) => {
+            return Err(ConfigError::new(format!(
+                "upstream.client_cert_file and upstream.client_key_file must be set together; only one is ({})",
+                Origin(
+                    if cert.is_some() {
+                        "upstream.client_cert_file"
+                    } else {
+                        "upstream.client_key_file"
+                    },
+                    &v.source
+                )
+            )));
+        }
+    };
+    let files = crate::tls::ClientCertFiles {
+        cert: PathBuf::from(&cert.value),
+        key: PathBuf::from(&key.value),
+    };
+    crate::tls::load_client_cert(&files).map_err(|e| {
+        ConfigError::new(format!(
+            "{} and {}: {e}",
+            Origin("upstream.client_cert_file", &cert.source),
+            Origin("upstream.client_key_file", &key.source)
+        ))
+    })?;
+    Ok(Some(files))
 }
 
 /// A URL with `user:password` is refused without echoing it: the value holds

@@ -127,7 +127,11 @@ pub async fn run(
         );
     }
     let guard = guard::Guard::new(&config.guard, listen);
-    let proxy = proxy::Proxy::new(&config, tls, slot, guard);
+    let upstream_tls = match &config.upstream.client_cert {
+        Some(files) => tls::with_client_cert(&tls, files).map_err(RunError::Setup)?,
+        None => tls,
+    };
+    let proxy = proxy::Proxy::new(&config, upstream_tls, slot, guard);
     tracing::info!(
         listen = %listeners.proxy.describe(),
         admin_listen = %admin_addr,

@@ -1,12 +1,16 @@
 //! TLS client settings shared by the upstream and the token endpoint: one
 //! rustls crypto provider (aws-lc-rs), the system roots plus `tls.ca_file`.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use rustls::pki_types::CertificateDer;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 
 /// Installs aws-lc-rs as the process's rustls provider. rustls panics when it
 /// must choose between two, so the choice is made once, explicitly, at start.
@@ -57,5 +61,111 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
         .map_err(|e| format!("TLS setup failed: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    Ok(config)
+}
+
+/// The upstream's client certificate and key files (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: PathBuf,
+}
+
+/// Reads and checks a certificate and its key: both parse, and the key is
+/// the certificate's.
+pub fn load_client_cert(files: &ClientCertFiles) -> Result<CertifiedKey, String> {
+    let cert_bytes = std::fs::read(&files.cert)
+        .map_err(|e| format!("cannot read {}: {e}", files.cert.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&cert_bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "{} is not a PEM certificate chain: {e}",
+                files.cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", files.cert.display()));
+    }
+    let key_bytes = std::fs::read(&files.key)
+        .map_err(|e| format!("cannot read {}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+        format!(
+            "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+            files.key.display()
+        )
+    })?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
+        format!(
+            "the key in {} does not belong to the certificate in {}: {e}",
+            files.key.display(),
+            files.cert.display()
+        )
+    })
+}
+
+/// Presents the client certificate, re-reading the files when they change
+/// on disk, so a rotated certificate needs no restart. A pair that fails to
+/// load (half-written, mismatched) leaves the previous one in use.
+#[derive(Debug)]
+struct ReloadingClientCert {
+    files: ClientCertFiles,
+    current: Mutex<(Option<FileStamp>, Arc<CertifiedKey>)>,
+}
+
+/// What identifies a version of the two files.
+type FileStamp = [(SystemTime, u64, u64); 2];
+
+fn stamp(files: &ClientCertFiles) -> Option<FileStamp> {
+    let one = |path: &Path| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+    };
+    Some([one(&files.cert)?, one(&files.key)?])
+}
+
+impl ResolvesClientCert for ReloadingClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        let Ok(mut current) = self.current.lock() else {
+            return None;
+        };
+        let now = stamp(&self.files);
+        if now.is_some() && now != current.0 {
+            match load_client_cert(&self.files) {
+                Ok(key) => {
+                    tracing::info!(cert = %self.files.cert.display(), "client certificate reloaded");
+                    *current = (now, Arc::new(key));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "client certificate changed but cannot be loaded: keeping the previous one");
+                    current.0 = now;
+                }
+            }
+        }
+        Some(Arc::clone(&current.1))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `base` with the client certificate presented, reloaded on change.
+pub fn with_client_cert(
+    base: &ClientConfig,
+    files: &ClientCertFiles,
+) -> Result<ClientConfig, String> {
+    let key = load_client_cert(files)?;
+    let mut config = base.clone();
+    // A resumed TLS session re-uses the identity it was made with: without
+    // this, a rotated certificate would only be seen once tickets expired.
+    config.resumption = rustls::client::Resumption::disabled();
+    config.client_auth_cert_resolver = Arc::new(ReloadingClientCert {
+        files: files.clone(),
+        current: Mutex::new((stamp(files), Arc::new(key))),
+    });
     Ok(config)
 }

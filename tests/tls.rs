@@ -10,44 +10,8 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use support::pki::Pki;
 use support::*;
-
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-impl Pki {
-    /// The CA certificate in a PEM file, as `tls.ca_file` takes it.
-    fn write_ca(&self) -> std::io::Result<std::path::PathBuf> {
-        let dir = std::env::temp_dir().join(format!(
-            "bearer-proxy-tls-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("ca.pem");
-        std::fs::write(&path, &self.ca_pem)?;
-        Ok(path)
-    }
-}
-
-fn pki() -> Result<Pki, rcgen::Error> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate()?;
-    let cert = CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
-    Ok(Pki {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
-}
 
 /// A TLS upstream that answers with the HTTP version it was spoken to in
 /// and the Authorization it got.
@@ -98,7 +62,7 @@ async fn tls_upstream(
 
 #[tokio::test]
 async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> TestResult {
-    let pki = pki()?;
+    let pki = Pki::new()?;
     let addr = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await?;
     let upstream = format!("https://localhost:{}/base", addr.port());
     let token = FakeTokenEndpoint::start().await;
@@ -141,7 +105,7 @@ async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> Te
 
 #[tokio::test]
 async fn http1_is_used_where_the_upstream_offers_only_http1() -> TestResult {
-    let pki = pki()?;
+    let pki = Pki::new()?;
     let addr = tls_upstream(&pki, &[b"http/1.1"]).await?;
     let ca_file = pki.write_ca()?;
     let token = FakeTokenEndpoint::start().await;

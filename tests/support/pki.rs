@@ -1,0 +1,65 @@
+//! A private CA made by the test (rcgen), with server and client
+//! certificates signed by it.
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+pub struct Pki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, as PEM.
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Pki {
+    /// A CA and a server certificate for `localhost`.
+    pub fn new() -> Result<Self, rcgen::Error> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate()?;
+        let cert =
+            CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+        Ok(Pki {
+            ca_pem: ca.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer,
+        })
+    }
+
+    /// A client certificate signed by the CA.
+    pub fn client(&self, name: &str) -> Result<Identity, rcgen::Error> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec![name.to_owned()])?.signed_by(&key, &self.issuer)?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The CA certificate in a PEM file, as `tls.ca_file` takes it.
+    pub fn write_ca(&self) -> std::io::Result<std::path::PathBuf> {
+        let path = scratch_dir()?.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem)?;
+        Ok(path)
+    }
+}
+
+/// A fresh directory under the system's temporary one.
+pub fn scratch_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "bearer-proxy-tls-{}-{:x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
