@@ -63,6 +63,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         config.token.clone(),
         tls.clone(),
         &config.upstream.user_agent,
+        &config.proxies,
     ) {
         Ok(endpoint) => endpoint,
         Err(e) => return fail(out, "token client", &e.to_string(), None),
@@ -115,7 +116,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         None => tls,
     };
     let client =
-        crate::proxy::client::build::<Empty<Bytes>>(upstream_tls, config.upstream.connect_timeout);
+        crate::proxy::client::build::<Empty<Bytes>>(upstream_tls, config.upstream.connect_timeout, &config.proxies);
     let started = Instant::now();
     let response =
         match tokio::time::timeout(config.upstream.response_timeout, client.request(request)).await

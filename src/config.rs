@@ -434,6 +434,7 @@ impl fmt::Display for Origin<'_> {
 pub struct RawConfig {
     values: BTreeMap<&'static str, RawValue>,
     client_secret: Option<ClientSecret>,
+    proxies: crate::egress::Proxies,
 }
 
 impl RawConfig {
@@ -477,6 +478,7 @@ impl RawConfig {
             }
         }
         raw.client_secret = env_string(env, ENV_CLIENT_SECRET)?.map(ClientSecret::new);
+        raw.proxies = crate::egress::Proxies::from_env(env);
         Ok(raw)
     }
 
@@ -722,6 +724,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Who may use the proxy.
     pub guard: GuardConfig,
+    /// Forward proxies (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`).
+    pub proxies: crate::egress::Proxies,
     /// Time in-flight requests get at shutdown.
     pub shutdown_grace: Duration,
     /// Log format.
@@ -865,6 +869,7 @@ impl Config {
             token,
             proxy,
             guard,
+            proxies: checked_proxies(&raw.proxies)?,
             shutdown_grace: parse_duration_allow_zero(raw, "shutdown.grace")?,
             log_format: parse_log_format(raw.require("log.format")?)?,
         })
@@ -1135,6 +1140,22 @@ fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, C
         ))
     })?;
     Ok(Some(files))
+}
+
+/// Proxy URLs must be `http://` or `https://` with a host; the value is not
+/// echoed, since it may carry credentials.
+fn checked_proxies(proxies: &crate::egress::Proxies) -> Result<crate::egress::Proxies, ConfigError> {
+    for (name, url) in [("HTTPS_PROXY", &proxies.https), ("HTTP_PROXY", &proxies.http)] {
+        let Some(url) = url else { continue };
+        let parsed = reqwest::Url::parse(url.secret().trim());
+        let valid = parsed.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !valid {
+            return Err(ConfigError::new(format!(
+                "{name} (or its lower-case form): expected a proxy URL such as \"http://proxy.example:3128\" (the value is not shown)"
+            )));
+        }
+    }
+    Ok(proxies.clone())
 }
 
 /// A URL with `user:password` is refused without echoing it: the value holds

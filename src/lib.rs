@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod egress;
 pub mod guard;
 pub mod healthcheck;
 pub mod listen;
@@ -80,6 +81,7 @@ pub async fn run(
         config.token.clone(),
         tls.clone(),
         &config.upstream.user_agent,
+        &config.proxies,
     )
     .map_err(|e| RunError::Setup(e.to_string()))?;
     let slot = token::TokenSlot::new();

@@ -46,6 +46,10 @@ secret_newtype!(
     /// The key local clients send in `X-Proxy-Key`, when one is required.
     LocalKey
 );
+secret_newtype!(
+    /// A forward proxy's URL, which may carry `user:password`.
+    ProxyUrl
+);
 
 impl LocalKey {
     /// Compares with what a client sent, in time that depends only on the

@@ -58,10 +58,14 @@ where
 }
 
 /// The connector type of the upstream client.
-pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
+pub type Connector = TimeoutConnector<HttpsConnector<crate::egress::EgressConnector>>;
 
 /// Builds the pooled upstream client for bodies of type `B`.
-pub fn build<B>(tls: rustls::ClientConfig, connect_timeout: Duration) -> Client<Connector, B>
+pub fn build<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    proxies: &crate::egress::Proxies,
+) -> Client<Connector, B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -76,7 +80,7 @@ where
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(crate::egress::EgressConnector::new(http, proxies));
     let connector = TimeoutConnector {
         inner: https,
         timeout: connect_timeout,

@@ -78,7 +78,7 @@ impl Proxy {
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
             inner: Arc::new(Shared {
-                client: client::build(tls, upstream.connect_timeout),
+                client: client::build(tls, upstream.connect_timeout, &config.proxies),
                 scheme: url.scheme.clone(),
                 authority: url.authority.clone(),
                 host,

@@ -27,8 +27,18 @@ impl TokenEndpoint {
         config: TokenConfig,
         tls: rustls::ClientConfig,
         user_agent: &http::HeaderValue,
+        proxies: &crate::egress::Proxies,
     ) -> Result<Self, TokenError> {
-        let http = reqwest::Client::builder()
+        // The proxies come from the configuration (read through the same
+        // environment trait as everything else), never straight from reqwest.
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if proxies.any() {
+            let proxies = proxies.clone();
+            builder = builder.proxy(reqwest::Proxy::custom(move |url| {
+                proxies.for_url(url.as_str()).map(|proxy| proxy.secret().to_owned())
+            }));
+        }
+        let http = builder
             .tls_backend_preconfigured(tls)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(user_agent.clone())
