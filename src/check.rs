@@ -115,8 +115,11 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         },
         None => tls,
     };
-    let client =
-        crate::proxy::client::build::<Empty<Bytes>>(upstream_tls, config.upstream.connect_timeout, &config.proxies);
+    let client = crate::proxy::client::build::<Empty<Bytes>>(
+        upstream_tls,
+        config.upstream.connect_timeout,
+        &config.proxies,
+    );
     let started = Instant::now();
     let response =
         match tokio::time::timeout(config.upstream.response_timeout, client.request(request)).await

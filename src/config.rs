@@ -1144,11 +1144,17 @@ fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, C
 
 /// Proxy URLs must be `http://` or `https://` with a host; the value is not
 /// echoed, since it may carry credentials.
-fn checked_proxies(proxies: &crate::egress::Proxies) -> Result<crate::egress::Proxies, ConfigError> {
-    for (name, url) in [("HTTPS_PROXY", &proxies.https), ("HTTP_PROXY", &proxies.http)] {
+fn checked_proxies(
+    proxies: &crate::egress::Proxies,
+) -> Result<crate::egress::Proxies, ConfigError> {
+    for (name, url) in [
+        ("HTTPS_PROXY", &proxies.https),
+        ("HTTP_PROXY", &proxies.http),
+    ] {
         let Some(url) = url else { continue };
         let parsed = reqwest::Url::parse(url.secret().trim());
-        let valid = parsed.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        let valid =
+            parsed.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
         if !valid {
             return Err(ConfigError::new(format!(
                 "{name} (or its lower-case form): expected a proxy URL such as \"http://proxy.example:3128\" (the value is not shown)"

@@ -38,7 +38,11 @@ impl Proxies {
     /// `NO_PROXY`/`no_proxy` (the lower-case form wins, as in curl).
     pub fn from_env(env: &(impl Environment + ?Sized)) -> Self {
         let read = |names: [&str; 2]| {
-            names.iter().find_map(|name| env.var(name).and_then(|v| v.into_string().ok()).filter(|v| !v.trim().is_empty()))
+            names.iter().find_map(|name| {
+                env.var(name)
+                    .and_then(|v| v.into_string().ok())
+                    .filter(|v| !v.trim().is_empty())
+            })
         };
         Self {
             http: read(["http_proxy", "HTTP_PROXY"]).map(ProxyUrl::new),
@@ -60,7 +64,9 @@ impl Proxies {
         if let Some(https) = &self.https {
             builder = builder.https(https.secret());
         }
-        builder.no(self.no_proxy.clone().unwrap_or_default()).build()
+        builder
+            .no(self.no_proxy.clone().unwrap_or_default())
+            .build()
     }
 
     /// The proxy for `url`, or `None` to go direct (for reqwest).
@@ -75,7 +81,9 @@ impl Proxies {
 
     /// How a destination is reached, for `check`'s report (credentials not shown).
     pub fn describe(&self, url: &str) -> String {
-        let Ok(uri) = url.parse::<Uri>() else { return "direct".to_owned() };
+        let Ok(uri) = url.parse::<Uri>() else {
+            return "direct".to_owned();
+        };
         match self.matcher().intercept(&uri) {
             Some(intercept) => format!("through the proxy {}", intercept.uri()),
             None => "direct".to_owned(),
@@ -93,7 +101,10 @@ pub struct EgressConnector {
 impl EgressConnector {
     /// Wraps `direct` with the proxies, if any.
     pub fn new(direct: HttpConnector, proxies: &Proxies) -> Self {
-        Self { direct, matcher: proxies.any().then(|| Arc::new(proxies.matcher())) }
+        Self {
+            direct,
+            matcher: proxies.any().then(|| Arc::new(proxies.matcher())),
+        }
     }
 }
 
@@ -118,12 +129,21 @@ impl tower::Service<Uri> for EgressConnector {
                 tunnel = tunnel.with_auth(auth.clone());
             }
             // The tunnel defaults to port 443: name the port for http too.
-            let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
+            let port = dst
+                .port_u16()
+                .unwrap_or(if dst.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
             let host = dst.host().unwrap_or_default();
-            let target: Uri = format!("{}://{host}:{port}", dst.scheme_str().unwrap_or("http")).parse()?;
+            let target: Uri =
+                format!("{}://{host}:{port}", dst.scheme_str().unwrap_or("http")).parse()?;
             tunnel.oneshot(target).await.map_err(|e| {
                 let proxy = intercept.uri();
-                Box::new(std::io::Error::other(format!("the proxy {proxy} did not open a tunnel: {e}"))) as BoxError
+                Box::new(std::io::Error::other(format!(
+                    "the proxy {proxy} did not open a tunnel: {e}"
+                ))) as BoxError
             })
         })
     }
@@ -154,17 +174,34 @@ mod tests {
         ] {
             assert!(p.for_url(direct).is_none(), "{direct} should go direct");
         }
-        for proxied in ["https://dev.data.thekalibratecloud.com/", "http://11.0.0.1/", "https://sub.exact.example.com/"] {
-            assert!(p.for_url(proxied).is_some(), "{proxied} should use the proxy");
+        for proxied in [
+            "https://dev.data.thekalibratecloud.com/",
+            "http://11.0.0.1/",
+            "https://sub.exact.example.com/",
+        ] {
+            assert!(
+                p.for_url(proxied).is_some(),
+                "{proxied} should use the proxy"
+            );
         }
         assert!(proxies("*").for_url("https://anything.example/").is_none());
-        assert_eq!(p.for_url("https://api.example/").map(|u| u.secret()), Some("http://user:pa55@proxy.example:3128"));
-        assert!(!p.describe("https://api.example/").contains("pa55"), "credentials are never shown");
+        assert_eq!(
+            p.for_url("https://api.example/").map(|u| u.secret()),
+            Some("http://user:pa55@proxy.example:3128")
+        );
+        assert!(
+            !p.describe("https://api.example/").contains("pa55"),
+            "credentials are never shown"
+        );
     }
 
     #[test]
     fn lower_case_variables_win() {
-        let env = [("HTTPS_PROXY", "http://upper:1"), ("https_proxy", "http://lower:2"), ("NO_PROXY", "a.example")];
+        let env = [
+            ("HTTPS_PROXY", "http://upper:1"),
+            ("https_proxy", "http://lower:2"),
+            ("NO_PROXY", "a.example"),
+        ];
         let p = Proxies::from_env(&env[..]);
         assert_eq!(p.https.as_ref().map(|u| u.secret()), Some("http://lower:2"));
         assert_eq!(p.no_proxy.as_deref(), Some("a.example"));

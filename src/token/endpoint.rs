@@ -35,7 +35,9 @@ impl TokenEndpoint {
         if proxies.any() {
             let proxies = proxies.clone();
             builder = builder.proxy(reqwest::Proxy::custom(move |url| {
-                proxies.for_url(url.as_str()).map(|proxy| proxy.secret().to_owned())
+                proxies
+                    .for_url(url.as_str())
+                    .map(|proxy| proxy.secret().to_owned())
             }));
         }
         let http = builder
