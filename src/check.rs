@@ -55,6 +55,16 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     line(out, "token endpoint", &config.token.url);
     line(out, "client id", &config.token.client_id);
     line(out, "scope", &config.token.scope);
+    line(
+        out,
+        "trusted roots",
+        crate::tls::roots_description(config.tls.ca_file.as_deref()),
+    );
+    line(
+        out,
+        "token route",
+        config.proxies.describe(config.token.url.as_str()),
+    );
     let tls = match crate::tls::client_config(config.tls.ca_file.as_deref()) {
         Ok(tls) => tls,
         Err(e) => return fail(out, "TLS setup", &e, None),
@@ -92,6 +102,10 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         url.scheme, url.authority, url.base_path, config.upstream.status_path
     );
     line(out, "status call", format!("GET {target}"));
+    line(out, "upstream route", config.proxies.describe(&target));
+    if let Some(files) = &config.upstream.client_cert {
+        line(out, "client cert", files.cert.display());
+    }
     let Ok(uri) = target.parse::<Uri>() else {
         return fail(out, "status call", "the status URL is not valid", None);
     };
@@ -153,6 +167,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         "status",
         format!("HTTP {status} in {} ms", started.elapsed().as_millis()),
     );
+    line(out, "protocol", format!("{:?}", response.version()));
     let body = match Limited::new(response.into_body(), BODY_READ_LIMIT)
         .collect()
         .await

@@ -31,6 +31,21 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
+/// Where trust comes from, for `check`: the system's roots and the bundle.
+pub fn roots_description(ca_file: Option<&Path>) -> String {
+    let system = rustls_native_certs::load_native_certs().certs.len();
+    match ca_file {
+        Some(path) => {
+            let extra = read_ca_file(path).map(|c| c.len()).unwrap_or(0);
+            format!(
+                "{system} system certificates + {extra} from {} (tls.ca_file)",
+                path.display()
+            )
+        }
+        None => format!("{system} system certificates"),
+    }
+}
+
 /// The client configuration: system roots plus the extra CA bundle, if any.
 pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore::empty();
@@ -168,4 +183,30 @@ pub fn with_client_cert(
         current: Mutex::new((stamp(files), Arc::new(key))),
     });
     Ok(config)
+}
+
+/// A TLS failure somewhere in `error`'s causes, in words that name the
+/// problem and what to do about it.
+pub fn describe_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::CertificateError;
+    let tls = crate::proxy::find::<rustls::Error>(error)?;
+    let words = match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::UnknownIssuer => {
+                "its certificate's issuer is not trusted (unknown issuer): add the issuing CA with tls.ca_file".to_owned()
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "its certificate has expired".to_owned()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "its certificate is not valid yet (check this machine's clock)".to_owned()
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "its certificate is not valid for this host name (wrong host name)".to_owned()
+            }
+            other => format!("its certificate was refused: {other:?}"),
+        },
+        other => other.to_string(),
+    };
+    Some(words)
 }

@@ -10,10 +10,13 @@ use support::pki::{Pki, tls_front};
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+/// A tunnel's (or forwarded request's) target and its Proxy-Authorization.
+type Tunnel = (String, Option<String>);
+
 /// A CONNECT proxy that records each tunnel's target and Proxy-Authorization.
 #[derive(Clone, Default)]
 struct FakeProxy {
-    tunnels: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    tunnels: Arc<Mutex<Vec<Tunnel>>>,
 }
 
 impl FakeProxy {
@@ -90,7 +93,7 @@ impl FakeProxy {
         Ok(addr)
     }
 
-    fn tunnels(&self) -> Vec<(String, Option<String>)> {
+    fn tunnels(&self) -> Vec<Tunnel> {
         self.tunnels.lock().map(|t| t.clone()).unwrap_or_default()
     }
 }

@@ -86,6 +86,17 @@ async fn check_reports_a_working_setup() -> TestResult {
         out.stdout
     );
     assert!(out.stdout.contains("HTTP 200 OK"), "{}", out.stdout);
+    assert!(out.stdout.contains("system certificates"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("upstream route  direct"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("protocol        HTTP/1.1"),
+        "{}",
+        out.stdout
+    );
     assert!(
         out.stdout.contains("\"token\":\"[masked]\""),
         "{}",

@@ -77,7 +77,9 @@ async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> Te
     let body: serde_json::Value = response.json().await?;
     let message = body["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("TLS") && message.contains("UnknownIssuer"),
+        message.contains("TLS")
+            && message.contains("unknown issuer")
+            && message.contains("tls.ca_file"),
         "{message}"
     );
 
@@ -123,5 +125,51 @@ async fn http1_is_used_where_the_upstream_offers_only_http1() -> TestResult {
         let text = client.get(proxy.url("/y")).send().await?.text().await?;
         assert!(text.starts_with("HTTP/1.1 /y Bearer token-"), "{text}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_failures_name_the_problem() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+
+    // The certificate names localhost; the upstream is called by its IP.
+    let pki = Pki::new()?;
+    let front = support::pki::tls_front(&pki, upstream.addr).await?;
+    let ca = pki.write_ca()?;
+    let ca = ca.to_str().unwrap_or_default();
+    let by_ip = format!("https://127.0.0.1:{}", front.port());
+    let proxy = start_proxy(&token, &by_ip, &[("BEARER_PROXY_TLS_CA_FILE", ca)]).await;
+    let body: serde_json::Value = http1().get(proxy.url("/x")).send().await?.json().await?;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("wrong host name"),
+        "{body}"
+    );
+
+    // An expired certificate.
+    let expired = Pki::expired()?;
+    let front = support::pki::tls_front(&expired, upstream.addr).await?;
+    let ca = expired.write_ca()?;
+    let url = format!("https://localhost:{}", front.port());
+    let proxy = start_proxy(
+        &token,
+        &url,
+        &[("BEARER_PROXY_TLS_CA_FILE", ca.to_str().unwrap_or_default())],
+    )
+    .await;
+    let response = http1().get(proxy.url("/x")).send().await?;
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await?;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{body}"
+    );
+    assert!(upstream.requests().is_empty());
     Ok(())
 }

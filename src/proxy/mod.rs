@@ -420,7 +420,7 @@ pub fn describe_upstream_error(
             ErrorCode::UpstreamTimeout,
             format!("{detail} (upstream.connect_timeout)"),
         )
-    } else if let Some(tls) = find_tls_error(error) {
+    } else if let Some(tls) = crate::tls::describe_failure(error) {
         (
             ErrorCode::UpstreamUnreachable,
             format!("TLS with the upstream {authority} failed: {tls}"),
@@ -604,12 +604,8 @@ fn causes<'a>(
     })
 }
 
-fn find<'a, T: std::error::Error + 'static>(
+pub(crate) fn find<'a, T: std::error::Error + 'static>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a T> {
     causes(error).find_map(|e| e.downcast_ref::<T>())
-}
-
-fn find_tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
-    find::<rustls::Error>(error).map(ToString::to_string)
 }

@@ -142,6 +142,8 @@ async fn read_limited(
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> TokenError {
     if e.is_timeout() {
         TokenError::Timeout(timeout)
+    } else if let Some(tls) = crate::tls::describe_failure(e) {
+        TokenError::Connect(format!("TLS with the token endpoint failed: {tls}"))
     } else {
         TokenError::Connect(chain(e))
     }

@@ -19,14 +19,27 @@ pub struct Identity {
 impl Pki {
     /// A CA and a server certificate for `localhost`.
     pub fn new() -> Result<Self, rcgen::Error> {
+        Self::with_server(|_| {})
+    }
+
+    /// A CA and a server certificate for `localhost` that expired in 2020.
+    pub fn expired() -> Result<Self, rcgen::Error> {
+        Self::with_server(|params| {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        })
+    }
+
+    fn with_server(adjust: impl FnOnce(&mut CertificateParams)) -> Result<Self, rcgen::Error> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
         let key = KeyPair::generate()?;
-        let cert =
-            CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        adjust(&mut params);
+        let cert = params.signed_by(&key, &issuer)?;
         Ok(Pki {
             ca_pem: ca.pem(),
             cert_pem: cert.pem(),
