@@ -5,15 +5,14 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bearer_proxy::config::{Config, Flags};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use support::pki::{Identity, Pki, scratch_dir};
+use support::pki::{Identity, Pki, TlsServer, scratch_dir};
 use support::*;
 
 /// The last 16 bytes of a certificate's DER (its signature), hex: tells
@@ -36,54 +35,28 @@ fn fingerprint_pem(pem: &str) -> String {
 /// An HTTPS upstream that requires a client certificate from the CA and
 /// answers with its fingerprint; one request per connection.
 async fn mtls_upstream(pki: &Pki) -> Result<SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
-    let certs =
-        CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
-        roots.add(ca?)?;
+    TlsServer {
+        alpn: &[],
+        require_client_cert: true,
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let presented = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| fingerprint(c))
-                    .unwrap_or_default();
-                let service = hyper::service::service_fn(move |_: hyper::Request<Incoming>| {
-                    let body = presented.clone();
-                    async move {
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(false)
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+    .serve(pki, |tls| async move {
+        let presented = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| fingerprint(c))
+            .unwrap_or_default();
+        let service = hyper::service::service_fn(move |_: hyper::Request<Incoming>| {
+            let body = presented.clone();
+            async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    })
+    .await
 }
 
 fn write_identity(dir: &std::path::Path, identity: &Identity) -> std::io::Result<(String, String)> {

@@ -5,12 +5,11 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::pki::Pki;
+use support::pki::{Pki, TlsServer};
 use support::*;
 
 /// A TLS upstream that answers with the HTTP version it was spoken to in
@@ -19,45 +18,26 @@ async fn tls_upstream(
     pki: &Pki,
     alpn: &[&[u8]],
 ) -> Result<SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
-    use rustls::pki_types::pem::PemObject;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service =
-                    hyper::service::service_fn(|request: hyper::Request<Incoming>| async move {
-                        let auth = request
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned();
-                        let body =
-                            format!("{:?} {} {}", request.version(), request.uri().path(), auth);
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+    TlsServer {
+        alpn,
+        require_client_cert: false,
+    }
+    .serve(pki, |tls| async move {
+        let service = hyper::service::service_fn(|request: hyper::Request<Incoming>| async move {
+            let auth = request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = format!("{:?} {} {}", request.version(), request.uri().path(), auth);
+            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    })
+    .await
 }
 
 #[tokio::test]

@@ -77,42 +77,81 @@ pub fn scratch_dir() -> std::io::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// How a test TLS server is set up.
+#[derive(Default)]
+pub struct TlsServer<'a> {
+    /// ALPN protocols offered (none: HTTP/1.1 by default).
+    pub alpn: &'a [&'a [u8]],
+    /// Require a client certificate issued by the PKI's CA.
+    pub require_client_cert: bool,
+}
+
+impl TlsServer<'_> {
+    /// Listens on loopback with the PKI's `localhost` certificate and hands
+    /// each accepted TLS connection to `handle`.
+    pub async fn serve<F, Fut>(
+        self,
+        pki: &Pki,
+        handle: F,
+    ) -> Result<std::net::SocketAddr, Box<dyn std::error::Error + Send + Sync>>
+    where
+        F: Fn(TlsStream) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())?;
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = if self.require_client_cert {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+                roots.add(ca?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(certs, key)?;
+        config.alpn_protocols = self.alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, handle) = (acceptor.clone(), handle.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        handle(tls).await;
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+}
+
 /// A TLS front for a plain server: terminates TLS with the PKI's
 /// `localhost` certificate and relays the bytes to `target`.
 pub async fn tls_front(
     pki: &Pki,
     target: std::net::SocketAddr,
-) -> std::io::Result<std::net::SocketAddr> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(std::io::Error::other)?;
-    let key =
-        PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).map_err(std::io::Error::other)?;
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(std::io::Error::other)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else {
-                    return;
-                };
+) -> Result<std::net::SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
+    TlsServer::default()
+        .serve(pki, move |mut tls| async move {
+            if let Ok(mut plain) = tokio::net::TcpStream::connect(target).await {
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
-        }
-    });
-    Ok(addr)
+            }
+        })
+        .await
 }
