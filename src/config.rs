@@ -1142,26 +1142,24 @@ fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, C
     Ok(Some(files))
 }
 
-/// Proxy URLs must be `http://` or `https://` with a host; the value is not
-/// echoed, since it may carry credentials.
+/// Proxy URLs normalised as curl reads them (see `egress::normalize`); the
+/// value is never echoed, since it may carry credentials.
 fn checked_proxies(
     proxies: &crate::egress::Proxies,
 ) -> Result<crate::egress::Proxies, ConfigError> {
-    for (name, url) in [
-        ("HTTPS_PROXY", &proxies.https),
-        ("HTTP_PROXY", &proxies.http),
-    ] {
-        let Some(url) = url else { continue };
-        let parsed = reqwest::Url::parse(url.secret().trim());
-        let valid =
-            parsed.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !valid {
-            return Err(ConfigError::new(format!(
-                "{name} (or its lower-case form): expected a proxy URL such as \"http://proxy.example:3128\" (the value is not shown)"
-            )));
-        }
-    }
-    Ok(proxies.clone())
+    let check = |name: &str, url: &Option<crate::secret::ProxyUrl>| match url {
+        None => Ok(None),
+        Some(url) => crate::egress::normalize(url).map(Some).map_err(|e| {
+            ConfigError::new(format!(
+                "{name} (or its lower-case form): {e} (the value is not shown)"
+            ))
+        }),
+    };
+    Ok(crate::egress::Proxies::new(
+        check("HTTP_PROXY", &proxies.http)?,
+        check("HTTPS_PROXY", &proxies.https)?,
+        proxies.no_proxy.clone(),
+    ))
 }
 
 /// A URL with `user:password` is refused without echoing it: the value holds

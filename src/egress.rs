@@ -31,11 +31,39 @@ pub struct Proxies {
     pub https: Option<ProxyUrl>,
     /// Destinations that go direct.
     pub no_proxy: Option<String>,
+    /// Built once from the three above.
+    matcher: Option<Arc<Matcher>>,
 }
 
 impl Proxies {
+    /// From the three settings.
+    pub fn new(http: Option<ProxyUrl>, https: Option<ProxyUrl>, no_proxy: Option<String>) -> Self {
+        let mut proxies = Self {
+            http,
+            https,
+            no_proxy,
+            matcher: None,
+        };
+        if proxies.any() {
+            let mut builder = Matcher::builder();
+            if let Some(http) = &proxies.http {
+                builder = builder.http(http.secret());
+            }
+            if let Some(https) = &proxies.https {
+                builder = builder.https(https.secret());
+            }
+            proxies.matcher = Some(Arc::new(
+                builder
+                    .no(proxies.no_proxy.clone().unwrap_or_default())
+                    .build(),
+            ));
+        }
+        proxies
+    }
+
     /// From `HTTPS_PROXY`/`https_proxy`, `HTTP_PROXY`/`http_proxy` and
-    /// `NO_PROXY`/`no_proxy` (the lower-case form wins, as in curl).
+    /// `NO_PROXY`/`no_proxy` (the lower-case form wins, as in curl), as
+    /// given: [`normalize`] them before use.
     pub fn from_env(env: &(impl Environment + ?Sized)) -> Self {
         let read = |names: [&str; 2]| {
             names.iter().find_map(|name| {
@@ -44,11 +72,11 @@ impl Proxies {
                     .filter(|v| !v.trim().is_empty())
             })
         };
-        Self {
-            http: read(["http_proxy", "HTTP_PROXY"]).map(ProxyUrl::new),
-            https: read(["https_proxy", "HTTPS_PROXY"]).map(ProxyUrl::new),
-            no_proxy: read(["no_proxy", "NO_PROXY"]),
-        }
+        Self::new(
+            read(["http_proxy", "HTTP_PROXY"]).map(ProxyUrl::new),
+            read(["https_proxy", "HTTPS_PROXY"]).map(ProxyUrl::new),
+            read(["no_proxy", "NO_PROXY"]),
+        )
     }
 
     /// Whether any proxy is configured.
@@ -56,39 +84,79 @@ impl Proxies {
         self.http.is_some() || self.https.is_some()
     }
 
-    fn matcher(&self) -> Matcher {
-        let mut builder = Matcher::builder();
-        if let Some(http) = &self.http {
-            builder = builder.http(http.secret());
-        }
-        if let Some(https) = &self.https {
-            builder = builder.https(https.secret());
-        }
-        builder
-            .no(self.no_proxy.clone().unwrap_or_default())
-            .build()
+    fn intercept(&self, uri: &Uri) -> Option<hyper_util::client::proxy::matcher::Intercept> {
+        self.matcher.as_ref()?.intercept(uri)
     }
 
     /// The proxy for `url`, or `None` to go direct (for reqwest).
     pub fn for_url(&self, url: &str) -> Option<&ProxyUrl> {
         let uri: Uri = url.parse().ok()?;
-        self.matcher().intercept(&uri)?;
+        self.intercept(&uri)?;
         match uri.scheme_str() {
             Some("https") => self.https.as_ref(),
             _ => self.http.as_ref(),
         }
     }
 
-    /// How a destination is reached, for `check`'s report (credentials not shown).
+    /// How a destination is reached, for `check`'s report: the proxy's
+    /// scheme, host and port only, never its credentials.
     pub fn describe(&self, url: &str) -> String {
         let Ok(uri) = url.parse::<Uri>() else {
             return "direct".to_owned();
         };
-        match self.matcher().intercept(&uri) {
-            Some(intercept) => format!("through the proxy {}", intercept.uri()),
+        match self.intercept(&uri) {
+            Some(intercept) => format!("through the proxy {}", public_part(intercept.uri())),
             None => "direct".to_owned(),
         }
     }
+}
+
+/// `scheme://host:port` of a proxy URI, whatever else it holds.
+fn public_part(uri: &Uri) -> String {
+    let host = uri.host().unwrap_or_default();
+    match uri.port_u16() {
+        Some(port) => format!("{}://{host}:{port}", uri.scheme_str().unwrap_or("http")),
+        None => format!("{}://{host}", uri.scheme_str().unwrap_or("http")),
+    }
+}
+
+/// A proxy URL as curl reads one: surrounding space trimmed, `http://`
+/// when no scheme is given, port 1080 when none is; credentials
+/// percent-encoded so that every parser splits them alike. `https://`
+/// proxies are refused: the tunnel to the proxy would not be encrypted.
+/// Errors never contain the value, which may hold a password.
+pub fn normalize(raw: &ProxyUrl) -> Result<ProxyUrl, String> {
+    let trimmed = raw.secret().trim();
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let mut url = reqwest::Url::parse(&with_scheme)
+        .map_err(|_| "expected a proxy URL such as \"http://proxy.example:3128\"".to_owned())?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err("https:// proxies are not supported: use the proxy's http:// address (the tunnel to the upstream stays TLS end to end)".to_owned());
+        }
+        _ => return Err("expected an http:// proxy URL".to_owned()),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the proxy URL has no host".to_owned());
+    }
+    if url.port().is_none() {
+        let _ = url.set_port(Some(1080));
+    }
+    let normalized = ProxyUrl::new(url.to_string());
+    // The connector's matcher parses it its own way: make sure it agrees.
+    let probe = Matcher::builder().all(normalized.secret()).build();
+    if probe
+        .intercept(&Uri::from_static("https://probe.invalid/"))
+        .is_none()
+    {
+        return Err("the proxy URL cannot be used by the HTTP client".to_owned());
+    }
+    Ok(normalized)
 }
 
 /// Connects directly, or through a CONNECT tunnel where a proxy applies.
@@ -103,7 +171,7 @@ impl EgressConnector {
     pub fn new(direct: HttpConnector, proxies: &Proxies) -> Self {
         Self {
             direct,
-            matcher: proxies.any().then(|| Arc::new(proxies.matcher())),
+            matcher: proxies.matcher.clone(),
         }
     }
 }
@@ -140,9 +208,10 @@ impl tower::Service<Uri> for EgressConnector {
             let target: Uri =
                 format!("{}://{host}:{port}", dst.scheme_str().unwrap_or("http")).parse()?;
             tunnel.oneshot(target).await.map_err(|e| {
-                let proxy = intercept.uri();
+                let proxy = public_part(intercept.uri());
+                let cause = crate::token::endpoint::chain(&e);
                 Box::new(std::io::Error::other(format!(
-                    "the proxy {proxy} did not open a tunnel: {e}"
+                    "through the proxy {proxy}: {cause}"
                 ))) as BoxError
             })
         })
@@ -154,11 +223,47 @@ mod tests {
     use super::*;
 
     fn proxies(no_proxy: &str) -> Proxies {
-        Proxies {
-            http: Some(ProxyUrl::new("http://proxy.example:3128")),
-            https: Some(ProxyUrl::new("http://user:pa55@proxy.example:3128")),
-            no_proxy: Some(no_proxy.to_owned()),
-        }
+        Proxies::new(
+            Some(ProxyUrl::new("http://proxy.example:3128")),
+            Some(ProxyUrl::new("http://user:pa55@proxy.example:3128")),
+            Some(no_proxy.to_owned()),
+        )
+    }
+
+    #[test]
+    fn proxy_urls_are_read_as_curl_reads_them() {
+        let norm = |s: &str| normalize(&ProxyUrl::new(s)).map(|u| u.secret().to_owned());
+        assert_eq!(
+            norm(" proxy.example:3128 ").as_deref(),
+            Ok("http://proxy.example:3128/")
+        );
+        assert_eq!(
+            norm("http://proxy.example").as_deref(),
+            Ok("http://proxy.example:1080/")
+        );
+        assert_eq!(
+            norm("http://u:p@ss@proxy.example:3128").as_deref(),
+            Ok("http://u:p%40ss@proxy.example:3128/")
+        );
+        let https = norm("https://u:secret@proxy.example:443")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            https.contains("https:// proxies are not supported") && !https.contains("secret"),
+            "{https}"
+        );
+        assert!(norm("socks5://proxy.example:1080").is_err());
+        let p = Proxies::new(
+            None,
+            norm("http://u:p@ss@proxy.example:3128")
+                .ok()
+                .map(ProxyUrl::new),
+            None,
+        );
+        assert_eq!(
+            p.describe("https://api.example/"),
+            "through the proxy http://proxy.example:3128"
+        );
     }
 
     #[test]

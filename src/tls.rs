@@ -123,44 +123,74 @@ pub fn load_client_cert(files: &ClientCertFiles) -> Result<CertifiedKey, String>
 }
 
 /// Presents the client certificate, re-reading the files when they change
-/// on disk, so a rotated certificate needs no restart. A pair that fails to
-/// load (half-written, mismatched) leaves the previous one in use.
+/// on disk, so a rotated certificate needs no restart. The files are looked
+/// at no more than once a second; a pair that fails to load (half-written,
+/// mismatched, unreadable) leaves the previous one in use and is tried again
+/// at the next look.
 #[derive(Debug)]
 struct ReloadingClientCert {
     files: ClientCertFiles,
-    current: Mutex<(Option<FileStamp>, Arc<CertifiedKey>)>,
+    state: Mutex<ReloadState>,
 }
 
-/// What identifies a version of the two files.
-type FileStamp = [(SystemTime, u64, u64); 2];
+#[derive(Debug)]
+struct ReloadState {
+    key: Arc<CertifiedKey>,
+    /// The files as they were when `key` was loaded.
+    loaded: Option<FileStamp>,
+    /// The files as they were at the last failed load (warned about once).
+    failed: Option<FileStamp>,
+    checked: std::time::Instant,
+}
+
+/// How often the files are looked at, at most.
+const RELOAD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What identifies a version of the two files: modification and change
+/// times (a chmod changes only the latter), length, inode.
+type FileStamp = [(SystemTime, i64, u64, u64); 2];
 
 fn stamp(files: &ClientCertFiles) -> Option<FileStamp> {
     let one = |path: &Path| {
         let meta = std::fs::metadata(path).ok()?;
-        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+        Some((
+            meta.modified().ok()?,
+            meta.ctime_nsec() + meta.ctime() * 1_000_000_000,
+            meta.len(),
+            meta.ino(),
+        ))
     };
     Some([one(&files.cert)?, one(&files.key)?])
 }
 
 impl ResolvesClientCert for ReloadingClientCert {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        let Ok(mut current) = self.current.lock() else {
-            return None;
-        };
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.checked.elapsed() < RELOAD_CHECK {
+            return Some(Arc::clone(&state.key));
+        }
+        state.checked = std::time::Instant::now();
         let now = stamp(&self.files);
-        if now.is_some() && now != current.0 {
+        if now.is_some() && now != state.loaded {
             match load_client_cert(&self.files) {
                 Ok(key) => {
                     tracing::info!(cert = %self.files.cert.display(), "client certificate reloaded");
-                    *current = (now, Arc::new(key));
+                    state.key = Arc::new(key);
+                    state.loaded = now;
+                    state.failed = None;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "client certificate changed but cannot be loaded: keeping the previous one");
-                    current.0 = now;
+                    if state.failed != now {
+                        tracing::warn!(%error, "client certificate changed but cannot be loaded: keeping the previous one");
+                        state.failed = now;
+                    }
                 }
             }
         }
-        Some(Arc::clone(&current.1))
+        Some(Arc::clone(&state.key))
     }
 
     fn has_certs(&self) -> bool {
@@ -180,7 +210,12 @@ pub fn with_client_cert(
     config.resumption = rustls::client::Resumption::disabled();
     config.client_auth_cert_resolver = Arc::new(ReloadingClientCert {
         files: files.clone(),
-        current: Mutex::new((stamp(files), Arc::new(key))),
+        state: Mutex::new(ReloadState {
+            key: Arc::new(key),
+            loaded: stamp(files),
+            failed: None,
+            checked: std::time::Instant::now(),
+        }),
     });
     Ok(config)
 }

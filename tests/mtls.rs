@@ -104,6 +104,8 @@ async fn a_client_certificate_is_presented_and_reloaded_when_replaced() -> TestR
     // Replaced on disk: the next connection presents the new one.
     let second = pki.client("client-two")?;
     write_identity(&dir, &second)?;
+    // The files are looked at no more than once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let response = http1().get(proxy.url("/x")).send().await?;
     assert_eq!(response.status(), 200);
     assert_eq!(
@@ -112,9 +114,12 @@ async fn a_client_certificate_is_presented_and_reloaded_when_replaced() -> TestR
         "no restart needed"
     );
 
-    // A half-written or mismatched pair keeps the previous one in use.
-    std::fs::write(dir.join("client.key"), pki.client("other")?.key_pem)?;
+    // A mismatched pair (a new key renamed in) keeps the previous one in use.
+    std::fs::write(dir.join("client.key.new"), pki.client("other")?.key_pem)?;
+    std::fs::rename(dir.join("client.key.new"), dir.join("client.key"))?;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let response = http1().get(proxy.url("/x")).send().await?;
+    assert_eq!(response.status(), 200);
     assert_eq!(response.text().await?, fingerprint_pem(&second.cert_pem));
     Ok(())
 }
