@@ -180,9 +180,12 @@ impl Shared {
                 .headers
                 .insert(TE, HeaderValue::from_static("trailers"));
         }
+        // Host first: an HTTP/1.1 client's Host keeps its place, an h2c
+        // client's (it has none) takes the same one, so the upstream sees
+        // one order whatever protocol the client spoke.
+        parts.headers.insert(HOST, self.host.clone());
         parts.headers.insert(AUTHORIZATION, token.header.clone());
         parts.headers.insert(USER_AGENT, self.user_agent.clone());
-        parts.headers.insert(HOST, self.host.clone());
         if masked {
             // The answer is read to mask the token in it: ask for it uncompressed.
             parts.headers.remove(ACCEPT_ENCODING);
