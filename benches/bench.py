@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Benchmark bearer-proxy against nginx and haproxy, side by side, on loopback.
+
+    python3 benches/bench.py            # installs what it needs, 5 rounds
+    ROUNDS=3 DURATION=3 python3 benches/bench.py
+
+Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB),
+a local fake token provider, bearer-proxy, nginx and haproxy as reverse
+proxies adding the same headers statically, and measures each in turn,
+interleaved in random order, round after round:
+  - requests/s and p50/p99 latency with wrk at 1, 16, 64 and 256 connections;
+  - 1 GiB download and 1 GiB upload: MB/s, and bearer-proxy's peak RSS;
+  - bearer-proxy's RSS idle and with 1,000 open keep-alive connections.
+Prints medians and ratios to nginx, writes benches/results.md and
+benches/throughput.png. Ratios are the headline: absolute figures drift on
+shared machines. Only loopback addresses are used.
+"""
+
+import http.server
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
+DURATION = int(os.environ.get("DURATION", "5"))
+CONNECTIONS = [int(c) for c in os.environ.get("CONNECTIONS", "1,16,64,256").split(",")]
+QUICK = os.environ.get("QUICK") == "1"  # throughput only: for trying a change
+GIB = 1 << 30
+TOKEN = "bench-token-" + "x" * 1200  # about the size of an Entra token
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, text=True, capture_output=True, **kw)
+
+
+def install():
+    missing = [p for p, b in [("nginx", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk")] if not shutil.which(b) and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        subprocess.run(["apt-get", "update"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"], check=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class TokenHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = json.dumps({"token_type": "Bearer", "expires_in": 3599, "access_token": TOKEN}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def rss_kib(pid, field="VmRSS"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def start_all(work):
+    ports = {name: free_port() for name in ["upstream", "bearer-proxy", "admin", "nginx", "haproxy", "token"]}
+    body = "x" * 1024
+    big = work / "1g.bin"
+    with open(big, "wb") as f:
+        f.truncate(GIB)
+    # nginx's workers (www-data) must read it.
+    work.chmod(0o755)
+    big.chmod(0o644)
+    up_conf = work / "upstream.conf"
+    up_conf.write_text(f"""
+worker_processes 1;
+pid {work}/upstream.pid;
+error_log {work}/upstream.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{ports['upstream']} backlog=4096;
+    client_max_body_size 0;
+    location = / {{ default_type text/plain; return 200 "{body}"; }}
+    location = /1g {{ alias {big}; sendfile on; }}
+    location = /upload {{ client_body_buffer_size 64k; proxy_request_buffering off; return 200 "ok"; }}
+  }}
+}}
+""")
+    cores = os.cpu_count() or 2
+    ua = "bearer-proxy-bench"
+    nginx_conf = work / "nginx.conf"
+    nginx_conf.write_text(f"""
+worker_processes {cores};
+pid {work}/nginx.pid;
+error_log {work}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream up {{ server 127.0.0.1:{ports['upstream']}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{ports['nginx']} backlog=4096;
+    client_max_body_size 0;
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {TOKEN}";
+      proxy_set_header User-Agent "{ua}";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+""")
+    haproxy_conf = work / "haproxy.cfg"
+    haproxy_conf.write_text(f"""
+global
+  nbthread {cores}
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 10s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{ports['haproxy']}
+  http-request set-header Authorization "Bearer {TOKEN}"
+  http-request set-header User-Agent "{ua}"
+  default_backend be
+backend be
+  server up 127.0.0.1:{ports['upstream']}
+""")
+    procs = {}
+    procs["upstream"] = subprocess.Popen(["nginx", "-c", str(up_conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    procs["nginx"] = subprocess.Popen(["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    procs["haproxy"] = subprocess.Popen(["haproxy", "-f", str(haproxy_conf)], stderr=subprocess.DEVNULL)
+    token_server = http.server.ThreadingHTTPServer(("127.0.0.1", ports["token"]), TokenHandler)
+    threading.Thread(target=token_server.serve_forever, daemon=True).start()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "API_CLIENT_ID": "bench",
+        "API_CLIENT_SECRET": "bench-secret",
+        "API_TOKEN_URL": f"http://127.0.0.1:{ports['token']}/token",
+        "BEARER_PROXY_UPSTREAM": f"http://127.0.0.1:{ports['upstream']}",
+        "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['bearer-proxy']}",
+        "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
+        "BEARER_PROXY_PROXY_MAX_CONCURRENT": "100000",
+        "BEARER_PROXY_USER_AGENT": ua,
+        "RUST_LOG": "warn",
+    }
+    procs["bearer-proxy"] = subprocess.Popen([str(ROOT / "target/release/bearer-proxy")], env=env, stderr=subprocess.DEVNULL)
+    for name in ["upstream", "nginx", "haproxy", "bearer-proxy"]:
+        wait_port(ports[name])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", ports["admin"])).close()
+            out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{ports['admin']}/readyz"], capture_output=True, text=True).stdout
+            if '"ready":true' in out:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return ports, procs, token_server
+
+
+def wrk(port, conns):
+    threads = min(2, conns)
+    out = sh("wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/").stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{errors.group(1)} non-2xx answers from port {port}")
+    return rps, pct(50), pct(99)
+
+
+def curl_speed(args):
+    out = sh("curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{speed_upload} %{http_code}", *args).stdout.split()
+    if out[2] != "200":
+        raise RuntimeError(f"curl got {out[2]}")
+    return max(float(out[0]), float(out[1])) / 1e6
+
+
+def stream(port, pid):
+    before = rss_kib(pid, "VmHWM") if pid else 0
+    down = curl_speed([f"http://127.0.0.1:{port}/1g"])
+    p = subprocess.Popen(["head", "-c", str(GIB), "/dev/zero"], stdout=subprocess.PIPE)
+    res = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{speed_upload} %{http_code}", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{port}/upload"], stdin=p.stdout, capture_output=True, text=True, check=True)
+    p.wait()
+    speed, code = res.stdout.split()
+    if code != "200":
+        raise RuntimeError(f"upload got {code}")
+    up = float(speed) / 1e6
+    peak = rss_kib(pid, "VmHWM") if pid else 0
+    return down, up, max(before, peak)
+
+
+def idle_connections(port, pid, count=1000):
+    socks = []
+    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(request)
+        socks.append(s)
+    for s in socks:
+        s.recv(4096)
+    time.sleep(0.5)
+    rss = rss_kib(pid)
+    for s in socks:
+        s.close()
+    return rss
+
+
+def main():
+    install()
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    work = Path(tempfile.mkdtemp(prefix="bearer-proxy-bench-"))
+    ports, procs, token_server = start_all(work)
+    contenders = {"direct": ports["upstream"], "bearer-proxy": ports["bearer-proxy"], "nginx": ports["nginx"], "haproxy": ports["haproxy"]}
+    bp_pid = procs["bearer-proxy"].pid
+    results = {(c, n): [] for c in contenders for n in CONNECTIONS}
+    streams = {c: [] for c in contenders if c != "direct"}
+    try:
+        idle = rss_kib(bp_pid)
+        for name, port in contenders.items():
+            wrk(port, 16)  # warm-up: pools and connections
+        for round_no in range(1, ROUNDS + 1):
+            for conns in CONNECTIONS:
+                order = list(contenders.items())
+                random.shuffle(order)
+                for name, port in order:
+                    results[(name, conns)].append(wrk(port, conns))
+            order = [] if QUICK else [(c, contenders[c]) for c in streams]
+            random.shuffle(order)
+            for name, port in order:
+                streams[name].append(stream(port, bp_pid if name == "bearer-proxy" else None))
+            print(f"round {round_no}/{ROUNDS} done", file=sys.stderr)
+        connected = 0 if QUICK else idle_connections(ports["bearer-proxy"], bp_pid)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        token_server.shutdown()
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    lines = []
+    lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.release()}; {time.strftime('%Y-%m-%d')}; "
+                 f"{ROUNDS} rounds of {DURATION} s, medians; ratios are to nginx.")
+    lines.append("")
+    lines.append("| connections | contender | req/s | × nginx | p50 ms | p99 ms | p99 × nginx |")
+    lines.append("|---|---|---|---|---|---|---|")
+    table = {}
+    for conns in CONNECTIONS:
+        ng = results[("nginx", conns)]
+        ng_rps, ng_p99 = med([r[0] for r in ng]), med([r[2] for r in ng])
+        for name in contenders:
+            rs = results[(name, conns)]
+            rps, p50, p99 = med([r[0] for r in rs]), med([r[1] for r in rs]), med([r[2] for r in rs])
+            table[(name, conns)] = (rps, p99)
+            lines.append(f"| {conns} | {name} | {rps:,.0f} | {rps / ng_rps:.2f} | {p50:.2f} | {p99:.2f} | {p99 / ng_p99:.2f} |")
+    if QUICK:
+        print("\n".join(lines))
+        return
+    lines.append("")
+    lines.append("| streaming 1 GiB | download MB/s | upload MB/s | × nginx (down / up) | peak RSS MiB |")
+    lines.append("|---|---|---|---|---|")
+    ng_down, ng_up = med([s[0] for s in streams["nginx"]]), med([s[1] for s in streams["nginx"]])
+    for name, runs in streams.items():
+        down, up = med([s[0] for s in runs]), med([s[1] for s in runs])
+        peak = f"{max(s[2] for s in runs) / 1024:.1f}" if name == "bearer-proxy" else "-"
+        lines.append(f"| {name} | {down:,.0f} | {up:,.0f} | {down / ng_down:.2f} / {up / ng_up:.2f} | {peak} |")
+    lines.append("")
+    lines.append(f"bearer-proxy RSS: idle {idle / 1024:.1f} MiB; with 1,000 open keep-alive connections {connected / 1024:.1f} MiB.")
+    report = "\n".join(lines)
+    print(report)
+    (ROOT / "benches/results.md").write_text(report + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in contenders:
+        ax1.plot(CONNECTIONS, [table[(name, c)][0] for c in CONNECTIONS], marker="o", label=name)
+        ax2.plot(CONNECTIONS, [table[(name, c)][1] for c in CONNECTIONS], marker="o", label=name)
+    for ax, title, unit in [(ax1, "throughput", "requests/s"), (ax2, "p99 latency", "ms")]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(CONNECTIONS, [str(c) for c in CONNECTIONS])
+        ax.set_xlabel("connections")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"bearer-proxy vs nginx and haproxy, loopback, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    fig.tight_layout()
+    fig.savefig(ROOT / "benches/throughput.png", dpi=110)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
