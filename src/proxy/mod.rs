@@ -56,6 +56,8 @@ struct Shared {
     user_agent: HeaderValue,
     /// `proxy.mask_token_in`, normalised.
     mask_paths: Vec<Vec<u8>>,
+    /// The last segment of each, normalised, for a quick first test.
+    mask_tails: Vec<Vec<u8>>,
     guard: Guard,
     capacity: Arc<Semaphore>,
     max_concurrent: usize,
@@ -89,6 +91,19 @@ impl Proxy {
                     .mask_token_in
                     .iter()
                     .map(|p| normalize_path(p))
+                    .collect(),
+                mask_tails: config
+                    .proxy
+                    .mask_token_in
+                    .iter()
+                    .map(|p| {
+                        let normalized = normalize_path(p);
+                        let start = normalized
+                            .iter()
+                            .rposition(|b| *b == b'/')
+                            .map_or(0, |i| i + 1);
+                        normalized[start..].to_vec()
+                    })
                     .collect(),
                 guard,
                 capacity: Arc::new(Semaphore::new(config.proxy.max_concurrent)),
@@ -145,7 +160,9 @@ impl Shared {
             && !self.mask_paths.is_empty()
             && [parts.uri.path(), path_and_query.path()]
                 .iter()
-                .any(|path| self.mask_paths.contains(&normalize_path(path)));
+                .any(|path| {
+                    self.may_be_masked(path) && self.mask_paths.contains(&normalize_path(path))
+                });
         parts.uri = Uri::from_parts({
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(self.scheme.clone());
@@ -249,6 +266,20 @@ impl Shared {
             parts,
             ProxyBody::upstream(body, permit),
         ))
+    }
+
+    /// A cheap test before `normalize_path`'s allocation: a path can only
+    /// normalise to a masked one if it has a percent-escape or holds a
+    /// masked path's last segment (in any case).
+    fn may_be_masked(&self, path: &str) -> bool {
+        path.contains('%')
+            || self.mask_tails.iter().any(|tail| {
+                tail.is_empty()
+                    || path
+                        .as_bytes()
+                        .windows(tail.len().max(1))
+                        .any(|window| window.eq_ignore_ascii_case(tail))
+            })
     }
 
     /// The token to send now; before the first one, waits up to
