@@ -3,6 +3,8 @@
 
     python3 benches/bench.py            # installs what it needs, 5 rounds
     ROUNDS=3 DURATION=3 python3 benches/bench.py
+    QUICK=1 CONNECTIONS=64 ROUNDS=3 python3 benches/bench.py   # throughput only
+    BP_WORKERS=1 ...                    # bearer-proxy's tokio worker threads
 
 Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB),
 a local fake token provider, bearer-proxy, nginx and haproxy as reverse
@@ -184,6 +186,7 @@ backend be
         "BEARER_PROXY_PROXY_MAX_CONCURRENT": "100000",
         "BEARER_PROXY_USER_AGENT": ua,
         "RUST_LOG": "warn",
+        **({"TOKIO_WORKER_THREADS": os.environ["BP_WORKERS"]} if os.environ.get("BP_WORKERS") else {}),
     }
     procs["bearer-proxy"] = subprocess.Popen([str(ROOT / "target/release/bearer-proxy")], env=env, stderr=subprocess.DEVNULL)
     for name in ["upstream", "nginx", "haproxy", "bearer-proxy"]:
