@@ -6,7 +6,8 @@
 //!
 //! - [`config`]: the key table, sources (flag > environment > file > default)
 //!   and validation into [`Config`]; every error names the key.
-//! - [`secret`]: `ClientSecret` and `AccessToken`, whose `Debug` is redacted.
+//! - [`secret`]: `ClientSecret`, `AccessToken`, `LocalKey`, `ProxyUrl`, whose
+//!   `Debug` is redacted.
 //! - [`token`]: the token endpoint client ([`token::endpoint`]), its errors
 //!   ([`token::error`]), the refresher task that alone talks to the endpoint
 //!   ([`token::refresher`]) and the slot the request path reads ([`token::slot`]).
@@ -20,7 +21,10 @@
 //! - [`serve`]: the accept loop (HTTP/1.1 and h2c) with graceful drain.
 //! - [`check`] and [`healthcheck`]: the operator subcommands.
 //! - [`telemetry`]: the tracing subscriber; [`shutdown`]: signals.
-//! - [`tls`]: the rustls client settings shared by both outgoing clients.
+//! - [`tls`]: the rustls client settings shared by both outgoing clients,
+//!   the reloading client certificate, TLS failures in words.
+//! - [`egress`]: forward proxies (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`)
+//!   and the connector that tunnels through them.
 //!
 //! `main.rs` parses the command line, loads the config, installs logging and
 //! calls [`run`], which the integration tests in `tests/` call too.
