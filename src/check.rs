@@ -122,12 +122,10 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     let Ok(request) = request else {
         return fail(out, "status call", "the request cannot be built", None);
     };
-    let upstream_tls = match &config.upstream.client_cert {
-        Some(files) => match crate::tls::with_client_cert(&tls, files) {
-            Ok(tls) => tls,
-            Err(e) => return fail(out, "client certificate", &e, None),
-        },
-        None => tls,
+    let upstream_tls = match crate::tls::upstream_config(&tls, config.upstream.client_cert.as_ref())
+    {
+        Ok(tls) => tls,
+        Err(e) => return fail(out, "client certificate", &e, None),
     };
     let client = crate::proxy::client::build::<Empty<Bytes>>(
         upstream_tls,

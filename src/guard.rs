@@ -9,6 +9,7 @@ use http::header::{CONNECTION, HOST, ORIGIN, UPGRADE};
 use http::{HeaderName, Method, Request, Version};
 
 use crate::config::GuardConfig;
+use crate::proxy::headers::has_token;
 use crate::proxy::{ErrorCode, ProxyError};
 use crate::secret::LocalKey;
 
@@ -78,51 +79,61 @@ impl Guard {
             }) {
                 return Err(bad_target("the host header differs from :authority"));
             }
-            authority.as_str().to_owned()
+            authority.as_str()
         } else {
             match header {
                 // HTTP/1.0 without Host: there is no name to rebind.
                 None => return Ok(()),
                 Some(host) => match host.to_str() {
-                    Ok(host) => host.to_owned(),
+                    Ok(host) => host,
                     Err(_) => return Err(bad_target("the Host header is not plain ASCII")),
                 },
             }
         };
-        if self.host_allowed(&authority) {
+        if self.host_allowed(authority) {
             return Ok(());
         }
         Err(ProxyError::new(
             ErrorCode::HostNotAllowed,
             format!(
                 "the Host {:?} is not allowed: use localhost, or add the name to guard.allowed_hosts",
-                shorten(&authority)
+                shorten(authority)
             ),
         ))
     }
 
+    /// Compared without case and without allocating: this runs for every
+    /// request.
     fn host_allowed(&self, authority: &str) -> bool {
-        let authority = authority.trim().to_ascii_lowercase();
-        let Some((host, _port)) = split_host_port(&authority) else {
+        let authority = authority.trim();
+        let Some((host, _port)) = split_host_port(authority) else {
             return false;
         };
         let host = host.trim_end_matches('.');
-        if host == "localhost" || host.ends_with(".localhost") {
+        let localhost_suffix = host
+            .len()
+            .checked_sub(".localhost".len())
+            .and_then(|start| host.get(start..))
+            .is_some_and(|tail| tail.eq_ignore_ascii_case(".localhost"));
+        if host.eq_ignore_ascii_case("localhost") || localhost_suffix {
             return true;
         }
         if let Ok(ip) = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse::<IpAddr>()
+            .map(|ip| ip.to_canonical())
         {
             // An IP literal names no DNS entry that could be rebound.
             if ip.is_loopback() || self.any_ip || Some(ip) == self.listen_ip {
                 return true;
             }
         }
-        self.allowed_hosts
-            .iter()
-            .any(|allowed| allowed == "*" || allowed == host || *allowed == authority)
+        self.allowed_hosts.iter().any(|allowed| {
+            allowed == "*"
+                || allowed.eq_ignore_ascii_case(host)
+                || allowed.eq_ignore_ascii_case(authority)
+        })
     }
 
     /// Browsers: a page from another origin must not make calls with our
@@ -278,14 +289,7 @@ pub fn has_dot_segment(path: &str) -> bool {
 }
 
 fn is_upgrade<B>(request: &Request<B>) -> bool {
-    request.headers().contains_key(UPGRADE)
-        && request
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    request.headers().contains_key(UPGRADE) && has_token(request.headers(), &CONNECTION, "upgrade")
 }
 
 #[cfg(test)]
@@ -382,6 +386,9 @@ mod tests {
             "10.0.0.5:8080",
             "localhost.evil.example",
             "[::2]",
+            "[::1]evil",
+            "localhost:1@evil.example",
+            "localhost:80x",
         ] {
             assert_eq!(
                 code(&g, host(refused)?),
@@ -397,6 +404,32 @@ mod tests {
             code(&g, h2),
             Some(ErrorCode::HostNotAllowed),
             "h2 is judged by :authority"
+        );
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://rebound.example/x")
+            .header("host", "localhost");
+        assert_eq!(
+            code(&g, h2.body(())?),
+            Some(ErrorCode::BadRequestTarget),
+            "host must agree with :authority"
+        );
+        let mapped = Request::builder()
+            .uri("/")
+            .header("host", "[::ffff:127.0.0.1]:8080")
+            .body(())?;
+        assert_eq!(
+            code(&g, mapped),
+            None,
+            "an IPv4-mapped loopback is the loopback"
+        );
+        let binary = Request::builder()
+            .uri("/")
+            .header("host", http::HeaderValue::from_bytes(b"evil\x80")?);
+        assert_eq!(
+            code(&g, binary.body(())?),
+            Some(ErrorCode::BadRequestTarget),
+            "a non-ASCII Host is not 'no Host'"
         );
 
         let config = GuardConfig {

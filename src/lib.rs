@@ -133,10 +133,8 @@ pub async fn run(
         );
     }
     let guard = guard::Guard::new(&config.guard, listen);
-    let upstream_tls = match &config.upstream.client_cert {
-        Some(files) => tls::with_client_cert(&tls, files).map_err(RunError::Setup)?,
-        None => tls,
-    };
+    let upstream_tls = tls::upstream_config(&tls, config.upstream.client_cert.as_ref())
+        .map_err(RunError::Setup)?;
     let proxy = proxy::Proxy::new(&config, upstream_tls, slot, guard);
     tracing::info!(
         listen = %listeners.proxy.describe(),

@@ -198,6 +198,18 @@ impl ResolvesClientCert for ReloadingClientCert {
     }
 }
 
+/// The configuration for the upstream: `base`, with the client certificate
+/// presented when one is configured.
+pub fn upstream_config(
+    base: &ClientConfig,
+    client_cert: Option<&ClientCertFiles>,
+) -> Result<ClientConfig, String> {
+    match client_cert {
+        Some(files) => with_client_cert(base, files),
+        None => Ok(base.clone()),
+    }
+}
+
 /// `base` with the client certificate presented, reloaded on change.
 pub fn with_client_cert(
     base: &ClientConfig,

@@ -68,13 +68,25 @@ pub fn clean_response(headers: &mut HeaderMap) {
 }
 
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    tokens(headers, &header::CONNECTION)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect()
+}
+
+/// The comma-separated tokens of every `name` header, trimmed.
+pub fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect()
+        .map(str::trim)
+}
+
+/// Whether a `name` header lists `token` (case-insensitively), as in
+/// `Connection: keep-alive, Upgrade` or `TE: trailers`.
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Maps a `Location` under the upstream's base to the same path on the

@@ -181,15 +181,7 @@ impl Shared {
         parts.version = Version::HTTP_11;
         // `TE: trailers` is the one TE value worth passing on: gRPC and other
         // trailer users need the upstream to know the client can take them.
-        let trailers = parts
-            .headers
-            .get_all(TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
+        let trailers = headers::has_token(&parts.headers, &TE, "trailers");
         let expect_continue = parts.headers.get(EXPECT).cloned();
         headers::clean_request(&mut parts.headers);
         if trailers {
