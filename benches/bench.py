@@ -5,6 +5,7 @@
     ROUNDS=3 DURATION=3 python3 benches/bench.py
     QUICK=1 CONNECTIONS=64 ROUNDS=3 python3 benches/bench.py   # throughput only
     BP_WORKERS=1 ...                    # bearer-proxy's tokio worker threads
+    BP_BASELINE=/path/to/old/bearer-proxy ...   # before and after in one run
 
 Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB),
 a local fake token provider, bearer-proxy, nginx and haproxy as reverse
@@ -39,6 +40,8 @@ ROUNDS = int(os.environ.get("ROUNDS", "5"))
 DURATION = int(os.environ.get("DURATION", "5"))
 CONNECTIONS = [int(c) for c in os.environ.get("CONNECTIONS", "1,16,64,256").split(",")]
 QUICK = os.environ.get("QUICK") == "1"  # throughput only: for trying a change
+BINARY = os.environ.get("BP_BIN", str(ROOT / "target/release/bearer-proxy"))
+BASELINE = os.environ.get("BP_BASELINE")  # another build, measured alongside as "baseline"
 GIB = 1 << 30
 TOKEN = "bench-token-" + "x" * 1200  # about the size of an Entra token
 
@@ -188,18 +191,23 @@ backend be
         "RUST_LOG": "warn",
         **({"TOKIO_WORKER_THREADS": os.environ["BP_WORKERS"]} if os.environ.get("BP_WORKERS") else {}),
     }
-    procs["bearer-proxy"] = subprocess.Popen([str(ROOT / "target/release/bearer-proxy")], env=env, stderr=subprocess.DEVNULL)
-    for name in ["upstream", "nginx", "haproxy", "bearer-proxy"]:
+    procs["bearer-proxy"] = subprocess.Popen([BINARY], env=env, stderr=subprocess.DEVNULL)
+    names = ["upstream", "nginx", "haproxy", "bearer-proxy"]
+    if BASELINE:
+        # The same settings on other ports: a before-and-after in one run.
+        ports["baseline"], ports["baseline-admin"] = free_port(), free_port()
+        base_env = {**env, "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['baseline']}",
+                    "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['baseline-admin']}"}
+        procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=subprocess.DEVNULL)
+        names.append("baseline")
+    for name in names:
         wait_port(ports[name])
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", ports["admin"])).close()
-            out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{ports['admin']}/readyz"], capture_output=True, text=True).stdout
+    for admin in ["admin", "baseline-admin"] if BASELINE else ["admin"]:
+        for _ in range(100):
+            out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{ports[admin]}/readyz"], capture_output=True, text=True).stdout
             if '"ready":true' in out:
                 break
-        except OSError:
-            pass
-        time.sleep(0.1)
+            time.sleep(0.1)
     return ports, procs, token_server
 
 
@@ -227,7 +235,9 @@ def curl_speed(args):
 
 
 def stream(port, pid):
-    before = rss_kib(pid, "VmHWM") if pid else 0
+    if pid:
+        # Resets the peak (VmHWM) to the current RSS: the peak is this transfer's.
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     down = curl_speed([f"http://127.0.0.1:{port}/1g"])
     p = subprocess.Popen(["head", "-c", str(GIB), "/dev/zero"], stdout=subprocess.PIPE)
     res = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{speed_upload} %{http_code}", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{port}/upload"], stdin=p.stdout, capture_output=True, text=True, check=True)
@@ -237,7 +247,7 @@ def stream(port, pid):
         raise RuntimeError(f"upload got {code}")
     up = float(speed) / 1e6
     peak = rss_kib(pid, "VmHWM") if pid else 0
-    return down, up, max(before, peak)
+    return down, up, peak
 
 
 def idle_connections(port, pid, count=1000):
@@ -262,7 +272,10 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bearer-proxy-bench-"))
     ports, procs, token_server = start_all(work)
     contenders = {"direct": ports["upstream"], "bearer-proxy": ports["bearer-proxy"], "nginx": ports["nginx"], "haproxy": ports["haproxy"]}
+    if BASELINE:
+        contenders["baseline"] = ports["baseline"]
     bp_pid = procs["bearer-proxy"].pid
+    ours = {name: procs[name].pid for name in ["bearer-proxy", "baseline"] if name in procs}
     results = {(c, n): [] for c in contenders for n in CONNECTIONS}
     streams = {c: [] for c in contenders if c != "direct"}
     try:
@@ -278,13 +291,14 @@ def main():
             order = [] if QUICK else [(c, contenders[c]) for c in streams]
             random.shuffle(order)
             for name, port in order:
-                streams[name].append(stream(port, bp_pid if name == "bearer-proxy" else None))
+                streams[name].append(stream(port, ours.get(name)))
             print(f"round {round_no}/{ROUNDS} done", file=sys.stderr)
         connected = 0 if QUICK else idle_connections(ports["bearer-proxy"], bp_pid)
     finally:
         for p in procs.values():
             p.terminate()
         token_server.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
     lines = []
@@ -311,12 +325,14 @@ def main():
     ng_down, ng_up = med([s[0] for s in streams["nginx"]]), med([s[1] for s in streams["nginx"]])
     for name, runs in streams.items():
         down, up = med([s[0] for s in runs]), med([s[1] for s in runs])
-        peak = f"{max(s[2] for s in runs) / 1024:.1f}" if name == "bearer-proxy" else "-"
+        peak = f"{max(s[2] for s in runs) / 1024:.1f}" if name in ours else "-"
         lines.append(f"| {name} | {down:,.0f} | {up:,.0f} | {down / ng_down:.2f} / {up / ng_up:.2f} | {peak} |")
     lines.append("")
     lines.append(f"bearer-proxy RSS: idle {idle / 1024:.1f} MiB; with 1,000 open keep-alive connections {connected / 1024:.1f} MiB.")
     report = "\n".join(lines)
     print(report)
+    if BASELINE:
+        return  # a comparison of two builds: README's figures stay as they are
     (ROOT / "benches/results.md").write_text(report + "\n")
 
     import matplotlib
@@ -337,7 +353,6 @@ def main():
     fig.suptitle(f"bearer-proxy vs nginx and haproxy, loopback, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     fig.tight_layout()
     fig.savefig(ROOT / "benches/throughput.png", dpi=110)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ pub const DEFAULT_MIN_FORCED_INTERVAL: &str = "30s";
 pub const DEFAULT_REPLAY_BUFFER: &str = "64KiB";
 /// Default limit on requests in flight.
 pub const DEFAULT_MAX_CONCURRENT: &str = "1024";
+/// Default for `proxy.workers`: one per CPU the process may use.
+pub const DEFAULT_WORKERS: &str = "auto";
 /// Default time a client has to send a request's headers.
 pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
 /// Default paths whose JSON answers have the token masked.
@@ -235,6 +237,12 @@ const KEYS: &[KeySpec] = &[
         flag: None,
         env: &[],
         default: Some(DEFAULT_MAX_CONCURRENT),
+    },
+    KeySpec {
+        key: "proxy.workers",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_WORKERS),
     },
     KeySpec {
         key: "proxy.header_timeout",
@@ -524,7 +532,9 @@ impl RawConfig {
             // list of strings (kept comma-joined, as the environment has it).
             let value = match value {
                 toml::Value::String(value) => value,
-                toml::Value::Integer(number) if spec.key == "proxy.max_concurrent" => {
+                toml::Value::Integer(number)
+                    if matches!(spec.key, "proxy.max_concurrent" | "proxy.workers") =>
+                {
                     number.to_string()
                 }
                 toml::Value::Array(items) if LIST_KEYS.contains(&spec.key) => {
@@ -687,6 +697,9 @@ pub struct ProxyConfig {
     pub replay_buffer: usize,
     /// Most requests in flight; past it, 503 `overloaded`.
     pub max_concurrent: usize,
+    /// Threads that serve proxied connections, each with its own
+    /// single-threaded runtime and upstream connection pool.
+    pub workers: usize,
     /// Time a client has to send a request's headers.
     pub header_timeout: Duration,
     /// Paths (as the client sends them) whose JSON answers have the token masked.
@@ -816,6 +829,18 @@ impl Config {
                     s.parse::<usize>()
                         .ok()
                         .filter(|n| (1..=1_000_000).contains(n))
+                },
+            )?,
+            workers: parse_with(
+                raw.require("proxy.workers")?,
+                "proxy.workers",
+                "\"auto\" (one per CPU) or a whole number from 1 to 256",
+                |s| {
+                    if s.eq_ignore_ascii_case("auto") {
+                        Some(std::thread::available_parallelism().map_or(1, usize::from))
+                    } else {
+                        s.parse::<usize>().ok().filter(|n| (1..=256).contains(n))
+                    }
                 },
             )?,
             header_timeout: parse_duration(raw, "proxy.header_timeout")?,

@@ -144,39 +144,47 @@ pub async fn run(
         "bearer-proxy {} listening",
         env!("CARGO_PKG_VERSION")
     );
-    let serving = serve::serve(
-        listeners.proxy,
-        proxy,
-        shutdown.clone(),
+    let workers = serve::Workers::start(
+        config.proxy.workers,
+        move || proxy.for_worker(),
         config.shutdown_grace,
         config.proxy.header_timeout,
-        "proxy",
-    );
+    )
+    .map_err(|e| RunError::Setup(format!("cannot start the proxy's worker threads: {e}")))?;
+    let serving = workers.serve(listeners.proxy, shutdown.clone());
     tokio::pin!(serving);
     let mut refresher = refresher;
     // The refresher runs until `background` is cancelled; if it ends before,
     // no token will ever come again: drain, then fail loudly (exit 1) so an
     // orchestrator restarts the process rather than it answering 503 forever.
-    let refresher_failure = tokio::select! {
-        _ = &mut serving => None,
-        ended = &mut refresher => Some(match ended {
-            Err(error) if error.is_panic() => "the token refresher panicked".to_owned(),
-            _ => "the token refresher stopped".to_owned(),
-        }),
+    let mut refresher_ended = false;
+    let failure = tokio::select! {
+        served = &mut serving => served.err(),
+        ended = &mut refresher => {
+            refresher_ended = true;
+            let failure = match ended {
+                Err(error) if error.is_panic() => "the token refresher panicked",
+                _ => "the token refresher stopped",
+            };
+            tracing::error!("{failure}: shutting down");
+            shutdown.cancel();
+            let _ = serving.await;
+            Some(failure.to_owned())
+        }
     };
-    if let Some(failure) = &refresher_failure {
-        tracing::error!("{failure}: shutting down");
-        shutdown.cancel();
-        serving.await;
-    }
     background.cancel();
-    if refresher_failure.is_none() {
+    if !refresher_ended {
         let _ = refresher.await;
     }
     let _ = admin.await;
-    tracing::info!("stopped");
-    match refresher_failure {
-        Some(failure) => Err(RunError::Stopped(failure)),
-        None => Ok(()),
+    match failure {
+        Some(failure) => {
+            tracing::error!("{failure}");
+            Err(RunError::Stopped(failure))
+        }
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
     }
 }

@@ -35,7 +35,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
-    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+    // This runtime accepts connections and runs the token refresher and the
+    // admin listener; proxied connections are served by `proxy.workers`
+    // threads of their own.
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         eprintln!("bearer-proxy: cannot start the async runtime");
         return ExitCode::FAILURE;
     };

@@ -9,7 +9,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::listen::ProxyListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::either::Either;
+
+use crate::listen::{Connection, ProxyListener};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -126,10 +132,96 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Serves `service` on `listener` until `stop` fires, then lets open
-/// connections finish their requests for up to `grace`.
-/// Oversized, malformed or ambiguously framed requests are refused by hyper
-/// itself before the service sees them.
+/// The HTTP/1.1 and h2c server settings shared by every listener.
+fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client gets `header_timeout` to send a request's headers (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(H2_KEEP_ALIVE);
+    builder
+}
+
+/// The connections of one runtime: served, then drained on shutdown.
+struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    header_timeout: Duration,
+    graceful: GracefulShutdown,
+    /// Cancelled when the grace period runs out: ends what is still open.
+    cut: CancellationToken,
+    name: &'static str,
+}
+
+impl Connections {
+    fn new(header_timeout: Duration, name: &'static str) -> Self {
+        Self {
+            builder: http_builder(header_timeout),
+            header_timeout,
+            graceful: GracefulShutdown::new(),
+            cut: CancellationToken::new(),
+            name,
+        }
+    }
+
+    /// Serves one connection in a task of the current runtime; `ended`
+    /// runs when it closes.
+    fn spawn<S, B>(&self, stream: Connection, service: S, ended: impl FnOnce() + Send + 'static)
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let connection = self
+            .builder
+            .serve_connection(
+                TokioIo::new(FirstBytes::new(stream, self.header_timeout)),
+                service,
+            )
+            .into_owned();
+        let watched = self.graceful.watch(connection);
+        let cut = self.cut.clone();
+        let name = self.name;
+        tokio::spawn(async move {
+            tokio::select! {
+                result = watched => if let Err(error) = result {
+                    tracing::debug!(listener = name, error = %error, "connection ended with an error");
+                },
+                _ = cut.cancelled() => {}
+            }
+            ended();
+        });
+    }
+
+    /// Lets open connections finish their requests for up to `grace`, then
+    /// closes what is left.
+    async fn drain(self, grace: Duration) {
+        let name = self.name;
+        tokio::select! {
+            _ = self.graceful.shutdown() => tracing::debug!(listener = name, "all connections closed"),
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(listener = name, grace_s = grace.as_secs_f64(), "shutdown grace elapsed: closing the remaining connections");
+            }
+        }
+        self.cut.cancel();
+    }
+}
+
+/// Serves `service` on `listener` in the current runtime until `stop`
+/// fires, then lets open connections finish their requests for up to
+/// `grace`. Oversized, malformed or ambiguously framed requests are refused
+/// by hyper itself before the service sees them.
 pub async fn serve<S, B>(
     listener: ProxyListener,
     service: S,
@@ -149,56 +241,196 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client gets `header_timeout` to send a request's headers (slowloris).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEP_ALIVE)
-        .keep_alive_timeout(H2_KEEP_ALIVE);
-    let graceful = GracefulShutdown::new();
-    // Cancelled when the grace period runs out: ends what is still open.
-    let cut = CancellationToken::new();
+    let connections = Connections::new(header_timeout, name);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok(stream) => stream,
+        match accepted {
+            Ok(stream) => connections.spawn(stream, service.clone(), || {}),
             Err(error) => {
                 tracing::warn!(listener = name, %error, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                continue;
             }
-        };
-        let connection = builder
-            .serve_connection(
-                TokioIo::new(FirstBytes::new(stream, header_timeout)),
-                service.clone(),
-            )
-            .into_owned();
-        let watched = graceful.watch(connection);
-        let cut = cut.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                result = watched => if let Err(error) = result {
-                    tracing::debug!(listener = name, error = %error, "connection ended with an error");
-                },
-                _ = cut.cancelled() => {}
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!(listener = name, "all connections closed"),
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(listener = name, grace_s = grace.as_secs_f64(), "shutdown grace elapsed: closing the remaining connections");
         }
     }
-    cut.cancel();
+    drop(listener);
+    connections.drain(grace).await;
+}
+
+/// A connection on its way from the accepting runtime to a worker's.
+type Handoff = Either<std::net::TcpStream, std::os::unix::net::UnixStream>;
+
+/// One worker: a thread running its own single-threaded runtime. A
+/// connection stays on the worker it was handed to, with its upstream
+/// connections, so a request never crosses threads (no wake-ups between
+/// cores, no shared connection pool).
+struct Worker {
+    connections: mpsc::UnboundedSender<Handoff>,
+    /// Connections open on this worker.
+    open: Arc<AtomicUsize>,
+    /// Fires (or is dropped) when the worker's thread ends.
+    done: oneshot::Receiver<()>,
+}
+
+/// The proxy's workers, started by [`Workers::start`] and fed by
+/// [`Workers::serve`].
+pub struct Workers {
+    workers: Vec<Worker>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("count", &self.workers.len())
+            .finish()
+    }
+}
+
+impl Workers {
+    /// Starts `count` worker threads. `make_service` runs once in each,
+    /// inside its runtime, so what the service spawns (upstream connection
+    /// tasks) stays on that worker.
+    pub fn start<F, S, B>(
+        count: usize,
+        make_service: F,
+        grace: Duration,
+        header_timeout: Duration,
+    ) -> io::Result<Self>
+    where
+        F: Fn() -> S + Send + Sync + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let make_service = Arc::new(make_service);
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (sender, mut receiver) = mpsc::unbounded_channel::<Handoff>();
+            let (done_sender, done) = oneshot::channel();
+            let open = Arc::new(AtomicUsize::new(0));
+            let worker_open = Arc::clone(&open);
+            let make_service = Arc::clone(&make_service);
+            std::thread::Builder::new()
+                .name(format!("bearer-proxy-worker-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let service = make_service();
+                        let connections = Connections::new(header_timeout, "proxy");
+                        while let Some(handoff) = receiver.recv().await {
+                            let stream = match handoff {
+                                Either::Left(tcp) => {
+                                    tokio::net::TcpStream::from_std(tcp).map(Either::Left)
+                                }
+                                Either::Right(unix) => {
+                                    tokio::net::UnixStream::from_std(unix).map(Either::Right)
+                                }
+                            };
+                            let open = Arc::clone(&worker_open);
+                            match stream {
+                                Ok(stream) => {
+                                    connections.spawn(stream, service.clone(), move || {
+                                        open.fetch_sub(1, Ordering::Relaxed);
+                                    })
+                                }
+                                Err(error) => {
+                                    open.fetch_sub(1, Ordering::Relaxed);
+                                    tracing::warn!(%error, "cannot serve an accepted connection");
+                                }
+                            }
+                        }
+                        connections.drain(grace).await;
+                    });
+                    // Dropping the runtime ends whatever the grace left.
+                    drop(runtime);
+                    let _ = done_sender.send(());
+                })?;
+            workers.push(Worker {
+                connections: sender,
+                open,
+                done,
+            });
+        }
+        Ok(Self { workers })
+    }
+
+    /// Accepts connections on `listener` and hands each to the worker with
+    /// the fewest open, until `stop` fires; then waits for the workers to
+    /// drain. Returns early, with a message, if every worker has ended.
+    pub async fn serve(
+        self,
+        listener: ProxyListener,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        let Workers { workers } = self;
+        let mut live: Vec<&Worker> = workers.iter().collect();
+        let mut next = 0usize;
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(listener = "proxy", %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            let mut handoff = match stream {
+                Either::Left(tcp) => tcp.into_std().map(Either::Left),
+                Either::Right(unix) => unix.into_std().map(Either::Right),
+            };
+            loop {
+                let stream = match handoff {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot hand an accepted connection to a worker");
+                        break;
+                    }
+                };
+                if live.is_empty() {
+                    return Err("every proxy worker thread has stopped".to_owned());
+                }
+                // The least busy worker; ties go round the workers in turn.
+                next = (next + 1) % live.len();
+                let index = (0..live.len())
+                    .map(|offset| (next + offset) % live.len())
+                    .min_by_key(|&i| live[i].open.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                let worker = live[index];
+                worker.open.fetch_add(1, Ordering::Relaxed);
+                match worker.connections.send(stream) {
+                    Ok(()) => break,
+                    Err(returned) => {
+                        tracing::error!("a proxy worker thread has stopped");
+                        live.remove(index);
+                        handoff = Ok(returned.0);
+                    }
+                }
+            }
+        }
+        drop(listener);
+        let mut waiting = Vec::with_capacity(workers.len());
+        for worker in workers {
+            drop(worker.connections);
+            waiting.push(worker.done);
+        }
+        for done in waiting {
+            let _ = done.await;
+        }
+        Ok(())
+    }
 }

@@ -46,9 +46,14 @@ pub struct Proxy {
     inner: Arc<Shared>,
 }
 
-#[derive(Debug)]
+/// Cloned for each worker, which then builds its own client.
+#[derive(Debug, Clone)]
 struct Shared {
     client: Client<Connector, OutBody>,
+    /// What the client is built from.
+    client_tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    proxies: crate::egress::Proxies,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -80,7 +85,10 @@ impl Proxy {
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
             inner: Arc::new(Shared {
-                client: client::build(tls, upstream.connect_timeout, &config.proxies),
+                client: client::build(tls.clone(), upstream.connect_timeout, &config.proxies),
+                client_tls: tls,
+                connect_timeout: upstream.connect_timeout,
+                proxies: config.proxies.clone(),
                 scheme: url.scheme.clone(),
                 authority: url.authority.clone(),
                 host,
@@ -117,6 +125,25 @@ impl Proxy {
                 // The forced fetch may take all of token.timeout: wait a little longer.
                 renewal_wait: config.token.timeout + Duration::from_secs(1),
             }),
+        }
+    }
+}
+
+impl Proxy {
+    /// The same proxy with a client (and connection pool) of its own, for a
+    /// worker: call it on the worker's runtime, where the client's
+    /// connection tasks will run. The token slot, guard and capacity limit
+    /// stay shared.
+    #[must_use]
+    pub fn for_worker(&self) -> Self {
+        let mut shared = Shared::clone(&self.inner);
+        shared.client = client::build(
+            shared.client_tls.clone(),
+            shared.connect_timeout,
+            &shared.proxies,
+        );
+        Self {
+            inner: Arc::new(shared),
         }
     }
 }
