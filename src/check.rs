@@ -127,10 +127,11 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         Ok(tls) => tls,
         Err(e) => return fail(out, "client certificate", &e, None),
     };
-    let client = crate::proxy::client::build::<Empty<Bytes>>(
+    let client = crate::proxy::client::Upstream::<Empty<Bytes>>::new(
         upstream_tls,
         config.upstream.connect_timeout,
         &config.proxies,
+        url.origin(),
     );
     let started = Instant::now();
     let response =
@@ -157,7 +158,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
                     Some("check upstream.url, DNS, firewalls and tls.ca_file"),
                 );
             }
-            Ok(Ok(response)) => response,
+            Ok(Ok((response, _connection))) => response,
         };
     let status = response.status();
     line(

@@ -637,6 +637,15 @@ impl UpstreamUrl {
     pub fn as_string(&self) -> String {
         format!("{}://{}{}", self.scheme, self.authority, self.base_path)
     }
+
+    /// `scheme://authority/`: what a connection is opened to.
+    pub fn origin(&self) -> http::Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"))
+    }
 }
 
 /// Upstream settings.
@@ -1436,6 +1445,25 @@ mod tests {
         assert!(e.contains("upstream.url") && !e.contains("pa55"), "{e}");
         let e = err(&[("API_CLIENT_SECRET_FILE", "/nonexistent/secret")]);
         assert!(e.contains("API_CLIENT_SECRET") && e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn workers_are_auto_or_a_count() -> Result<(), ConfigError> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(load(&[])?.proxy.workers, cpus);
+        assert_eq!(
+            load(&[("BEARER_PROXY_PROXY_WORKERS", "3")])?.proxy.workers,
+            3
+        );
+        for bad in ["0", "257", "many"] {
+            let e = err(&[("BEARER_PROXY_PROXY_WORKERS", bad)]);
+            assert!(
+                e.contains("proxy.workers") && e.contains("BEARER_PROXY_PROXY_WORKERS"),
+                "{e}"
+            );
+            assert!(e.contains("\"auto\""), "{e}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -679,3 +679,78 @@ async fn targets_that_could_leave_the_upstream_base_are_refused() -> TestResult 
     assert_eq!(targets, ["/v1/x", "/v1/y", "/v1//evil.example/z"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_PROXY_WORKERS", "1")],
+    )
+    .await;
+
+    // One client connection, then a new client connection per request: the
+    // worker's pool serves every request over the first upstream connection.
+    let client = http1();
+    for _ in 0..10 {
+        assert_eq!(client.get(proxy.url("/a")).send().await?.status(), 200);
+    }
+    for _ in 0..10 {
+        let response = raw(
+            proxy.addr,
+            b"GET /b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        assert_eq!(response.status, 200);
+    }
+    assert_eq!(upstream.requests().len(), 20);
+    assert_eq!(upstream.connections(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult {
+    // An upstream that answers one request per connection, then closes it
+    // without saying so (no `Connection: close`), as servers with a short
+    // keep-alive timeout do.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let token = FakeTokenEndpoint::start().await;
+    let proxy = start_proxy(
+        &token,
+        &format!("http://{addr}"),
+        &[("BEARER_PROXY_PROXY_WORKERS", "1")],
+    )
+    .await;
+    let client = http1();
+    for _ in 0..5 {
+        let response = client.get(proxy.url("/")).send().await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await?, "ok");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    Ok(())
+}

@@ -14,20 +14,38 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::OutBody;
+use super::client::Checkout;
+
 /// What the proxy answers with: the upstream's stream or a body of its own,
-/// holding the request's capacity permit until the last byte is sent.
+/// holding the request's capacity permit, and the upstream connection it
+/// streams from, until the last byte is sent.
 #[derive(Debug)]
 pub struct ProxyBody {
     inner: Either<Incoming, Full<Bytes>>,
+    held: Option<Held>,
+}
+
+/// Released when the body ends (or is dropped).
+#[derive(Debug)]
+struct Held {
     _permit: Option<OwnedSemaphorePermit>,
+    _connection: Option<Checkout<OutBody>>,
 }
 
 impl ProxyBody {
-    /// The upstream's body, streamed.
-    pub fn upstream(body: Incoming, permit: Option<OwnedSemaphorePermit>) -> Self {
+    /// The upstream's body, streamed from `connection`.
+    pub fn upstream(
+        body: Incoming,
+        permit: Option<OwnedSemaphorePermit>,
+        connection: Checkout<OutBody>,
+    ) -> Self {
         Self {
             inner: Either::Left(body),
-            _permit: permit,
+            held: Some(Held {
+                _permit: permit,
+                _connection: Some(connection),
+            }),
         }
     }
 
@@ -35,7 +53,10 @@ impl ProxyBody {
     pub fn full(bytes: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             inner: Either::Right(Full::new(bytes)),
-            _permit: permit,
+            held: Some(Held {
+                _permit: permit,
+                _connection: None,
+            }),
         }
     }
 }
@@ -48,7 +69,13 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() || self.inner.is_end_stream() {
+            // The last byte is out: the next request may have the
+            // connection and the capacity.
+            self.held = None;
+        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

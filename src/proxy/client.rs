@@ -1,15 +1,19 @@
-//! The upstream client: hyper's pooled client over rustls, HTTP/2 by ALPN,
-//! with one deadline around the whole connect (TCP and TLS handshake).
+//! The upstream client: a pool of hyper connections over rustls, HTTP/2 by
+//! ALPN, with one deadline around the whole connect (TCP and TLS handshake).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,34 +64,237 @@ where
 /// The connector type of the upstream client.
 pub type Connector = TimeoutConnector<HttpsConnector<crate::egress::EgressConnector>>;
 
-/// Builds the pooled upstream client for bodies of type `B`.
-pub fn build<B>(
-    tls: rustls::ClientConfig,
-    connect_timeout: Duration,
-    proxies: &crate::egress::Proxies,
-) -> Client<Connector, B>
+/// A worker's connections to the upstream: HTTP/1.1 connections are kept
+/// idle in a stack (the most recently used first, so few stay warm) and
+/// each carries one request at a time; an HTTP/2 connection (by ALPN) is
+/// shared by every request. A connection's task runs on the runtime that
+/// opened it, which is the worker's.
+#[derive(Debug)]
+pub struct Upstream<B> {
+    connector: Connector,
+    /// `scheme://authority/`: what the connector dials.
+    origin: Uri,
+    pool: Arc<Mutex<Pool<B>>>,
+}
+
+#[derive(Debug)]
+struct Pool<B> {
+    idle: Vec<(http1::SendRequest<B>, Instant)>,
+    h2: Option<http2::SendRequest<B>>,
+}
+
+/// An HTTP/1.1 connection in use: back to the idle stack when dropped (the
+/// proxy drops it when the response body has been passed on), unless it
+/// has closed.
+#[derive(Debug)]
+pub struct Checkout<B> {
+    sender: Option<http1::SendRequest<B>>,
+    pool: Option<Arc<Mutex<Pool<B>>>>,
+}
+
+impl<B> Drop for Checkout<B> {
+    fn drop(&mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.take())
+            && !sender.is_closed()
+            && let Ok(mut pool) = pool.lock()
+        {
+            let now = Instant::now();
+            pool.idle
+                .retain(|(sender, since)| !sender.is_closed() && now - *since < POOL_IDLE_TIMEOUT);
+            pool.idle.push((sender, now));
+        }
+    }
+}
+
+/// Why the upstream gave no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection: DNS, TCP, the TLS handshake, a forward proxy, or the
+    /// connect deadline.
+    #[error("cannot connect: {0}")]
+    Connect(BoxError),
+    /// The request failed on an established connection.
+    #[error("the request failed: {0}")]
+    Request(#[source] hyper::Error),
+}
+
+enum Sender<B> {
+    H1(http1::SendRequest<B>),
+    H2(http2::SendRequest<B>),
+}
+
+impl<B> Upstream<B>
 where
-    B: http_body::Body + Send + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_keepalive(Some(TCP_KEEPALIVE));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(crate::egress::EgressConnector::new(http, proxies));
-    let connector = TimeoutConnector {
-        inner: https,
-        timeout: connect_timeout,
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+    /// Connections to `origin` (only its scheme and authority count).
+    pub fn new(
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+        proxies: &crate::egress::Proxies,
+        origin: Uri,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(crate::egress::EgressConnector::new(http, proxies));
+        Self {
+            connector: TimeoutConnector {
+                inner: https,
+                timeout: connect_timeout,
+            },
+            origin,
+            pool: Arc::new(Mutex::new(Pool {
+                idle: Vec::new(),
+                h2: None,
+            })),
+        }
+    }
+
+    /// `scheme://authority/` of the upstream.
+    pub fn origin(&self) -> &Uri {
+        &self.origin
+    }
+
+    /// Sends `request` (its URI absolute, its Host header set) on a pooled
+    /// connection or a new one. A request that a reused connection closed
+    /// before taking is sent once more on a new connection. Returns the
+    /// response and, for HTTP/1.1, the connection to hand back when the
+    /// response body is done with.
+    pub async fn request(
+        &self,
+        mut request: Request<B>,
+    ) -> Result<(Response<Incoming>, Checkout<B>), UpstreamError> {
+        let mut fresh = false;
+        loop {
+            let (sender, reused) = self.checkout(fresh).await?;
+            match sender {
+                Sender::H2(mut sender) => {
+                    return sender
+                        .send_request(request)
+                        .await
+                        .map(|response| {
+                            (
+                                response,
+                                Checkout {
+                                    sender: None,
+                                    pool: None,
+                                },
+                            )
+                        })
+                        .map_err(UpstreamError::Request);
+                }
+                Sender::H1(mut sender) => {
+                    // HTTP/1.1 sends the path and query; Host names the authority.
+                    let absolute = std::mem::take(request.uri_mut());
+                    *request.uri_mut() = origin_form(&absolute);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let checkout = Checkout {
+                                sender: Some(sender),
+                                pool: Some(Arc::clone(&self.pool)),
+                            };
+                            return Ok((response, checkout));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            Some(mut unsent) if reused && !fresh => {
+                                tracing::debug!(error = %error.error(), "a pooled upstream connection closed before taking the request: sending it on a new one");
+                                *unsent.uri_mut() = absolute;
+                                request = unsent;
+                                fresh = true;
+                            }
+                            _ => return Err(UpstreamError::Request(error.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// A ready connection: the shared HTTP/2 one, the most recent idle
+    /// HTTP/1.1 one, or (always when `fresh`) a new one. Whether it was reused.
+    async fn checkout(&self, fresh: bool) -> Result<(Sender<B>, bool), UpstreamError> {
+        if !fresh {
+            while let Some((sender, since)) = self.take_pooled() {
+                let mut sender = match sender {
+                    Sender::H2(sender) => return Ok((Sender::H2(sender), true)),
+                    Sender::H1(_) if since.elapsed() >= POOL_IDLE_TIMEOUT => continue,
+                    Sender::H1(sender) => sender,
+                };
+                // Ready once the connection has finished the previous
+                // exchange; an error means it has closed.
+                if sender.ready().await.is_ok() {
+                    return Ok((Sender::H1(sender), true));
+                }
+            }
+        }
+        self.connect().await.map(|sender| (sender, false))
+    }
+
+    /// The HTTP/2 connection (shared), else the most recent idle HTTP/1.1
+    /// one (taken) and since when it has been idle.
+    fn take_pooled(&self) -> Option<(Sender<B>, Instant)> {
+        let mut pool = self.pool.lock().ok()?;
+        if let Some(h2) = &pool.h2 {
+            if !h2.is_closed() {
+                return Some((Sender::H2(h2.clone()), Instant::now()));
+            }
+            pool.h2 = None;
+        }
+        pool.idle
+            .pop()
+            .map(|(sender, since)| (Sender::H1(sender), since))
+    }
+
+    async fn connect(&self) -> Result<Sender<B>, UpstreamError> {
+        let mut connector = self.connector.clone();
+        let io = tower::ServiceExt::oneshot(&mut connector, self.origin.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(UpstreamError::Request)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            if let Ok(mut pool) = self.pool.lock() {
+                pool.h2 = Some(sender.clone());
+            }
+            return Ok(Sender::H2(sender));
+        }
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Request)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(Sender::H1(sender))
+    }
+}
+
+/// The path and query of an absolute URI, as an HTTP/1.1 request target.
+fn origin_form(uri: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }

@@ -18,7 +18,6 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use tokio::sync::Semaphore;
 
 pub mod body;
@@ -27,7 +26,7 @@ pub mod error;
 pub mod headers;
 
 use body::{Activity, ProxyBody, TrackedBody};
-use client::{ConnectTimeout, Connector};
+use client::{Checkout, ConnectTimeout, Upstream, UpstreamError};
 pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
 
@@ -49,7 +48,7 @@ pub struct Proxy {
 /// Cloned for each worker, which then builds its own client.
 #[derive(Debug, Clone)]
 struct Shared {
-    client: Client<Connector, OutBody>,
+    client: Arc<Upstream<OutBody>>,
     /// What the client is built from.
     client_tls: rustls::ClientConfig,
     connect_timeout: Duration,
@@ -85,7 +84,12 @@ impl Proxy {
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
             inner: Arc::new(Shared {
-                client: client::build(tls.clone(), upstream.connect_timeout, &config.proxies),
+                client: Arc::new(Upstream::new(
+                    tls.clone(),
+                    upstream.connect_timeout,
+                    &config.proxies,
+                    url.origin(),
+                )),
                 client_tls: tls,
                 connect_timeout: upstream.connect_timeout,
                 proxies: config.proxies.clone(),
@@ -137,11 +141,12 @@ impl Proxy {
     #[must_use]
     pub fn for_worker(&self) -> Self {
         let mut shared = Shared::clone(&self.inner);
-        shared.client = client::build(
+        shared.client = Arc::new(Upstream::new(
             shared.client_tls.clone(),
             shared.connect_timeout,
             &shared.proxies,
-        );
+            shared.client.origin().clone(),
+        ));
         Self {
             inner: Arc::new(shared),
         }
@@ -226,35 +231,36 @@ impl Shared {
             // The answer is read to mask the token in it: ask for it uncompressed.
             parts.headers.remove(ACCEPT_ENCODING);
         }
-        let (response, token) = if self.can_replay(&expect_continue, &parts.headers, &body) {
-            let collecting = Limited::new(body, self.replay_buffer).collect();
-            let held = match tokio::time::timeout(self.response_timeout, collecting).await {
-                Ok(Ok(collected)) => collected.to_bytes(),
-                // The client broke off or stalled its own request: nothing to forward.
-                _ => return Err(ProxyError::client_fault()),
-            };
-            // The body took time to arrive: the token must still be usable.
-            let token = if token.is_usable(tokio::time::Instant::now()) {
-                token
+        let ((response, connection), token) =
+            if self.can_replay(&expect_continue, &parts.headers, &body) {
+                let collecting = Limited::new(body, self.replay_buffer).collect();
+                let held = match tokio::time::timeout(self.response_timeout, collecting).await {
+                    Ok(Ok(collected)) => collected.to_bytes(),
+                    // The client broke off or stalled its own request: nothing to forward.
+                    _ => return Err(ProxyError::client_fault()),
+                };
+                // The body took time to arrive: the token must still be usable.
+                let token = if token.is_usable(tokio::time::Instant::now()) {
+                    token
+                } else {
+                    self.token_now().await?
+                };
+                parts.headers.insert(AUTHORIZATION, token.header.clone());
+                self.send_replayable(parts.method, parts.uri, parts.headers, held, token)
+                    .await?
             } else {
-                self.token_now().await?
+                let (body, activity) = TrackedBody::new(body);
+                let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
+                let answer = self.send(request, activity).await?;
+                if answer.0.status() == StatusCode::UNAUTHORIZED {
+                    // Not replayable, but the next requests should not meet the
+                    // same refusal: ask for a new token without waiting for it.
+                    let _ = self
+                        .slot
+                        .request_renewal(token.generation, self.min_forced_interval);
+                }
+                (answer, token)
             };
-            parts.headers.insert(AUTHORIZATION, token.header.clone());
-            self.send_replayable(parts.method, parts.uri, parts.headers, held, token)
-                .await?
-        } else {
-            let (body, activity) = TrackedBody::new(body);
-            let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
-            let response = self.send(request, activity).await?;
-            if response.status() == StatusCode::UNAUTHORIZED {
-                // Not replayable, but the next requests should not meet the
-                // same refusal: ask for a new token without waiting for it.
-                let _ = self
-                    .slot
-                    .request_renewal(token.generation, self.min_forced_interval);
-            }
-            (response, token)
-        };
 
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
@@ -276,6 +282,7 @@ impl Shared {
             let body = tokio::time::timeout(self.response_timeout, mask_token(body, &token))
                 .await
                 .map_err(|_| self.response_timeout_error(None))??;
+            drop(connection);
             parts.headers.remove(CONTENT_LENGTH);
             // The body changed: validators of the old one no longer hold.
             parts.headers.remove(http::header::ETAG);
@@ -283,7 +290,7 @@ impl Shared {
         }
         Ok(Response::from_parts(
             parts,
-            ProxyBody::upstream(body, permit),
+            ProxyBody::upstream(body, permit, connection),
         ))
     }
 
@@ -348,16 +355,16 @@ impl Shared {
         mut headers: http::HeaderMap,
         body: Bytes,
         token: Arc<CurrentToken>,
-    ) -> Result<(Response<Incoming>, Arc<CurrentToken>), ProxyError> {
+    ) -> Result<(Answer, Arc<CurrentToken>), ProxyError> {
         let first = outgoing(
             method.clone(),
             uri.clone(),
             headers.clone(),
             Either::Right(Full::new(body.clone())),
         );
-        let response = self.send(first, None).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok((response, token));
+        let answer = self.send(first, None).await?;
+        if answer.0.status() != StatusCode::UNAUTHORIZED {
+            return Ok((answer, token));
         }
         let renewed = match self
             .slot
@@ -373,9 +380,9 @@ impl Shared {
         };
         let Some(renewed) = renewed else {
             tracing::debug!("the upstream answered 401; no new token now, so the 401 is passed on");
-            return Ok((response, token));
+            return Ok((answer, token));
         };
-        drop(response);
+        drop(answer);
         tracing::info!(
             generation = renewed.generation,
             "the upstream answered 401: replaying the request with a new token"
@@ -414,7 +421,7 @@ impl Shared {
         &self,
         request: Request<OutBody>,
         activity: Option<Arc<Activity>>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Answer, ProxyError> {
         let timeout = self.response_timeout;
         let responding = self.client.request(request);
         tokio::pin!(responding);
@@ -455,7 +462,7 @@ impl Shared {
         ProxyError::new(ErrorCode::UpstreamTimeout, message)
     }
 
-    fn upstream_error(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    fn upstream_error(&self, error: &UpstreamError) -> ProxyError {
         let (code, message) = describe_upstream_error(error, &self.authority);
         tracing::warn!(code = code.as_str(), "{message}");
         ProxyError::new(code, message)
@@ -464,21 +471,25 @@ impl Shared {
 
 /// The documented code and a sentence for a failed upstream request.
 pub fn describe_upstream_error(
-    error: &hyper_util::client::legacy::Error,
+    error: &UpstreamError,
     authority: &Authority,
 ) -> (ErrorCode, String) {
-    let detail = describe_sources(error);
-    if find::<ConnectTimeout>(error).is_some() {
+    let (cause, connecting): (&(dyn std::error::Error + 'static), bool) = match error {
+        UpstreamError::Connect(cause) => (cause.as_ref(), true),
+        UpstreamError::Request(cause) => (cause, false),
+    };
+    let detail = crate::token::endpoint::chain(cause);
+    if find::<ConnectTimeout>(cause).is_some() {
         (
             ErrorCode::UpstreamTimeout,
             format!("{detail} (upstream.connect_timeout)"),
         )
-    } else if let Some(tls) = crate::tls::describe_failure(error) {
+    } else if let Some(tls) = crate::tls::describe_failure(cause) {
         (
             ErrorCode::UpstreamUnreachable,
             format!("TLS with the upstream {authority} failed: {tls}"),
         )
-    } else if error.is_connect() {
+    } else if connecting {
         (
             ErrorCode::UpstreamUnreachable,
             format!("cannot connect to the upstream {authority}: {detail}"),
@@ -492,7 +503,10 @@ pub fn describe_upstream_error(
 }
 
 /// The body sent upstream: the client's stream, or a body held back for replay.
-type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
+pub(crate) type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
+
+/// The upstream's response, and the connection it came on.
+type Answer = (Response<Incoming>, Checkout<OutBody>);
 
 /// A request for the upstream from its parts (the client's extensions stay behind).
 fn outgoing(
@@ -632,15 +646,6 @@ pub fn normalize_path(path: &str) -> Vec<u8> {
         out.pop();
     }
     out
-}
-
-/// The error's sources in one line, without the outermost wrapper's text
-/// ("client error (Connect)"), which says nothing to a person.
-fn describe_sources(error: &(dyn std::error::Error + 'static)) -> String {
-    match error.source() {
-        Some(source) => crate::token::endpoint::chain(source),
-        None => error.to_string(),
-    }
 }
 
 /// Walks an error's causes. `io::Error::source()` skips the error it wraps
