@@ -236,7 +236,9 @@ where
                 }
             }
         }
-        self.connect().await.map(|sender| (sender, false))
+        // Boxed: connecting (TCP, TLS, a handshake) makes a large future,
+        // which every request would otherwise carry.
+        Box::pin(self.connect()).await.map(|sender| (sender, false))
     }
 
     /// The HTTP/2 connection (shared), else the most recent idle HTTP/1.1

@@ -233,19 +233,13 @@ impl Shared {
         }
         let ((response, connection), token) =
             if self.can_replay(&expect_continue, &parts.headers, &body) {
-                let collecting = Limited::new(body, self.replay_buffer).collect();
-                let held = match tokio::time::timeout(self.response_timeout, collecting).await {
-                    Ok(Ok(collected)) => collected.to_bytes(),
-                    // The client broke off or stalled its own request: nothing to forward.
-                    _ => return Err(ProxyError::client_fault()),
-                };
-                // The body took time to arrive: the token must still be usable.
-                let token = if token.is_usable(tokio::time::Instant::now()) {
-                    token
-                } else {
-                    self.token_now().await?
-                };
-                parts.headers.insert(AUTHORIZATION, token.header.clone());
+                let (held, held_token) = self.hold(body, Arc::clone(&token)).await?;
+                if !Arc::ptr_eq(&held_token, &token) {
+                    parts
+                        .headers
+                        .insert(AUTHORIZATION, held_token.header.clone());
+                }
+                let token = held_token;
                 self.send_replayable(parts.method, parts.uri, parts.headers, held, token)
                     .await?
             } else {
@@ -279,9 +273,12 @@ impl Shared {
                     "the upstream compressed an answer whose token must be masked (proxy.mask_token_in), although it was asked not to",
                 ));
             }
-            let body = tokio::time::timeout(self.response_timeout, mask_token(body, &token))
-                .await
-                .map_err(|_| self.response_timeout_error(None))??;
+            let body = Box::pin(tokio::time::timeout(
+                self.response_timeout,
+                mask_token(body, &token),
+            ))
+            .await
+            .map_err(|_| self.response_timeout_error(None))??;
             drop(connection);
             parts.headers.remove(CONTENT_LENGTH);
             // The body changed: validators of the old one no longer hold.
@@ -292,6 +289,30 @@ impl Shared {
             parts,
             ProxyBody::upstream(body, permit, connection),
         ))
+    }
+
+    /// A replayable request's body, read whole (at once when it has none:
+    /// no timer, no collecting), and the token to send with it: the body
+    /// may have taken long enough to arrive for `token` to near its expiry.
+    async fn hold(
+        &self,
+        body: Incoming,
+        token: Arc<CurrentToken>,
+    ) -> Result<(Bytes, Arc<CurrentToken>), ProxyError> {
+        if body.is_end_stream() {
+            return Ok((Bytes::new(), token));
+        }
+        let collecting = Limited::new(body, self.replay_buffer).collect();
+        let held = match Box::pin(tokio::time::timeout(self.response_timeout, collecting)).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            // The client broke off or stalled its own request: nothing to forward.
+            _ => return Err(ProxyError::client_fault()),
+        };
+        if token.is_usable(tokio::time::Instant::now()) {
+            Ok((held, token))
+        } else {
+            Ok((held, self.token_now().await?))
+        }
     }
 
     /// A cheap test before `normalize_path`'s allocation: a path can only
@@ -314,8 +335,9 @@ impl Shared {
         if let Ok(token) = self.slot.current() {
             return Ok(token);
         }
-        self.slot
-            .current_or_wait(self.startup_wait)
+        // Boxed, as every rare path here: the future of every request is
+        // as large as its largest state.
+        Box::pin(self.slot.current_or_wait(self.startup_wait))
             .await
             .map_err(|u| {
                 ProxyError::new(
@@ -372,9 +394,7 @@ impl Shared {
         {
             Renewal::Newer(newer) => Some(newer),
             Renewal::Pending => {
-                self.slot
-                    .wait_renewal(token.generation, self.renewal_wait)
-                    .await
+                Box::pin(self.slot.wait_renewal(token.generation, self.renewal_wait)).await
             }
             Renewal::Declined => None,
         };
@@ -389,7 +409,7 @@ impl Shared {
         );
         headers.insert(AUTHORIZATION, renewed.header.clone());
         let replay = outgoing(method, uri, headers, Either::Right(Full::new(body)));
-        Ok((self.send(replay, None).await?, renewed))
+        Ok((Box::pin(self.send(replay, None)).await?, renewed))
     }
 
     /// The upstream's base path and the request's path and query, joined by
