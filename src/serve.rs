@@ -154,17 +154,18 @@ struct Connections {
     header_timeout: Duration,
     graceful: GracefulShutdown,
     /// Cancelled when the grace period runs out: ends what is still open.
-    cut: CancellationToken,
+    /// Workers have none: dropping their runtime ends what is left.
+    cut: Option<CancellationToken>,
     name: &'static str,
 }
 
 impl Connections {
-    fn new(header_timeout: Duration, name: &'static str) -> Self {
+    fn new(header_timeout: Duration, name: &'static str, cut: bool) -> Self {
         Self {
             builder: http_builder(header_timeout),
             header_timeout,
             graceful: GracefulShutdown::new(),
-            cut: CancellationToken::new(),
+            cut: cut.then(CancellationToken::new),
             name,
         }
     }
@@ -194,11 +195,15 @@ impl Connections {
         let cut = self.cut.clone();
         let name = self.name;
         tokio::spawn(async move {
-            tokio::select! {
-                result = watched => if let Err(error) = result {
-                    tracing::debug!(listener = name, error = %error, "connection ended with an error");
+            let result = match cut {
+                Some(cut) => tokio::select! {
+                    result = watched => result,
+                    _ = cut.cancelled() => Ok(()),
                 },
-                _ = cut.cancelled() => {}
+                None => watched.await,
+            };
+            if let Err(error) = result {
+                tracing::debug!(listener = name, error = %error, "connection ended with an error");
             }
             ended();
         });
@@ -214,7 +219,9 @@ impl Connections {
                 tracing::warn!(listener = name, grace_s = grace.as_secs_f64(), "shutdown grace elapsed: closing the remaining connections");
             }
         }
-        self.cut.cancel();
+        if let Some(cut) = &self.cut {
+            cut.cancel();
+        }
     }
 }
 
@@ -241,7 +248,7 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let connections = Connections::new(header_timeout, name);
+    let connections = Connections::new(header_timeout, name, true);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -327,7 +334,7 @@ impl Workers {
                 .spawn(move || {
                     runtime.block_on(async move {
                         let service = make_service();
-                        let connections = Connections::new(header_timeout, "proxy");
+                        let connections = Connections::new(header_timeout, "proxy", false);
                         while let Some(handoff) = receiver.recv().await {
                             let stream = match handoff {
                                 Either::Left(tcp) => {

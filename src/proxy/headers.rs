@@ -29,30 +29,42 @@ const REQUEST_ONLY: [HeaderName; 3] = [
 ];
 
 /// Removes hop-by-hop headers, the headers that `Connection` names, and
-/// `extra`, keeping the order of the rest. Costs nothing when none is present.
+/// `extra`, keeping the order of the rest. Costs nothing when none is
+/// present, and allocates nothing when those to remove come last (as
+/// `Connection: keep-alive` usually does in a response).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
-    let named = connection_named(headers);
-    let listed = |name: &HeaderName| HOP_BY_HOP.contains(name) || extra.contains(name);
-    let present = headers
-        .keys()
-        .any(|name| listed(name) || named.contains(name));
-    if !present {
+    let listed = |headers: &HeaderMap, name: &HeaderName| {
+        HOP_BY_HOP.contains(name)
+            || extra.contains(name)
+            || has_token(headers, &header::CONNECTION, name.as_str())
+    };
+    let mut first = None;
+    let mut count = 0;
+    for (position, name) in headers.keys().enumerate() {
+        if listed(headers, name) {
+            first.get_or_insert(position);
+            count += 1;
+        }
+    }
+    let Some(first) = first else {
+        return;
+    };
+    if first + count == headers.keys_len() {
+        // Only the last names go: removing the last entry moves no other.
+        for _ in 0..count {
+            if let Some(last) = headers.keys().last().cloned() {
+                headers.remove(&last);
+            }
+        }
         return;
     }
     // Rebuilt rather than removed in place: `HeaderMap::remove` swaps the last
     // header into the hole, which would reorder what the upstream sees.
     let old = std::mem::take(headers);
     headers.reserve(old.len());
-    let mut current: Option<HeaderName> = None;
-    for (name, value) in old {
-        if let Some(name) = name {
-            current = Some(name);
-        }
-        if let Some(name) = &current
-            && !listed(name)
-            && !named.contains(name)
-        {
-            headers.append(name.clone(), value);
+    for (name, value) in &old {
+        if !listed(&old, name) {
+            headers.append(name.clone(), value.clone());
         }
     }
 }
@@ -65,12 +77,6 @@ pub fn clean_request(headers: &mut HeaderMap) {
 /// Hop-by-hop removal for a response.
 pub fn clean_response(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers, &[]);
-}
-
-fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
-    tokens(headers, &header::CONNECTION)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect()
 }
 
 /// The comma-separated tokens of every `name` header, trimmed.
@@ -209,6 +215,40 @@ mod tests {
             .map(|(n, v)| ((*n).into(), (*v).into()))
             .collect();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn trailing_hop_by_hop_headers_are_removed_in_place() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("server", "nginx"),
+            ("content-type", "text/plain"),
+            ("x-multi", "1"),
+            ("x-multi", "2"),
+            ("content-length", "4"),
+            ("keep-alive", "timeout=5"),
+            ("connection", "keep-alive"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        clean_response(&mut headers);
+        let seen: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("server", "nginx"),
+                ("content-type", "text/plain"),
+                ("x-multi", "1"),
+                ("x-multi", "2"),
+                ("content-length", "4"),
+            ]
+        );
     }
 
     #[test]

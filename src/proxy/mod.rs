@@ -415,6 +415,7 @@ impl Shared {
     /// The upstream's base path and the request's path and query, joined by
     /// plain concatenation: not a byte is decoded or re-encoded.
     fn join(&self, target: Option<&PathAndQuery>) -> Result<PathAndQuery, ProxyError> {
+        let target_pq = target;
         let target = target.map(PathAndQuery::as_str).unwrap_or("/");
         if !target.starts_with('/') {
             return Err(ProxyError::new(
@@ -423,7 +424,11 @@ impl Shared {
             ));
         }
         let joined = if self.base_path.is_empty() {
-            return target.parse().map_err(|_| bad_target());
+            // Already parsed, and shared rather than copied.
+            return Ok(match target_pq {
+                Some(pq) => pq.clone(),
+                None => PathAndQuery::from_static("/"),
+            });
         } else {
             let mut joined = String::with_capacity(self.base_path.len() + target.len());
             joined.push_str(&self.base_path);
