@@ -12,13 +12,15 @@
 //!   ([`token::error`]), the refresher task that alone talks to the endpoint
 //!   ([`token::refresher`]) and the slot the request path reads ([`token::slot`]).
 //! - [`proxy`]: forwarding; header rewriting ([`proxy::headers`]), the
-//!   upstream client ([`proxy::client`]), body wrappers ([`proxy::body`]) and
+//!   upstream connection pool ([`proxy::client`]), body wrappers ([`proxy::body`]) and
 //!   the proxy's own error responses ([`proxy::error`]).
 //! - [`guard`]: who may use the proxy (target, Host, Origin, local key,
 //!   method), checked before forwarding.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status` on the admin listener.
 //! - [`listen`]: TCP and unix-socket listeners (the socket made safely).
-//! - [`serve`]: the accept loop (HTTP/1.1 and h2c) with graceful drain.
+//! - [`serve`]: HTTP/1.1 and h2c serving with graceful drain: the accepting
+//!   runtime hands each proxied connection to one of `proxy.workers`
+//!   threads, each a single-threaded runtime with its own upstream pool.
 //! - [`check`] and [`healthcheck`]: the operator subcommands.
 //! - [`telemetry`]: the tracing subscriber; [`shutdown`]: signals.
 //! - [`tls`]: the rustls client settings shared by both outgoing clients,
