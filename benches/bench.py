@@ -240,11 +240,13 @@ def stream(port, pid):
         Path(f"/proc/{pid}/clear_refs").write_text("5")
     down = curl_speed([f"http://127.0.0.1:{port}/1g"])
     p = subprocess.Popen(["head", "-c", str(GIB), "/dev/zero"], stdout=subprocess.PIPE)
-    res = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{speed_upload} %{http_code}", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{port}/upload"], stdin=p.stdout, capture_output=True, text=True, check=True)
+    res = subprocess.run(["curl", "-s", "-S", "-o", "/dev/null", "-w", "%{speed_upload} %{http_code} %{size_upload}", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{port}/upload"], stdin=p.stdout, capture_output=True, text=True)
+    p.stdout.close()  # head ends (SIGPIPE) if curl stopped reading
+    p.kill()
     p.wait()
-    speed, code = res.stdout.split()
-    if code != "200":
-        raise RuntimeError(f"upload got {code}")
+    speed, code, sent = (res.stdout.split() + ["0", "000", "0"])[:3]
+    if res.returncode != 0 or code != "200" or int(float(sent)) < GIB:
+        raise RuntimeError(f"upload to port {port}: curl exit {res.returncode}, HTTP {code}, {sent} bytes sent: {res.stderr.strip()}")
     up = float(speed) / 1e6
     peak = rss_kib(pid, "VmHWM") if pid else 0
     return down, up, peak

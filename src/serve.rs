@@ -148,6 +148,17 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Calls its function when dropped.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 /// The connections of one runtime: served, then drained on shutdown.
 struct Connections {
     builder: auto::Builder<TokioExecutor>,
@@ -194,6 +205,8 @@ impl Connections {
         let watched = self.graceful.watch(connection);
         let cut = self.cut.clone();
         let name = self.name;
+        // Runs however the task ends: finished, panicked or dropped.
+        let ended = OnDrop(Some(ended));
         tokio::spawn(async move {
             let result = match cut {
                 Some(cut) => tokio::select! {
@@ -205,7 +218,7 @@ impl Connections {
             if let Err(error) = result {
                 tracing::debug!(listener = name, error = %error, "connection ended with an error");
             }
-            ended();
+            drop(ended);
         });
     }
 
@@ -321,9 +334,7 @@ impl Workers {
         let make_service = Arc::new(make_service);
         let mut workers = Vec::with_capacity(count);
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let (started_sender, started) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
             let (sender, mut receiver) = mpsc::unbounded_channel::<Handoff>();
             let (done_sender, done) = oneshot::channel();
             let open = Arc::new(AtomicUsize::new(0));
@@ -332,6 +343,22 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("bearer-proxy-worker-{index}"))
                 .spawn(move || {
+                    // Built here, not handed over: a runtime must not be
+                    // dropped inside another (as it would be if the thread
+                    // could not start).
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => {
+                            let _ = started_sender.send(Ok(()));
+                            runtime
+                        }
+                        Err(error) => {
+                            let _ = started_sender.send(Err(error));
+                            return;
+                        }
+                    };
                     runtime.block_on(async move {
                         let service = make_service();
                         let connections = Connections::new(header_timeout, "proxy", false);
@@ -363,6 +390,9 @@ impl Workers {
                     drop(runtime);
                     let _ = done_sender.send(());
                 })?;
+            started
+                .recv()
+                .map_err(|_| io::Error::other("a worker thread ended while starting"))??;
             workers.push(Worker {
                 connections: sender,
                 open,

@@ -754,3 +754,69 @@ async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult 
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_connection_still_taking_an_upload_is_not_given_to_the_next_request() -> TestResult {
+    // An upstream that refuses uploads at once (413) but keeps reading them,
+    // and answers GETs: the refused upload keeps its connection busy.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"POST") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    // Keeps reading what the proxy still sends.
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                } else {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let token = FakeTokenEndpoint::start().await;
+    let proxy = start_proxy(
+        &token,
+        &format!("http://{addr}"),
+        &[("BEARER_PROXY_PROXY_WORKERS", "1")],
+    )
+    .await;
+
+    // A streamed upload that sends one piece and then holds.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Ok(vec![b'x'; 1024])).await?;
+    let refused = http1()
+        .post(proxy.url("/upload"))
+        .body(channel_body(rx))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 413);
+
+    // The next request must not wait for that upload to end.
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        http1().get(proxy.url("/next")).send(),
+    )
+    .await??;
+    assert_eq!(next.status(), 200);
+    assert_eq!(next.text().await?, "ok");
+    drop(tx);
+    Ok(())
+}

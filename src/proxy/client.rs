@@ -20,6 +20,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long an idle pooled connection to the upstream is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle upstream connections are checked for expiry.
+const POOL_SWEEP: Duration = Duration::from_secs(15);
 /// TCP keepalive on upstream connections, so dead peers are noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -81,27 +83,67 @@ pub struct Upstream<B> {
 struct Pool<B> {
     idle: Vec<(http1::SendRequest<B>, Instant)>,
     h2: Option<http2::SendRequest<B>>,
+    /// Whether a task closes connections idle for `POOL_IDLE_TIMEOUT`.
+    sweeping: bool,
+}
+
+impl<B> Pool<B> {
+    /// Closes (drops) idle connections that have expired or closed.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.idle
+            .retain(|(sender, since)| !sender.is_closed() && now - *since < POOL_IDLE_TIMEOUT);
+        if self.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            self.h2 = None;
+        }
+    }
+
+    fn give_back(pool: &Mutex<Self>, sender: http1::SendRequest<B>) {
+        if let Ok(mut pool) = pool.lock() {
+            pool.idle.push((sender, Instant::now()));
+        }
+    }
 }
 
 /// An HTTP/1.1 connection in use: back to the idle stack when dropped (the
-/// proxy drops it when the response body has been passed on), unless it
-/// has closed.
+/// proxy drops it when the response body has been passed on) and idle.
 #[derive(Debug)]
-pub struct Checkout<B> {
+pub struct Checkout<B: Send + 'static> {
     sender: Option<http1::SendRequest<B>>,
     pool: Option<Arc<Mutex<Pool<B>>>>,
 }
 
-impl<B> Drop for Checkout<B> {
+impl<B: Send + 'static> Checkout<B> {
+    /// Nothing to give back (an HTTP/2 stream).
+    fn none() -> Self {
+        Self {
+            sender: None,
+            pool: None,
+        }
+    }
+}
+
+impl<B: Send + 'static> Drop for Checkout<B> {
     fn drop(&mut self) {
-        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.take())
-            && !sender.is_closed()
-            && let Ok(mut pool) = pool.lock()
-        {
-            let now = Instant::now();
-            pool.idle
-                .retain(|(sender, since)| !sender.is_closed() && now - *since < POOL_IDLE_TIMEOUT);
-            pool.idle.push((sender, now));
+        let (Some(mut sender), Some(pool)) = (self.sender.take(), self.pool.take()) else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            Pool::give_back(&pool, sender);
+            return;
+        }
+        // Still busy: the upstream answered before the request's body was
+        // all sent. Pooled once idle, never before, so that no request
+        // waits behind an upload.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(POOL_IDLE_TIMEOUT, sender.ready()).await {
+                    Pool::give_back(&pool, sender);
+                }
+            });
         }
     }
 }
@@ -155,6 +197,7 @@ where
             pool: Arc::new(Mutex::new(Pool {
                 idle: Vec::new(),
                 h2: None,
+                sweeping: false,
             })),
         }
     }
@@ -177,21 +220,20 @@ where
         loop {
             let (sender, reused) = self.checkout(fresh).await?;
             match sender {
-                Sender::H2(mut sender) => {
-                    return sender
-                        .send_request(request)
-                        .await
-                        .map(|response| {
-                            (
-                                response,
-                                Checkout {
-                                    sender: None,
-                                    pool: None,
-                                },
-                            )
-                        })
-                        .map_err(UpstreamError::Request);
-                }
+                Sender::H2(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => return Ok((response, Checkout::none())),
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) if reused && !fresh => {
+                            tracing::debug!(error = %error.error(), "the shared upstream HTTP/2 connection refused a request before taking it: sending it on a new one");
+                            if let Ok(mut pool) = self.pool.lock() {
+                                pool.sweep();
+                            }
+                            request = unsent;
+                            fresh = true;
+                        }
+                        _ => return Err(UpstreamError::Request(error.into_error())),
+                    },
+                },
                 Sender::H1(mut sender) => {
                     // HTTP/1.1 sends the path and query; Host names the authority.
                     let absolute = std::mem::take(request.uri_mut());
@@ -286,7 +328,29 @@ where
                 tracing::debug!(%error, "upstream connection ended with an error");
             }
         });
+        self.start_sweeping();
         Ok(Sender::H1(sender))
+    }
+
+    /// Once per pool: a task that closes connections idle too long, so a
+    /// burst does not leave its connections open for ever.
+    fn start_sweeping(&self) {
+        match self.pool.lock() {
+            Ok(mut pool) if !pool.sweeping => pool.sweeping = true,
+            _ => return,
+        }
+        let pool = Arc::downgrade(&self.pool);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(POOL_SWEEP);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                if let Ok(mut pool) = pool.lock() {
+                    pool.sweep();
+                }
+            }
+        });
     }
 }
 
