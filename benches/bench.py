@@ -211,8 +211,26 @@ backend be
     return ports, procs, token_server
 
 
-def wrk(port, conns):
+def cpu_seconds(pids):
+    """User+system CPU time of these processes and their children (nginx's workers)."""
+    total = 0
+    for pid in pids:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for p in [pid, *map(int, children)]:
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port, conns, pids=()):
     threads = min(2, conns)
+    cpu_before = cpu_seconds(pids)
     out = sh("wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/").stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
@@ -224,7 +242,10 @@ def wrk(port, conns):
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"{errors.group(1)} non-2xx answers from port {port}")
-    return rps, pct(50), pct(99)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    # The proxy's own CPU per request: steadier than req/s on a shared machine.
+    cpu_us = 1e6 * (cpu_seconds(pids) - cpu_before) / max(requests, 1) if pids else float("nan")
+    return rps, pct(50), pct(99), cpu_us
 
 
 def curl_speed(args):
@@ -282,6 +303,7 @@ def main():
         contenders["baseline"] = ports["baseline"]
     bp_pid = procs["bearer-proxy"].pid
     ours = {name: procs[name].pid for name in ["bearer-proxy", "baseline"] if name in procs}
+    pids = {name: [procs[name].pid] for name in ["bearer-proxy", "nginx", "haproxy", "baseline"] if name in procs}
     results = {(c, n): [] for c in contenders for n in CONNECTIONS}
     streams = {c: [] for c in contenders if c != "direct"}
     try:
@@ -293,7 +315,7 @@ def main():
                 order = list(contenders.items())
                 random.shuffle(order)
                 for name, port in order:
-                    results[(name, conns)].append(wrk(port, conns))
+                    results[(name, conns)].append(wrk(port, conns, pids.get(name, ())))
             order = [] if QUICK else [(c, contenders[c]) for c in streams]
             random.shuffle(order)
             for name, port in order:
@@ -314,17 +336,18 @@ def main():
     lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.release()}; {time.strftime('%Y-%m-%d')}; "
                  f"{ROUNDS} rounds of {DURATION} s, medians; ratios are to nginx.")
     lines.append("")
-    lines.append("| connections | contender | req/s | × nginx | p50 ms | p99 ms | p99 × nginx |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| connections | contender | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/request | CPU × nginx |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     table = {}
     for conns in CONNECTIONS:
         ng = results[("nginx", conns)]
-        ng_rps, ng_p99 = med([r[0] for r in ng]), med([r[2] for r in ng])
+        ng_rps, ng_p99, ng_cpu = med([r[0] for r in ng]), med([r[2] for r in ng]), med([r[3] for r in ng])
         for name in contenders:
             rs = results[(name, conns)]
-            rps, p50, p99 = med([r[0] for r in rs]), med([r[1] for r in rs]), med([r[2] for r in rs])
+            rps, p50, p99, cpu = (med([r[i] for r in rs]) for i in range(4))
             table[(name, conns)] = (rps, p99)
-            lines.append(f"| {conns} | {name} | {rps:,.0f} | {rps / ng_rps:.2f} | {p50:.2f} | {p99:.2f} | {p99 / ng_p99:.2f} |")
+            cpu_cells = "- | -" if name == "direct" else f"{cpu:.1f} | {cpu / ng_cpu:.2f}"
+            lines.append(f"| {conns} | {name} | {rps:,.0f} | {rps / ng_rps:.2f} | {p50:.2f} | {p99:.2f} | {p99 / ng_p99:.2f} | {cpu_cells} |")
     if QUICK:
         print("\n".join(lines))
         return
