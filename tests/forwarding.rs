@@ -715,29 +715,13 @@ async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult 
     // An upstream that answers one request per connection, then closes it
     // without saying so (no `Connection: close`), as servers with a short
     // keep-alive timeout do.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    let (addr, accepted) = raw_upstream(|mut stream, _head| async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+    })
+    .await?;
     let token = FakeTokenEndpoint::start().await;
     let proxy = start_proxy(
         &token,
@@ -759,38 +743,26 @@ async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult 
 async fn a_connection_still_taking_an_upload_is_not_given_to_the_next_request() -> TestResult {
     // An upstream that refuses uploads at once (413) but keeps reading them,
     // and answers GETs: the refused upload keeps its connection busy.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
+    let (addr, _) = raw_upstream(|mut stream, head| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+        if head.starts_with(b"POST") {
+            let _ = stream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            // Keeps reading what the proxy still sends.
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    return;
                 }
-                if head.starts_with(b"POST") {
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
-                        .await;
-                    // Keeps reading what the proxy still sends.
-                    while let Ok(n) = stream.read(&mut buf).await {
-                        if n == 0 {
-                            return;
-                        }
-                    }
-                } else {
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                }
-            });
+            }
+        } else {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
         }
-    });
+    })
+    .await?;
     let token = FakeTokenEndpoint::start().await;
     let proxy = start_proxy(
         &token,

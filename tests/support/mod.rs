@@ -809,3 +809,37 @@ pub fn channel_body(rx: mpsc::Receiver<Result<Vec<u8>, std::io::Error>>) -> reqw
     }
     reqwest::Body::wrap_stream(Rx(rx))
 }
+
+/// A hand-written upstream for behaviour the fake does not have: for each
+/// connection, reads one request head and hands the stream and the head to
+/// `answer`. Returns its address and the count of connections accepted.
+pub async fn raw_upstream<F, Fut>(
+    answer: F,
+) -> std::io::Result<(SocketAddr, Arc<std::sync::atomic::AtomicUsize>)>
+where
+    F: Fn(TcpStream, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counter, answer) = (accepted.clone(), Arc::new(answer));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                answer(stream, head).await;
+            });
+        }
+    });
+    Ok((addr, accepted))
+}
