@@ -25,6 +25,39 @@ use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What the listeners serve: a hyper service whose futures and bodies can
+/// move between tasks. Implemented for every such service.
+pub trait HttpService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Self::Body>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The response body.
+    type Body: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> HttpService for S
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Body = B;
+}
+
 /// HTTP/2 connections are pinged this often, and closed when a ping goes
 /// unanswered this long.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -132,6 +165,20 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// The next connection on `listener`; a failed accept is logged and tried
+/// again after `ACCEPT_ERROR_PAUSE`.
+async fn next_connection(listener: &ProxyListener, name: &'static str) -> Connection {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => return stream,
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
 /// The HTTP/1.1 and h2c server settings shared by every listener.
 fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -183,18 +230,12 @@ impl Connections {
 
     /// Serves one connection in a task of the current runtime; `ended`
     /// runs when it closes.
-    fn spawn<S, B>(&self, stream: Connection, service: S, ended: impl FnOnce() + Send + 'static)
-    where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    fn spawn<S: HttpService>(
+        &self,
+        stream: Connection,
+        service: S,
+        ended: impl FnOnce() + Send + 'static,
+    ) {
         let connection = self
             .builder
             .serve_connection(
@@ -242,38 +283,21 @@ impl Connections {
 /// fires, then lets open connections finish their requests for up to
 /// `grace`. Oversized, malformed or ambiguously framed requests are refused
 /// by hyper itself before the service sees them.
-pub async fn serve<S, B>(
+pub async fn serve<S: HttpService>(
     listener: ProxyListener,
     service: S,
     stop: CancellationToken,
     grace: Duration,
     header_timeout: Duration,
     name: &'static str,
-) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+) {
     let connections = Connections::new(header_timeout, name, true);
     loop {
-        let accepted = tokio::select! {
+        let stream = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            stream = next_connection(&listener, name) => stream,
         };
-        match accepted {
-            Ok(stream) => connections.spawn(stream, service.clone(), || {}),
-            Err(error) => {
-                tracing::warn!(listener = name, %error, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            }
-        }
+        connections.spawn(stream, service.clone(), || {});
     }
     drop(listener);
     connections.drain(grace).await;
@@ -312,7 +336,7 @@ impl Workers {
     /// Starts `count` worker threads. `make_service` runs once in each,
     /// inside its runtime, so what the service spawns (upstream connection
     /// tasks) stays on that worker.
-    pub fn start<F, S, B>(
+    pub fn start<F, S>(
         count: usize,
         make_service: F,
         grace: Duration,
@@ -320,16 +344,7 @@ impl Workers {
     ) -> io::Result<Self>
     where
         F: Fn() -> S + Send + Sync + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService,
     {
         let make_service = Arc::new(make_service);
         let mut workers = Vec::with_capacity(count);
@@ -414,17 +429,9 @@ impl Workers {
         let mut live: Vec<&Worker> = workers.iter().collect();
         let mut next = 0usize;
         loop {
-            let accepted = tokio::select! {
+            let stream = tokio::select! {
                 _ = stop.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::warn!(listener = "proxy", %error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
+                stream = next_connection(&listener, "proxy") => stream,
             };
             let mut handoff = match stream {
                 Either::Left(tcp) => tcp.into_std().map(Either::Left),

@@ -188,11 +188,23 @@ where
             .enable_http1()
             .enable_http2()
             .wrap_connector(crate::egress::EgressConnector::new(http, proxies));
+        let connector = TimeoutConnector {
+            inner: https,
+            timeout: connect_timeout,
+        };
+        Self::from_connector(connector, origin)
+    }
+
+    /// The same upstream with a pool of its own, for another worker: the
+    /// connector (and its TLS settings) is shared, the connections are not.
+    #[must_use]
+    pub fn with_own_pool(&self) -> Self {
+        Self::from_connector(self.connector.clone(), self.origin.clone())
+    }
+
+    fn from_connector(connector: Connector, origin: Uri) -> Self {
         Self {
-            connector: TimeoutConnector {
-                inner: https,
-                timeout: connect_timeout,
-            },
+            connector,
             origin,
             pool: Arc::new(Mutex::new(Pool {
                 idle: Vec::new(),
@@ -200,11 +212,6 @@ where
                 sweeping: false,
             })),
         }
-    }
-
-    /// `scheme://authority/` of the upstream.
-    pub fn origin(&self) -> &Uri {
-        &self.origin
     }
 
     /// Sends `request` (its URI absolute, its Host header set) on a pooled

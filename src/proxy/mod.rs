@@ -45,14 +45,10 @@ pub struct Proxy {
     inner: Arc<Shared>,
 }
 
-/// Cloned for each worker, which then builds its own client.
+/// Cloned for each worker, which then gets a connection pool of its own.
 #[derive(Debug, Clone)]
 struct Shared {
     client: Arc<Upstream<OutBody>>,
-    /// What the client is built from.
-    client_tls: rustls::ClientConfig,
-    connect_timeout: Duration,
-    proxies: crate::egress::Proxies,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -85,14 +81,11 @@ impl Proxy {
         Self {
             inner: Arc::new(Shared {
                 client: Arc::new(Upstream::new(
-                    tls.clone(),
+                    tls,
                     upstream.connect_timeout,
                     &config.proxies,
                     url.origin(),
                 )),
-                client_tls: tls,
-                connect_timeout: upstream.connect_timeout,
-                proxies: config.proxies.clone(),
                 scheme: url.scheme.clone(),
                 authority: url.authority.clone(),
                 host,
@@ -134,19 +127,14 @@ impl Proxy {
 }
 
 impl Proxy {
-    /// The same proxy with a client (and connection pool) of its own, for a
-    /// worker: call it on the worker's runtime, where the client's
+    /// The same proxy with an upstream connection pool of its own, for a
+    /// worker: call it on the worker's runtime, where the pool's
     /// connection tasks will run. The token slot, guard and capacity limit
     /// stay shared.
     #[must_use]
     pub fn for_worker(&self) -> Self {
         let mut shared = Shared::clone(&self.inner);
-        shared.client = Arc::new(Upstream::new(
-            shared.client_tls.clone(),
-            shared.connect_timeout,
-            &shared.proxies,
-            shared.client.origin().clone(),
-        ));
+        shared.client = Arc::new(shared.client.with_own_pool());
         Self {
             inner: Arc::new(shared),
         }
@@ -415,26 +403,22 @@ impl Shared {
     /// The upstream's base path and the request's path and query, joined by
     /// plain concatenation: not a byte is decoded or re-encoded.
     fn join(&self, target: Option<&PathAndQuery>) -> Result<PathAndQuery, ProxyError> {
-        let target_pq = target;
-        let target = target.map(PathAndQuery::as_str).unwrap_or("/");
-        if !target.starts_with('/') {
+        let target = target
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if !target.as_str().starts_with('/') {
             return Err(ProxyError::new(
                 ErrorCode::BadRequestTarget,
                 "the request target must be a path starting with /",
             ));
         }
-        let joined = if self.base_path.is_empty() {
+        if self.base_path.is_empty() {
             // Already parsed, and shared rather than copied.
-            return Ok(match target_pq {
-                Some(pq) => pq.clone(),
-                None => PathAndQuery::from_static("/"),
-            });
-        } else {
-            let mut joined = String::with_capacity(self.base_path.len() + target.len());
-            joined.push_str(&self.base_path);
-            joined.push_str(target);
-            joined
-        };
+            return Ok(target);
+        }
+        let mut joined = String::with_capacity(self.base_path.len() + target.as_str().len());
+        joined.push_str(&self.base_path);
+        joined.push_str(target.as_str());
         PathAndQuery::try_from(joined).map_err(|_| bad_target())
     }
 
