@@ -61,15 +61,8 @@ async fn injects_the_token_and_replaces_client_credentials() -> TestResult {
 
 #[tokio::test]
 async fn client_secret_basic_sends_the_credentials_in_the_header() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_TOKEN_AUTH_METHOD", "client_secret_basic")],
-    )
-    .await;
-    wait_ready(&proxy).await;
+    let (token, _upstream, _proxy) =
+        ready_proxy(&[("BEARER_PROXY_TOKEN_AUTH_METHOD", "client_secret_basic")]).await;
 
     let sent = token.requests();
     let form = &sent[0].form;
@@ -165,10 +158,7 @@ async fn methods_pass_unchanged_including_custom_ones() -> TestResult {
 
 #[tokio::test]
 async fn refused_methods_get_the_documented_errors() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, upstream, proxy) = ready_proxy(&[]).await;
 
     let trace = http1()
         .request(reqwest::Method::TRACE, proxy.url("/x"))
@@ -362,10 +352,7 @@ async fn h2c_clients_are_served() -> TestResult {
 
 #[tokio::test]
 async fn expect_continue_is_answered_by_the_proxy() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, upstream, proxy) = ready_proxy(&[]).await;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await?;

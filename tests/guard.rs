@@ -26,18 +26,11 @@ async fn refused(proxy: &Proxy, request: &[u8], status: u16, code: &str) -> Test
 
 #[tokio::test]
 async fn foreign_hosts_are_refused_and_allowed_names_pass() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[(
-            "BEARER_PROXY_GUARD_ALLOWED_HOSTS",
-            "bearer-proxy, api.internal:8443",
-        )],
-    )
+    let (_token, upstream, proxy) = ready_proxy(&[(
+        "BEARER_PROXY_GUARD_ALLOWED_HOSTS",
+        "bearer-proxy, api.internal:8443",
+    )])
     .await;
-    wait_ready(&proxy).await;
     for host in [
         "rebound.attacker.example",
         "rebound.attacker.example:8080",
@@ -73,10 +66,7 @@ async fn foreign_hosts_are_refused_and_allowed_names_pass() -> TestResult {
 
 #[tokio::test]
 async fn h2_requests_are_judged_by_their_authority() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, upstream, proxy) = ready_proxy(&[]).await;
     // A prior-knowledge h2 client whose :authority is a rebound name.
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -103,18 +93,11 @@ async fn h2_requests_are_judged_by_their_authority() -> TestResult {
 
 #[tokio::test]
 async fn browsers_from_foreign_origins_are_refused() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[(
-            "BEARER_PROXY_GUARD_ALLOWED_ORIGINS",
-            "https://dashboard.example.com",
-        )],
-    )
+    let (_token, upstream, proxy) = ready_proxy(&[(
+        "BEARER_PROXY_GUARD_ALLOWED_ORIGINS",
+        "https://dashboard.example.com",
+    )])
     .await;
-    wait_ready(&proxy).await;
     let cases: &[&[u8]] = &[
         b"POST /orders HTTP/1.1\r\nHost: localhost\r\nOrigin: https://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         b"POST /orders HTTP/1.1\r\nHost: localhost\r\nOrigin: null\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -141,18 +124,11 @@ async fn a_local_key_is_required_checked_and_never_forwarded() -> TestResult {
     std::fs::create_dir_all(&dir)?;
     let key_file = dir.join("local-key");
     std::fs::write(&key_file, "s3cr3t-local-key-0123456789\n")?;
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[(
-            "BEARER_PROXY_GUARD_LOCAL_KEY_FILE",
-            key_file.to_str().unwrap_or_default(),
-        )],
-    )
+    let (token, upstream, proxy) = ready_proxy(&[(
+        "BEARER_PROXY_GUARD_LOCAL_KEY_FILE",
+        key_file.to_str().unwrap_or_default(),
+    )])
     .await;
-    wait_ready(&proxy).await;
 
     for request in [
         &b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"[..],
@@ -267,15 +243,8 @@ async fn the_token_is_masked_in_every_spelling_of_a_masked_path() -> TestResult 
 
 #[tokio::test]
 async fn hostile_input_is_refused_cleanly_and_others_are_still_served() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "500ms")],
-    )
-    .await;
-    wait_ready(&proxy).await;
+    let (_token, upstream, proxy) =
+        ready_proxy(&[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "500ms")]).await;
 
     let huge = format!(
         "GET /x HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\nConnection: close\r\n\r\n",

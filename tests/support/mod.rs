@@ -645,6 +645,16 @@ pub async fn start_proxy(
     }
 }
 
+/// The usual setup: a fake token endpoint, a fake upstream, and the proxy
+/// in front of it with `extra` settings, ready (a token held).
+pub async fn ready_proxy(extra: &[(&str, &str)]) -> (FakeTokenEndpoint, FakeUpstream, Proxy) {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&token, &upstream.url(), extra).await;
+    wait_ready(&proxy).await;
+    (token, upstream, proxy)
+}
+
 /// Polls `condition` every 10 ms for up to 5 s; an error names what never came.
 pub async fn until(condition: impl Fn() -> bool, what: &str) -> Result<(), String> {
     for _ in 0..500 {
