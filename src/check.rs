@@ -5,10 +5,9 @@
 use std::fmt::Write as _;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
 use http::header::{AUTHORIZATION, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 
 use crate::config::Config;
 use crate::token::{TokenEndpoint, TokenError, TokenSource};
@@ -118,7 +117,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         .header(AUTHORIZATION, bearer)
         .header(USER_AGENT, config.upstream.user_agent.clone())
         .header(HOST, url.authority.as_str())
-        .body(Empty::<Bytes>::new());
+        .body(());
     let Ok(request) = request else {
         return fail(out, "status call", "the request cannot be built", None);
     };
@@ -127,39 +126,42 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         Ok(tls) => tls,
         Err(e) => return fail(out, "client certificate", &e, None),
     };
-    let client = crate::proxy::client::Upstream::<Empty<Bytes>>::new(
+    let client = crate::proxy::client::Upstream::new(
         upstream_tls,
         config.upstream.connect_timeout,
         &config.proxies,
         url.origin(),
     );
     let started = Instant::now();
-    let response =
-        match tokio::time::timeout(config.upstream.response_timeout, client.request(request)).await
-        {
-            Err(_) => {
-                let message = format!(
-                    "no answer within {} (upstream.response_timeout)",
-                    humantime::format_duration(config.upstream.response_timeout)
-                );
-                return fail(
-                    out,
-                    "status call",
-                    &message,
-                    Some("check that the upstream URL is right and reachable"),
-                );
-            }
-            Ok(Err(error)) => {
-                let message = crate::proxy::describe_upstream_error(&error, &url.authority);
-                return fail(
-                    out,
-                    "status call",
-                    &message.1,
-                    Some("check upstream.url, DNS, firewalls and tls.ca_file"),
-                );
-            }
-            Ok(Ok((response, _connection))) => response,
-        };
+    let response = match tokio::time::timeout(
+        config.upstream.response_timeout,
+        client.request_bodiless(&request.into_parts().0),
+    )
+    .await
+    {
+        Err(_) => {
+            let message = format!(
+                "no answer within {} (upstream.response_timeout)",
+                humantime::format_duration(config.upstream.response_timeout)
+            );
+            return fail(
+                out,
+                "status call",
+                &message,
+                Some("check that the upstream URL is right and reachable"),
+            );
+        }
+        Ok(Err(error)) => {
+            let message = crate::proxy::describe_upstream_error(&error, &url.authority);
+            return fail(
+                out,
+                "status call",
+                &message.1,
+                Some("check upstream.url, DNS, firewalls and tls.ca_file"),
+            );
+        }
+        Ok(Ok((response, _connection))) => response,
+    };
     let status = response.status();
     line(
         out,

@@ -682,7 +682,9 @@ async fn upstream_connections_are_kept_alive_and_reused() -> TestResult {
     // worker's pool serves every request over the first upstream connection.
     let client = http1();
     for _ in 0..10 {
-        assert_eq!(client.get(proxy.url("/a")).send().await?.status(), 200);
+        let response = client.get(proxy.url("/a")).send().await?;
+        assert_eq!(response.status(), 200);
+        response.bytes().await?;
     }
     for _ in 0..10 {
         let response = raw(

@@ -10,19 +10,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::OutBody;
-use super::client::Checkout;
+use super::client::{Checkout, UpstreamBody};
 
 /// What the proxy answers with: the upstream's stream or a body of its own,
 /// holding the request's capacity permit, and the upstream connection it
 /// streams from, until the last byte is sent.
 #[derive(Debug)]
 pub struct ProxyBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<UpstreamBody, Full<Bytes>>,
     held: Option<Held>,
 }
 
@@ -36,7 +35,7 @@ struct Held {
 impl ProxyBody {
     /// The upstream's body, streamed from `connection`.
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         permit: Option<OwnedSemaphorePermit>,
         connection: Checkout<OutBody>,
     ) -> Self {

@@ -1,5 +1,7 @@
-//! The upstream client: a pool of hyper connections over rustls, HTTP/2 by
-//! ALPN, with one deadline around the whole connect (TCP and TLS handshake).
+//! The upstream client: a pool of connections over rustls, HTTP/2 by ALPN,
+//! with one deadline around the whole connect (TCP and TLS handshake).
+//! Requests without a body go over HTTP/1.1 by `direct`; the others, and
+//! every request on HTTP/2, by hyper's client.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,11 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http::{Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::OutBody;
+use super::direct::{self, Conn, DirectBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -66,17 +73,25 @@ where
 /// The connector type of the upstream client.
 pub type Connector = TimeoutConnector<HttpsConnector<crate::egress::EgressConnector>>;
 
+/// A connection to the upstream, as `direct` reads and writes it.
+pub type Io = TokioIo<<Connector as tower::Service<Uri>>::Response>;
+
+/// An upstream answer's body: from hyper's client, or read directly.
+pub type UpstreamBody = Either<Incoming, DirectBody<Io>>;
+
 /// A worker's connections to the upstream: HTTP/1.1 connections are kept
 /// idle in a stack (the most recently used first, so few stay warm) and
 /// each carries one request at a time; an HTTP/2 connection (by ALPN) is
 /// shared by every request. A connection's task runs on the runtime that
 /// opened it, which is the worker's.
 #[derive(Debug)]
-pub struct Upstream<B> {
+pub struct Upstream {
     connector: Connector,
     /// `scheme://authority/`: what the connector dials.
     origin: Uri,
-    pool: Arc<Mutex<Pool<B>>>,
+    pool: Arc<Mutex<Pool<OutBody>>>,
+    /// Idle HTTP/1.1 connections for `direct` (requests without a body).
+    direct: Arc<direct::Idle<Io>>,
 }
 
 #[derive(Debug)]
@@ -157,7 +172,7 @@ pub enum UpstreamError {
     Connect(BoxError),
     /// The request failed on an established connection.
     #[error("the request failed: {0}")]
-    Request(#[source] hyper::Error),
+    Request(#[source] BoxError),
 }
 
 enum Sender<B> {
@@ -165,12 +180,14 @@ enum Sender<B> {
     H2(http2::SendRequest<B>),
 }
 
-impl<B> Upstream<B>
-where
-    B: http_body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+/// A new connection: HTTP/2 (handshake done, shared from now on), or a
+/// transport for HTTP/1.1.
+enum Connected<B, T = Io> {
+    H2(http2::SendRequest<B>),
+    H1(T),
+}
+
+impl Upstream {
     /// Connections to `origin` (only its scheme and authority count).
     pub fn new(
         tls: rustls::ClientConfig,
@@ -211,6 +228,7 @@ where
                 h2: None,
                 sweeping: false,
             })),
+            direct: Arc::default(),
         }
     }
 
@@ -221,8 +239,104 @@ where
     /// response body is done with.
     pub async fn request(
         &self,
-        mut request: Request<B>,
-    ) -> Result<(Response<Incoming>, Checkout<B>), UpstreamError> {
+        request: Request<OutBody>,
+    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+        if request.body().is_end_stream() && !self.speaks_h2() {
+            let (head, _) = request.into_parts();
+            return self.request_direct(&head).await;
+        }
+        // Boxed: hyper's futures are large, and every request without a
+        // body would otherwise carry their size.
+        let (response, checkout) = Box::pin(self.request_hyper(request)).await?;
+        Ok((response.map(Either::Left), checkout))
+    }
+
+    /// Whether the upstream has an HTTP/2 connection open, which every
+    /// request then shares.
+    fn speaks_h2(&self) -> bool {
+        self.pool.lock().is_ok_and(|pool| pool.h2.is_some())
+    }
+
+    /// Sends a request without a body, borrowing its head (its URI
+    /// absolute, its Host header set), so that it can be sent again (after
+    /// a 401) without a copy.
+    pub async fn request_bodiless(
+        &self,
+        head: &http::request::Parts,
+    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+        if self.speaks_h2() {
+            let request = Box::pin(self.request_hyper(owned(head))).await?;
+            return Ok((request.0.map(Either::Left), request.1));
+        }
+        self.request_direct(head).await
+    }
+
+    /// A request without a body over HTTP/1.1 by `direct`, on the most
+    /// recent idle connection or a new one. A reused connection that
+    /// turns out closed gets the request sent once more on a new one (see
+    /// `ExchangeError::may_retry`).
+    async fn request_direct(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut fresh = false;
+        loop {
+            let (mut conn, reused) = match self.checkout_direct(fresh).await? {
+                (Connected::H1(conn), reused) => (conn, reused),
+                (Connected::H2(mut sender), _) => {
+                    // The upstream chose HTTP/2 for this new connection.
+                    let response = Box::pin(sender.send_request(owned(parts)))
+                        .await
+                        .map_err(|e| UpstreamError::Request(e.into()))?;
+                    return Ok((response.map(Either::Left), Checkout::none()));
+                }
+            };
+            match conn.exchange(&parts.method, target, &parts.headers).await {
+                Ok(head) => {
+                    let response = head.into_response(conn, &self.direct);
+                    return Ok((response.map(Either::Right), Checkout::none()));
+                }
+                Err(error) if reused && !fresh && error.may_retry(&parts.method) => {
+                    tracing::debug!(%error, "a pooled upstream connection had closed: sending the request on a new one");
+                    fresh = true;
+                }
+                Err(error) => return Err(UpstreamError::Request(error.into())),
+            }
+        }
+    }
+
+    /// For `direct`: the most recent idle connection that is still open,
+    /// or (always when `fresh`) a new one. Whether it was reused.
+    async fn checkout_direct(
+        &self,
+        fresh: bool,
+    ) -> Result<(Connected<OutBody, Box<Conn<Io>>>, bool), UpstreamError> {
+        if !fresh {
+            while let Some((mut conn, since)) =
+                self.direct.lock().ok().and_then(|mut idle| idle.pop())
+            {
+                if since.elapsed() < POOL_IDLE_TIMEOUT && conn.is_usable() {
+                    return Ok((Connected::H1(conn), true));
+                }
+            }
+        }
+        let connected = match Box::pin(self.connect()).await? {
+            Connected::H2(sender) => Connected::H2(sender),
+            Connected::H1(io) => {
+                self.start_sweeping();
+                Connected::H1(Conn::new(io))
+            }
+        };
+        Ok((connected, false))
+    }
+
+    /// A request over hyper's client: HTTP/2, or HTTP/1.1 for a request
+    /// with a body.
+    async fn request_hyper(
+        &self,
+        mut request: Request<OutBody>,
+    ) -> Result<(Response<Incoming>, Checkout<OutBody>), UpstreamError> {
         let mut fresh = false;
         loop {
             let (sender, reused) = self.checkout(fresh).await?;
@@ -238,7 +352,7 @@ where
                             request = unsent;
                             fresh = true;
                         }
-                        _ => return Err(UpstreamError::Request(error.into_error())),
+                        _ => return Err(UpstreamError::Request(error.into_error().into())),
                     },
                 },
                 Sender::H1(mut sender) => {
@@ -260,7 +374,7 @@ where
                                 request = unsent;
                                 fresh = true;
                             }
-                            _ => return Err(UpstreamError::Request(error.into_error())),
+                            _ => return Err(UpstreamError::Request(error.into_error().into())),
                         },
                     }
                 }
@@ -270,7 +384,7 @@ where
 
     /// A ready connection: the shared HTTP/2 one, the most recent idle
     /// HTTP/1.1 one, or (always when `fresh`) a new one. Whether it was reused.
-    async fn checkout(&self, fresh: bool) -> Result<(Sender<B>, bool), UpstreamError> {
+    async fn checkout(&self, fresh: bool) -> Result<(Sender<OutBody>, bool), UpstreamError> {
         if !fresh {
             while let Some((sender, since)) = self.take_pooled() {
                 let mut sender = match sender {
@@ -287,12 +401,28 @@ where
         }
         // Boxed: connecting (TCP, TLS, a handshake) makes a large future,
         // which every request would otherwise carry.
-        Box::pin(self.connect()).await.map(|sender| (sender, false))
+        let sender = match Box::pin(self.connect()).await? {
+            Connected::H2(sender) => Sender::H2(sender),
+            Connected::H1(io) => {
+                let (sender, connection) = http1::Builder::new()
+                    .handshake(io.into_inner())
+                    .await
+                    .map_err(|e| UpstreamError::Request(e.into()))?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "upstream connection ended with an error");
+                    }
+                });
+                self.start_sweeping();
+                Sender::H1(sender)
+            }
+        };
+        Ok((sender, false))
     }
 
     /// The HTTP/2 connection (shared), else the most recent idle HTTP/1.1
     /// one (taken) and since when it has been idle.
-    fn take_pooled(&self) -> Option<(Sender<B>, Instant)> {
+    fn take_pooled(&self) -> Option<(Sender<OutBody>, Instant)> {
         let mut pool = self.pool.lock().ok()?;
         if let Some(h2) = &pool.h2 {
             if !h2.is_closed() {
@@ -305,7 +435,8 @@ where
             .map(|(sender, since)| (Sender::H1(sender), since))
     }
 
-    async fn connect(&self) -> Result<Sender<B>, UpstreamError> {
+    /// A new connection: an HTTP/2 one is shared from now on.
+    async fn connect(&self) -> Result<Connected<OutBody>, UpstreamError> {
         let mut connector = self.connector.clone();
         let io = tower::ServiceExt::oneshot(&mut connector, self.origin.clone())
             .await
@@ -315,7 +446,7 @@ where
                 .timer(TokioTimer::new())
                 .handshake(io)
                 .await
-                .map_err(UpstreamError::Request)?;
+                .map_err(|e| UpstreamError::Request(e.into()))?;
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
@@ -324,19 +455,9 @@ where
             if let Ok(mut pool) = self.pool.lock() {
                 pool.h2 = Some(sender.clone());
             }
-            return Ok(Sender::H2(sender));
+            return Ok(Connected::H2(sender));
         }
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::Request)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        self.start_sweeping();
-        Ok(Sender::H1(sender))
+        Ok(Connected::H1(TokioIo::new(io)))
     }
 
     /// Once per pool: a task that closes connections idle too long, so a
@@ -347,6 +468,7 @@ where
             _ => return,
         }
         let pool = Arc::downgrade(&self.pool);
+        let direct = Arc::downgrade(&self.direct);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(POOL_SWEEP);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -356,9 +478,26 @@ where
                 if let Ok(mut pool) = pool.lock() {
                     pool.sweep();
                 }
+                if let Some(direct) = direct.upgrade()
+                    && let Ok(mut idle) = direct.lock()
+                {
+                    let now = Instant::now();
+                    idle.retain(|(_, since)| now - *since < POOL_IDLE_TIMEOUT);
+                }
             }
         });
     }
+}
+
+/// A bodiless request with a copy of `head` (its extensions stay behind).
+fn owned(head: &http::request::Parts) -> Request<OutBody> {
+    let mut request = Request::new(Either::Right(
+        http_body_util::Full::new(bytes::Bytes::new()),
+    ));
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.headers_mut() = head.headers.clone();
+    request
 }
 
 /// The path and query of an absolute URI, as an HTTP/1.1 request target.

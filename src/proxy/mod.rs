@@ -22,11 +22,12 @@ use tokio::sync::Semaphore;
 
 pub mod body;
 pub mod client;
+pub mod direct;
 pub mod error;
 pub mod headers;
 
 use body::{Activity, ProxyBody, TrackedBody};
-use client::{Checkout, ConnectTimeout, Upstream, UpstreamError};
+use client::{Checkout, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
 pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
 
@@ -48,7 +49,7 @@ pub struct Proxy {
 /// Cloned for each worker, which then gets a connection pool of its own.
 #[derive(Debug, Clone)]
 struct Shared {
-    client: Arc<Upstream<OutBody>>,
+    client: Arc<Upstream>,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
@@ -228,12 +229,11 @@ impl Shared {
                         .insert(AUTHORIZATION, held_token.header.clone());
                 }
                 let token = held_token;
-                self.send_replayable(parts.method, parts.uri, parts.headers, held, token)
-                    .await?
+                self.send_replayable(parts, held, token).await?
             } else {
                 let (body, activity) = TrackedBody::new(body);
                 let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
-                let answer = self.send(request, activity).await?;
+                let answer = self.send(self.client.request(request), activity).await?;
                 if answer.0.status() == StatusCode::UNAUTHORIZED {
                     // Not replayable, but the next requests should not meet the
                     // same refusal: ask for a new token without waiting for it.
@@ -360,19 +360,11 @@ impl Shared {
     /// sends it once more. Returns the answer and the token it carried.
     async fn send_replayable(
         &self,
-        method: http::Method,
-        uri: Uri,
-        mut headers: http::HeaderMap,
+        mut head: http::request::Parts,
         body: Bytes,
         token: Arc<CurrentToken>,
     ) -> Result<(Answer, Arc<CurrentToken>), ProxyError> {
-        let first = outgoing(
-            method.clone(),
-            uri.clone(),
-            headers.clone(),
-            Either::Right(Full::new(body.clone())),
-        );
-        let answer = self.send(first, None).await?;
+        let answer = self.send_held(&head, &body).await?;
         if answer.0.status() != StatusCode::UNAUTHORIZED {
             return Ok((answer, token));
         }
@@ -395,9 +387,27 @@ impl Shared {
             generation = renewed.generation,
             "the upstream answered 401: replaying the request with a new token"
         );
-        headers.insert(AUTHORIZATION, renewed.header.clone());
-        let replay = outgoing(method, uri, headers, Either::Right(Full::new(body)));
-        Ok((Box::pin(self.send(replay, None)).await?, renewed))
+        head.headers.insert(AUTHORIZATION, renewed.header.clone());
+        Ok((Box::pin(self.send_held(&head, &body)).await?, renewed))
+    }
+
+    /// Sends a request whose body is held, keeping `head` and `body` for a
+    /// replay: without a body, nothing is copied.
+    async fn send_held(
+        &self,
+        head: &http::request::Parts,
+        body: &Bytes,
+    ) -> Result<Answer, ProxyError> {
+        if body.is_empty() {
+            return self.send(self.client.request_bodiless(head), None).await;
+        }
+        let request = outgoing(
+            head.method.clone(),
+            head.uri.clone(),
+            head.headers.clone(),
+            Either::Right(Full::new(body.clone())),
+        );
+        Box::pin(self.send(self.client.request(request), None)).await
     }
 
     /// The upstream's base path and the request's path and query, joined by
@@ -428,11 +438,10 @@ impl Shared {
     /// moving are not cut; an upstream that stops reading one is.
     async fn send(
         &self,
-        request: Request<OutBody>,
+        responding: impl Future<Output = Result<Answer, UpstreamError>>,
         activity: Option<Arc<Activity>>,
     ) -> Result<Answer, ProxyError> {
         let timeout = self.response_timeout;
-        let responding = self.client.request(request);
         tokio::pin!(responding);
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -485,7 +494,7 @@ pub fn describe_upstream_error(
 ) -> (ErrorCode, String) {
     let (cause, connecting): (&(dyn std::error::Error + 'static), bool) = match error {
         UpstreamError::Connect(cause) => (cause.as_ref(), true),
-        UpstreamError::Request(cause) => (cause, false),
+        UpstreamError::Request(cause) => (cause.as_ref(), false),
     };
     let detail = crate::token::endpoint::chain(cause);
     if find::<ConnectTimeout>(cause).is_some() {
@@ -497,6 +506,11 @@ pub fn describe_upstream_error(
         (
             ErrorCode::UpstreamUnreachable,
             format!("TLS with the upstream {authority} failed: {tls}"),
+        )
+    } else if let Some(direct::ExchangeError::Invalid(problem)) = find(cause) {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("the upstream {authority} sent an invalid response: {problem}"),
         )
     } else if connecting {
         (
@@ -515,7 +529,7 @@ pub fn describe_upstream_error(
 pub(crate) type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
 
 /// The upstream's response, and the connection it came on.
-type Answer = (Response<Incoming>, Checkout<OutBody>);
+type Answer = (Response<UpstreamBody>, Checkout<OutBody>);
 
 /// A request for the upstream from its parts (the client's extensions stay behind).
 fn outgoing(
@@ -546,7 +560,7 @@ fn is_identity(headers: &http::HeaderMap) -> bool {
 }
 
 /// Reads the status path's answer and replaces every copy of the token.
-async fn mask_token(body: Incoming, token: &CurrentToken) -> Result<Bytes, ProxyError> {
+async fn mask_token(body: UpstreamBody, token: &CurrentToken) -> Result<Bytes, ProxyError> {
     let collected = Limited::new(body, MASK_LIMIT)
         .collect()
         .await

@@ -1,0 +1,865 @@
+//! HTTP/1.1 to the upstream without a connection task, for requests that
+//! have no body (most API calls). The request's own task writes the head
+//! and reads the answer's head; the client's connection then reads the
+//! answer's body straight from the upstream socket as it passes it on. No
+//! channel, no second task, no wake-up between them.
+//!
+//! Requests with a body go through hyper's client instead, which sends the
+//! body while it waits for an answer that may come first.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::headers::has_token;
+
+/// The most header fields an answer may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// The largest answer head, and the largest trailer section (hyper's
+/// default buffer limit).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// The longest chunk-size line (extensions included).
+const MAX_CHUNK_LINE: usize = 4096;
+/// The first read asks for this much; the size doubles while reads fill
+/// it, up to `MAX_READ`, so large bodies move in large pieces.
+const MIN_READ: usize = 8192;
+const MAX_READ: usize = 256 * 1024;
+
+/// Idle connections, the most recently used last.
+pub(crate) type Idle<T> = Mutex<Vec<(Box<Conn<T>>, Instant)>>;
+
+/// One HTTP/1.1 connection to the upstream and what has been read from it
+/// but not yet used. Always boxed: a TLS connection's state is large, and
+/// a connection moves from the pool to a request to a response body.
+#[derive(Debug)]
+pub(crate) struct Conn<T> {
+    io: T,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Writing the request head failed.
+    #[error("sending the request failed: {0}")]
+    Write(#[source] io::Error),
+    /// Reading the answer's head failed, or the connection closed first.
+    #[error("reading the response failed: {source}")]
+    Read {
+        /// Whether any byte of an answer had arrived.
+        received: bool,
+        #[source]
+        source: io::Error,
+    },
+    /// The answer is not HTTP/1.1 that can be passed on.
+    #[error("it sent an invalid response: {0}")]
+    Invalid(String),
+}
+
+impl ExchangeError {
+    /// Whether the request may be sent again on a new connection after a
+    /// reused one failed: always when writing failed (the upstream had
+    /// closed it), and when it closed without a byte of answer if the
+    /// method is idempotent (RFC 9110, 9.2.2): the request may have been
+    /// processed.
+    pub fn may_retry(&self, method: &Method) -> bool {
+        match self {
+            Self::Write(_) => true,
+            Self::Read { received, .. } => !received && is_idempotent(method),
+            Self::Invalid(_) => false,
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn invalid(message: impl Into<String>) -> ExchangeError {
+    ExchangeError::Invalid(message.into())
+}
+
+/// How the answer's body is delimited (RFC 9112, 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// An answer's head, read; its body still on the connection.
+#[derive(Debug)]
+pub(crate) struct Head {
+    parts: http::response::Parts,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+enum Parsed {
+    Complete(Head),
+    /// A 1xx answer, consumed: the real one follows.
+    Informational,
+    Partial,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
+    pub(crate) fn new(io: T) -> Box<Self> {
+        Box::new(Self {
+            io,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+        })
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has
+    /// neither closed it nor sent anything unasked. Never waits.
+    pub(crate) fn is_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        self.buf.is_empty()
+            && Pin::new(&mut self.io)
+                .poll_read(&mut cx, &mut probe)
+                .is_pending()
+    }
+
+    /// Writes a request that has no body and reads the answer's head
+    /// (1xx answers are skipped, as hyper's client does).
+    pub(crate) async fn exchange(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+    ) -> Result<Head, ExchangeError> {
+        self.buf.clear();
+        encode_head(&mut self.buf, method, target, headers);
+        let written = self.io.write_all(&self.buf).await;
+        self.buf.clear();
+        written.map_err(ExchangeError::Write)?;
+        self.io.flush().await.map_err(ExchangeError::Write)?;
+        let mut received = false;
+        loop {
+            if !self.buf.is_empty() {
+                match self.parse_head(method)? {
+                    Parsed::Complete(head) => return Ok(head),
+                    Parsed::Informational => continue,
+                    Parsed::Partial => {}
+                }
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(invalid(format!(
+                    "its response head is larger than {MAX_HEAD} bytes"
+                )));
+            }
+            self.buf.reserve(self.read_size);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    return Err(ExchangeError::Read {
+                        received,
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the connection closed before a complete response head",
+                        ),
+                    });
+                }
+                Ok(_) => received = true,
+                Err(source) => return Err(ExchangeError::Read { received, source }),
+            }
+        }
+    }
+
+    fn parse_head(&mut self, method: &Method) -> Result<Parsed, ExchangeError> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut slots);
+        let length = match response.parse(&self.buf) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+            Err(error) => return Err(invalid(format!("its response head is malformed: {error}"))),
+        };
+        let code = response.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| invalid(format!("its status code {code} is not valid")))?;
+        if status.is_informational() && code != 101 {
+            self.buf.advance(length);
+            return Ok(Parsed::Informational);
+        }
+        let version = if response.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each field lies in the buffer: the values are then shared
+        // from it, not copied.
+        let base = self.buf.as_ptr() as usize;
+        let span = |part: &[u8]| {
+            let start = part.as_ptr() as usize - base;
+            (start, start + part.len())
+        };
+        let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
+        let count = response.headers.len();
+        for (slot, field) in spans.iter_mut().zip(response.headers.iter()) {
+            *slot = (span(field.name.as_bytes()), span(field.value));
+        }
+        let reason = response
+            .reason
+            .filter(|reason| Some(*reason) != status.canonical_reason())
+            .map(|reason| span(reason.as_bytes()));
+
+        let head = self.buf.split_to(length).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &((name_start, name_end), (value_start, value_end)) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|_| invalid("a header name is not valid"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| invalid(format!("the value of {name} is not valid")))?;
+            headers.append(name, value);
+        }
+        let framing = framing(method, code, version, &headers)?;
+        let keep_alive = framing != Framing::Close
+            && code != 101
+            && !(headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH))
+            && !has_token(&headers, &CONNECTION, "close")
+            && (version == Version::HTTP_11 || has_token(&headers, &CONNECTION, "keep-alive"));
+
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        if let Some(reason) = reason
+            && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(head.slice(reason.0..reason.1))
+        {
+            parts.extensions.insert(reason);
+        }
+        Ok(Parsed::Complete(Head {
+            parts,
+            framing,
+            keep_alive,
+        }))
+    }
+
+    /// Reads more into the buffer; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if read >= self.read_size && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(read))
+    }
+}
+
+/// The request line and header fields, as hyper's client writes them
+/// (names in lower case, in the map's order).
+fn encode_head(out: &mut BytesMut, method: &Method, target: &str, headers: &HeaderMap) {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    out.reserve(method.as_str().len() + target.len() + 13 + fields);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// RFC 9112, 6.3, as hyper's client applies it.
+fn framing(
+    method: &Method,
+    code: u16,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<Framing, ExchangeError> {
+    if *method == Method::HEAD || matches!(code, 101 | 204 | 304) {
+        return Ok(Framing::Empty);
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(invalid("an HTTP/1.0 response has Transfer-Encoding"));
+        }
+        // Chunked only if it is the final coding.
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.rsplit(',').next())
+            .map(str::trim);
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for value in &headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|b| *b == b',') {
+            let item = item.trim_ascii();
+            let parsed = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+                .flatten();
+            match (parsed, length) {
+                (Some(parsed), None) => length = Some(parsed),
+                (Some(parsed), Some(seen)) if parsed == seen => {}
+                _ => return Err(invalid("its Content-Length is not valid")),
+            }
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+impl Head {
+    /// The answer, its body read from `conn`, which goes back to `idle`
+    /// once the body has been read to its end (if the upstream keeps it
+    /// open and sent nothing more).
+    pub(crate) fn into_response<T: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        conn: Box<Conn<T>>,
+        idle: &Arc<Idle<T>>,
+    ) -> http::Response<DirectBody<T>> {
+        let state = match self.framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(length) => State::Length(length),
+            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::Close => State::Close,
+        };
+        let mut body = DirectBody {
+            conn: Some(conn),
+            state,
+            idle: self.keep_alive.then(|| Arc::clone(idle)),
+            error: None,
+        };
+        if body.state == State::Done {
+            body.finish();
+        }
+        http::Response::from_parts(self.parts, body)
+    }
+}
+
+/// An answer's body, read from the upstream connection as it is polled.
+#[derive(Debug)]
+pub struct DirectBody<T> {
+    /// `None` once the body has ended or failed.
+    conn: Option<Box<Conn<T>>>,
+    state: State,
+    /// Where the connection goes when the body ends; `None` if it is not
+    /// to be kept.
+    idle: Option<Arc<Idle<T>>>,
+    /// A failure, reported on the poll after it was met (see `failed`).
+    error: Option<io::Error>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    Close,
+    /// Broken off: the error is still to be reported.
+    Failed,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of the chunk's data still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// The trailer section, after the last chunk.
+    Trailers,
+}
+
+impl<T> DirectBody<T> {
+    /// The body has been read whole: the connection goes back to the pool
+    /// if it may be kept and nothing unasked followed the body.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(mut conn), Some(idle)) = (self.conn.take(), self.idle.take())
+            && conn.buf.is_empty()
+        {
+            if conn.buf.capacity() > MAX_READ {
+                // A large download's buffer is not kept for an idle connection.
+                conn.buf = BytesMut::new();
+            }
+            conn.read_size = MIN_READ;
+            if let Ok(mut idle) = idle.lock() {
+                idle.push((conn, Instant::now()));
+            }
+        }
+    }
+
+    fn fail(
+        &mut self,
+        cx: &Context<'_>,
+        message: String,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.failed(cx, io::Error::new(io::ErrorKind::InvalidData, message))
+    }
+
+    /// The body breaks off. The error is reported on the next poll, not
+    /// this one, so that the client's connection first sends what it has
+    /// (the head, the bytes that came): the client then sees a response
+    /// cut short rather than a connection closed without one.
+    fn failed(
+        &mut self,
+        cx: &Context<'_>,
+        error: io::Error,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.state = State::Failed;
+        self.conn = None;
+        self.error = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.error.take() {
+            this.state = State::Done;
+            return Poll::Ready(Some(Err(error)));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // The bytes a body or chunk still needs, taken from what has
+            // been read: `None` when there is nothing buffered.
+            let take = |conn: &mut Conn<T>, remaining: &mut u64| {
+                let n = usize::try_from(*remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(conn.buf.len());
+                *remaining -= n as u64;
+                conn.buf.split_to(n).freeze()
+            };
+            match this.state {
+                State::Done | State::Failed => return Poll::Ready(None),
+                State::Length(mut remaining) | State::Chunked(Chunk::Data(mut remaining))
+                    if !conn.buf.is_empty() =>
+                {
+                    let data = take(conn, &mut remaining);
+                    match (this.state, remaining) {
+                        (State::Length(_), 0) => this.finish(),
+                        (State::Length(_), _) => this.state = State::Length(remaining),
+                        (_, 0) => this.state = State::Chunked(Chunk::DataEnd),
+                        _ => this.state = State::Chunked(Chunk::Data(remaining)),
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Close if !conn.buf.is_empty() => {
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Chunked(Chunk::Size) if !conn.buf.is_empty() => {
+                    let starts_with_digit = conn.buf[0].is_ascii_hexdigit();
+                    match httparse::parse_chunk_size(&conn.buf) {
+                        Ok(httparse::Status::Complete((used, size))) if starts_with_digit => {
+                            conn.buf.advance(used);
+                            this.state = State::Chunked(if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            });
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if conn.buf.len() <= MAX_CHUNK_LINE => {}
+                        _ => {
+                            return this.fail(cx, "the upstream sent an invalid chunk size".into());
+                        }
+                    }
+                }
+                State::Chunked(Chunk::DataEnd) if conn.buf.len() >= 2 => {
+                    if &conn.buf[..2] != b"\r\n" {
+                        return this
+                            .fail(cx, "the upstream sent a chunk longer than its size".into());
+                    }
+                    conn.buf.advance(2);
+                    this.state = State::Chunked(Chunk::Size);
+                    continue;
+                }
+                State::Chunked(Chunk::Trailers) if conn.buf.starts_with(b"\r\n") => {
+                    conn.buf.advance(2);
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                State::Chunked(Chunk::Trailers) => {
+                    if let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let section = conn.buf.split_to(end + 4);
+                        return match trailers(&section) {
+                            Ok(trailers) => {
+                                this.finish();
+                                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                            }
+                            Err(message) => this.fail(cx, message),
+                        };
+                    }
+                    if conn.buf.len() > MAX_HEAD {
+                        return this.fail(
+                            cx,
+                            format!(
+                                "the upstream's trailer section is larger than {MAX_HEAD} bytes"
+                            ),
+                        );
+                    }
+                }
+                _ => {}
+            }
+            // Nothing usable is buffered: read more.
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.state == State::Close => {
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    let message = match this.state {
+                        State::Length(remaining) => format!(
+                            "the upstream closed the connection with {remaining} bytes of the body unsent"
+                        ),
+                        _ => "the upstream closed the connection in the middle of a chunked body"
+                            .to_owned(),
+                    };
+                    return this.failed(cx, io::Error::new(io::ErrorKind::UnexpectedEof, message));
+                }
+                Ok(_) => {}
+                Err(error) => return this.failed(cx, error),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(remaining) => SizeHint::with_exact(remaining),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A trailer section (ending in an empty line) as header fields.
+fn trailers(section: &[u8]) -> Result<HeaderMap, String> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let invalid = || "the upstream sent an invalid trailer section".to_owned();
+    match httparse::parse_headers(section, &mut slots) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for field in fields {
+                let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid())?;
+                let value = HeaderValue::from_bytes(field.value).map_err(|_| invalid())?;
+                map.append(name, value);
+            }
+            Ok(map)
+        }
+        _ => Err(invalid()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::HOST;
+    use http_body_util::BodyExt;
+    use tokio::io::{DuplexStream, duplex};
+
+    type Upstream = tokio::task::JoinHandle<(Vec<u8>, Option<DuplexStream>)>;
+
+    /// Sends `method` on a new connection to an upstream that answers
+    /// `reply` through a pipe of `pipe` bytes (1: every read gets one
+    /// byte), then closes if `close`, else stays open.
+    async fn send(
+        method: Method,
+        reply: &[u8],
+        pipe: usize,
+        close: bool,
+    ) -> (
+        Result<http::Response<DirectBody<DuplexStream>>, ExchangeError>,
+        Arc<Idle<DuplexStream>>,
+        Upstream,
+    ) {
+        let (ours, mut theirs) = duplex(pipe);
+        let reply = reply.to_vec();
+        let upstream = tokio::spawn(async move {
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                match theirs.read(&mut byte).await {
+                    Ok(1) => request.push(byte[0]),
+                    _ => return (request, None),
+                }
+            }
+            let _ = theirs.write_all(&reply).await;
+            (request, (!close).then_some(theirs))
+        });
+        let mut conn = Conn::new(ours);
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("upstream"));
+        headers.append("x-many", HeaderValue::from_static("1"));
+        headers.append("x-many", HeaderValue::from_static("2"));
+        let idle = Arc::new(Idle::default());
+        let response = conn
+            .exchange(&method, "/a?b=%2F", &headers)
+            .await
+            .map(|head| head.into_response(conn, &idle));
+        (response, idle, upstream)
+    }
+
+    /// The body's data, and its trailers.
+    async fn read(
+        response: http::Response<DirectBody<DuplexStream>>,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), io::Error> {
+        let collected = response.into_body().collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((collected.to_bytes().to_vec(), trailers))
+    }
+
+    fn pooled(idle: &Idle<DuplexStream>) -> usize {
+        idle.lock().map(|idle| idle.len()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_request_head_is_written_as_hyper_writes_it() {
+        let (response, _, upstream) = send(
+            Method::DELETE,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            4096,
+            false,
+        )
+        .await;
+        assert!(response.is_ok());
+        let (request, _) = upstream.await.expect("upstream");
+        assert_eq!(
+            String::from_utf8_lossy(&request),
+            "DELETE /a?b=%2F HTTP/1.1\r\nhost: upstream\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sized_body_is_read_and_the_connection_kept() {
+        for pipe in [1, 4096] {
+            let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world";
+            let (response, idle, _upstream) = send(Method::GET, reply, pipe, false).await;
+            let response = response.expect("a response");
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["x-a"], "1");
+            assert_eq!(response.headers()[CONTENT_LENGTH], "11");
+            assert!(
+                response
+                    .extensions()
+                    .get::<hyper::ext::ReasonPhrase>()
+                    .is_none()
+            );
+            let (data, _) = read(response).await.expect("the body");
+            assert_eq!(data, b"hello world");
+            assert_eq!(pooled(&idle), 1, "pipe {pipe}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_decoded_with_extensions_and_trailers() {
+        for pipe in [1, 3, 4096] {
+            let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                5;name=value\r\nhello\r\nA\r\n worldwide\r\n0\r\nx-sum: abc\r\n\r\n";
+            let (response, idle, _upstream) = send(Method::GET, reply, pipe, false).await;
+            let (data, trailers) = read(response.expect("a response")).await.expect("the body");
+            assert_eq!(data, b"hello worldwide");
+            assert_eq!(trailers.expect("trailers")["x-sum"], "abc");
+            assert_eq!(pooled(&idle), 1, "pipe {pipe}");
+        }
+        let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let (response, idle, _upstream) = send(Method::GET, reply, 1, false).await;
+        let (data, trailers) = read(response.expect("a response")).await.expect("body");
+        assert_eq!((data.as_slice(), trailers), (&b"abc"[..], None));
+        assert_eq!(pooled(&idle), 1);
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped() {
+        let reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+            HTTP/1.1 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok";
+        let (response, idle, _upstream) = send(Method::GET, reply, 1, false).await;
+        let response = response.expect("a response");
+        assert_eq!(response.status(), 200);
+        assert!(!response.headers().contains_key("link"));
+        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(reason.map(|r| r.as_bytes()), Some(&b"Fine Thanks"[..]));
+        assert_eq!(read(response).await.expect("body").0, b"ok");
+        assert_eq!(pooled(&idle), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_without_a_body() {
+        let cases: [(Method, &[u8]); 3] = [
+            (
+                Method::HEAD,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n",
+            ),
+            (Method::GET, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ];
+        for (method, reply) in cases {
+            let (response, idle, _upstream) = send(method, reply, 4096, false).await;
+            let response = response.expect("a response");
+            assert!(http_body::Body::is_end_stream(response.body()));
+            assert_eq!(pooled(&idle), 1, "pooled at once");
+            assert!(read(response).await.expect("body").0.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_to_the_close_is_read_whole_and_the_connection_not_kept() {
+        let reply = b"HTTP/1.1 200 OK\r\n\r\nall of it";
+        let (response, idle, _upstream) = send(Method::GET, reply, 1, true).await;
+        assert_eq!(
+            read(response.expect("a response")).await.expect("body").0,
+            b"all of it"
+        );
+        assert_eq!(pooled(&idle), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_the_upstream_will_close_are_not_kept() {
+        let replies: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            // Something unasked after the body.
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+        ];
+        for reply in replies {
+            let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+            assert_eq!(
+                read(response.expect("a response")).await.expect("body").0,
+                b"ok"
+            );
+            assert_eq!(pooled(&idle), 0, "{}", String::from_utf8_lossy(reply));
+        }
+        let reply = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok";
+        let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+        assert_eq!(
+            read(response.expect("a response")).await.expect("body").0,
+            b"ok"
+        );
+        assert_eq!(pooled(&idle), 1, "HTTP/1.0 with keep-alive");
+    }
+
+    #[tokio::test]
+    async fn invalid_heads_are_refused() {
+        let replies: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"SMTP ready\r\n\r\n",
+        ];
+        for reply in replies {
+            let (response, _, _upstream) = send(Method::GET, reply, 4096, false).await;
+            assert!(
+                matches!(response, Err(ExchangeError::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+        let (response, _, _upstream) = send(Method::GET, reply, 4096, false).await;
+        assert_eq!(
+            read(response.expect("equal lengths"))
+                .await
+                .expect("body")
+                .0,
+            b"ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_end_in_an_error_and_the_connection_is_dropped() {
+        let replies: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        ];
+        for reply in replies {
+            let (response, idle, _upstream) = send(Method::GET, reply, 1, true).await;
+            assert!(
+                read(response.expect("a response")).await.is_err(),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+            assert_eq!(pooled(&idle), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_without_an_answer_may_be_retried_if_idempotent() {
+        let (response, _, _upstream) = send(Method::GET, b"", 4096, true).await;
+        let error = response.expect_err("no answer");
+        assert!(matches!(
+            error,
+            ExchangeError::Read {
+                received: false,
+                ..
+            }
+        ));
+        assert!(error.may_retry(&Method::GET));
+        assert!(error.may_retry(&Method::PUT));
+        assert!(!error.may_retry(&Method::POST));
+
+        let (response, _, _upstream) = send(Method::GET, b"HTTP/1.1 200", 4096, true).await;
+        let error = response.expect_err("half an answer");
+        assert!(matches!(error, ExchangeError::Read { received: true, .. }));
+        assert!(!error.may_retry(&Method::GET));
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_usable_until_the_upstream_closes_it() {
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (response, idle, upstream) = send(Method::GET, reply, 4096, false).await;
+        read(response.expect("a response")).await.expect("body");
+        let (mut conn, _) = idle.lock().expect("lock").pop().expect("pooled");
+        assert!(conn.is_usable());
+        let (_, theirs) = upstream.await.expect("upstream");
+        drop(theirs);
+        assert!(!conn.is_usable());
+    }
+}
