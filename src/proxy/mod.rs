@@ -233,7 +233,9 @@ impl Shared {
             } else {
                 let (body, activity) = TrackedBody::new(body);
                 let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
-                let answer = self.send(self.client.request(request), activity).await?;
+                // Boxed: streaming a body is the rarer path, and the
+                // future of every request is as large as its largest state.
+                let answer = Box::pin(self.send(self.client.request(request), activity)).await?;
                 if answer.0.status() == StatusCode::UNAUTHORIZED {
                     // Not replayable, but the next requests should not meet the
                     // same refusal: ask for a new token without waiting for it.
