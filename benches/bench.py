@@ -4,7 +4,8 @@
     python3 benches/bench.py            # installs what it needs, 5 rounds
     ROUNDS=3 DURATION=3 python3 benches/bench.py
     QUICK=1 CONNECTIONS=64 ROUNDS=3 python3 benches/bench.py   # throughput only
-    BP_WORKERS=1 ...                    # bearer-proxy's tokio worker threads
+    BP_WORKERS=1 ...                    # bearer-proxy's proxy.workers (default: auto)
+    BP_BASELINE_WORKERS=1 ...           # the same for the baseline
     BP_BASELINE=/path/to/old/bearer-proxy ...   # before and after in one run
 
 Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB),
@@ -189,14 +190,18 @@ backend be
         "BEARER_PROXY_PROXY_MAX_CONCURRENT": "100000",
         "BEARER_PROXY_USER_AGENT": ua,
         "RUST_LOG": "warn",
-        **({"TOKIO_WORKER_THREADS": os.environ["BP_WORKERS"]} if os.environ.get("BP_WORKERS") else {}),
     }
+    base_env = dict(env)
+    if os.environ.get("BP_WORKERS"):
+        env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_WORKERS"]
+    if os.environ.get("BP_BASELINE_WORKERS"):
+        base_env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_BASELINE_WORKERS"]
     procs["bearer-proxy"] = subprocess.Popen([BINARY], env=env, stderr=subprocess.DEVNULL)
     names = ["upstream", "nginx", "haproxy", "bearer-proxy"]
     if BASELINE:
         # The same settings on other ports: a before-and-after in one run.
         ports["baseline"], ports["baseline-admin"] = free_port(), free_port()
-        base_env = {**env, "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['baseline']}",
+        base_env = {**base_env, "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['baseline']}",
                     "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['baseline-admin']}"}
         procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=subprocess.DEVNULL)
         names.append("baseline")
