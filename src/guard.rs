@@ -282,9 +282,20 @@ fn check_target<B>(request: &Request<B>) -> Result<(), ProxyError> {
 /// (`%2e`, `%2E`): a server that resolves them could be led out of the
 /// upstream's base path with the token attached.
 pub fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
+    // Without allocating: this runs for every request.
+    path.as_bytes().split(|b| *b == b'/').any(|mut segment| {
+        let mut dots = 0;
+        while !segment.is_empty() {
+            if segment[0] == b'.' {
+                segment = &segment[1..];
+            } else if segment.len() >= 3 && segment[..3].eq_ignore_ascii_case(b"%2e") {
+                segment = &segment[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
     })
 }
 
@@ -359,6 +370,10 @@ mod tests {
             "/a/b.",
             "/x?path=../..",
             "//evil.example/x",
+            "/a/.../b",
+            "/a/%2e%2e%2e/b",
+            "/a/%2",
+            "/a/%2f",
         ] {
             assert_eq!(code(&g, get(path).body(())?), None, "{path}");
         }

@@ -481,8 +481,11 @@ impl Upstream {
                 if let Some(direct) = direct.upgrade()
                     && let Ok(mut idle) = direct.lock()
                 {
+                    // Also those the upstream has closed since.
                     let now = Instant::now();
-                    idle.retain(|(_, since)| now - *since < POOL_IDLE_TIMEOUT);
+                    idle.retain_mut(|(conn, since)| {
+                        now - *since < POOL_IDLE_TIMEOUT && conn.is_usable()
+                    });
                 }
             }
         });

@@ -8,6 +8,7 @@
 //! body while it waits for an answer that may come first.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
@@ -23,11 +24,14 @@ use super::headers::has_token;
 
 /// The most header fields an answer may have (hyper's limit too).
 const MAX_HEADERS: usize = 100;
-/// The largest answer head, and the largest trailer section (hyper's
-/// default buffer limit).
+/// The largest answer head (hyper's default buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// The longest chunk-size line (extensions included).
 const MAX_CHUNK_LINE: usize = 4096;
+/// The most bytes of chunk extensions in one body, and the largest trailer
+/// section (hyper's limits too).
+const MAX_EXTENSIONS: usize = 16 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
 /// The first read asks for this much; the size doubles while reads fill
 /// it, up to `MAX_READ`, so large bodies move in large pieces.
 const MIN_READ: usize = 8192;
@@ -67,24 +71,19 @@ pub enum ExchangeError {
 
 impl ExchangeError {
     /// Whether the request may be sent again on a new connection after a
-    /// reused one failed: always when writing failed (the upstream had
-    /// closed it), and when it closed without a byte of answer if the
-    /// method is idempotent (RFC 9110, 9.2.2): the request may have been
-    /// processed.
+    /// reused one failed: when writing failed (the head did not all reach
+    /// the upstream), and when the connection closed without a byte of
+    /// answer if the method is safe (RFC 9110, 9.2.1): the upstream may
+    /// have acted on it, and only a safe request can be repeated without
+    /// a second effect. (RFC 9110 would allow PUT and DELETE too; a
+    /// second DELETE answering 404 would hide the first one's success.)
     pub fn may_retry(&self, method: &Method) -> bool {
         match self {
             Self::Write(_) => true,
-            Self::Read { received, .. } => !received && is_idempotent(method),
+            Self::Read { received, .. } => !received && method.is_safe(),
             Self::Invalid(_) => false,
         }
     }
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 fn invalid(message: impl Into<String>) -> ExchangeError {
@@ -183,9 +182,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 
     fn parse_head(&mut self, method: &Method) -> Result<Parsed, ExchangeError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut slots);
-        let length = match response.parse(&self.buf) {
+        // Uninitialised slots: initialising a hundred of them cost more
+        // than parsing a typical head.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            &self.buf,
+            &mut slots,
+        );
+        let length = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
             Err(error) => return Err(invalid(format!("its response head is malformed: {error}"))),
@@ -202,26 +208,39 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         } else {
             Version::HTTP_11
         };
-        // Where each field lies in the buffer: the values are then shared
-        // from it, not copied.
+        // Where each field lies in the head: the values are then shared
+        // from it, not copied. (httparse gives slices of the buffer; an
+        // empty one may point anywhere.)
         let base = self.buf.as_ptr() as usize;
         let span = |part: &[u8]| {
-            let start = part.as_ptr() as usize - base;
-            (start, start + part.len())
+            if part.is_empty() {
+                return Some((0, 0));
+            }
+            let start = (part.as_ptr() as usize).checked_sub(base)?;
+            let end = start.checked_add(part.len())?;
+            // Heads are shorter than `MAX_HEAD`, so these fit.
+            (end <= length).then_some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
         };
-        let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
+        let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
         let count = response.headers.len();
         for (slot, field) in spans.iter_mut().zip(response.headers.iter()) {
-            *slot = (span(field.name.as_bytes()), span(field.value));
+            let (Some(name), Some(value)) = (span(field.name.as_bytes()), span(field.value)) else {
+                return Err(invalid("a header field could not be read"));
+            };
+            *slot = (name, value);
         }
+        // Copied, as hyper does: rare, and httparse may give an empty or
+        // non-ASCII reason from outside the buffer.
         let reason = response
             .reason
-            .filter(|reason| Some(*reason) != status.canonical_reason())
-            .map(|reason| span(reason.as_bytes()));
+            .filter(|reason| !reason.is_empty() && Some(*reason) != status.canonical_reason())
+            .map(|reason| Bytes::copy_from_slice(reason.as_bytes()));
 
         let head = self.buf.split_to(length).freeze();
         let mut headers = HeaderMap::with_capacity(count);
         for &((name_start, name_end), (value_start, value_end)) in &spans[..count] {
+            let (name_start, name_end) = (name_start as usize, name_end as usize);
+            let (value_start, value_end) = (value_start as usize, value_end as usize);
             let name = HeaderName::from_bytes(&head[name_start..name_end])
                 .map_err(|_| invalid("a header name is not valid"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
@@ -229,9 +248,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             headers.append(name, value);
         }
         let framing = framing(method, code, version, &headers)?;
+        let both = headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH);
+        if both && matches!(framing, Framing::Chunked | Framing::Close) {
+            // RFC 9112, 6.3: Transfer-Encoding wins; the length is wrong.
+            headers.remove(CONTENT_LENGTH);
+        }
         let keep_alive = framing != Framing::Close
             && code != 101
-            && !(headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH))
+            && !both
             && !has_token(&headers, &CONNECTION, "close")
             && (version == Version::HTTP_11 || has_token(&headers, &CONNECTION, "keep-alive"));
 
@@ -240,7 +264,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         parts.version = version;
         parts.headers = headers;
         if let Some(reason) = reason
-            && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(head.slice(reason.0..reason.1))
+            && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason)
         {
             parts.extensions.insert(reason);
         }
@@ -351,6 +375,7 @@ impl Head {
             state,
             idle: self.keep_alive.then(|| Arc::clone(idle)),
             error: None,
+            extensions: 0,
         };
         if body.state == State::Done {
             body.finish();
@@ -370,6 +395,8 @@ pub struct DirectBody<T> {
     idle: Option<Arc<Idle<T>>>,
     /// A failure, reported on the poll after it was met (see `failed`).
     error: Option<io::Error>,
+    /// Bytes of chunk extensions so far.
+    extensions: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,8 +419,9 @@ enum Chunk {
     Data(u64),
     /// The CRLF after a chunk's data.
     DataEnd,
-    /// The trailer section, after the last chunk.
-    Trailers,
+    /// The trailer section, after the last chunk; how many of its bytes
+    /// have been searched for its end.
+    Trailers(usize),
 }
 
 impl<T> DirectBody<T> {
@@ -404,11 +432,13 @@ impl<T> DirectBody<T> {
         if let (Some(mut conn), Some(idle)) = (self.conn.take(), self.idle.take())
             && conn.buf.is_empty()
         {
-            if conn.buf.capacity() > MAX_READ {
-                // A large download's buffer is not kept for an idle connection.
+            if conn.read_size > MIN_READ {
+                // A large download's buffer (which `capacity` may not show:
+                // it counts only what is left past the last split) is not
+                // kept for an idle connection.
                 conn.buf = BytesMut::new();
+                conn.read_size = MIN_READ;
             }
-            conn.read_size = MIN_READ;
             if let Ok(mut idle) = idle.lock() {
                 idle.push((conn, Instant::now()));
             }
@@ -487,10 +517,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
                 State::Chunked(Chunk::Size) if !conn.buf.is_empty() => {
                     let starts_with_digit = conn.buf[0].is_ascii_hexdigit();
                     match httparse::parse_chunk_size(&conn.buf) {
-                        Ok(httparse::Status::Complete((used, size))) if starts_with_digit => {
+                        Ok(httparse::Status::Complete((used, size)))
+                            if starts_with_digit && !conn.buf[..used - 2].contains(&b'\n') =>
+                        {
+                            // Extensions are ignored, within a budget.
+                            this.extensions += used.saturating_sub(18);
+                            if this.extensions > MAX_EXTENSIONS {
+                                return this.fail(
+                                    cx,
+                                    format!("the upstream sent more than {MAX_EXTENSIONS} bytes of chunk extensions"),
+                                );
+                            }
                             conn.buf.advance(used);
                             this.state = State::Chunked(if size == 0 {
-                                Chunk::Trailers
+                                Chunk::Trailers(0)
                             } else {
                                 Chunk::Data(size)
                             });
@@ -511,13 +551,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
                     this.state = State::Chunked(Chunk::Size);
                     continue;
                 }
-                State::Chunked(Chunk::Trailers) if conn.buf.starts_with(b"\r\n") => {
+                State::Chunked(Chunk::Trailers(_)) if conn.buf.starts_with(b"\r\n") => {
                     conn.buf.advance(2);
                     this.finish();
                     return Poll::Ready(None);
                 }
-                State::Chunked(Chunk::Trailers) => {
-                    if let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                State::Chunked(Chunk::Trailers(searched)) => {
+                    // Searched from where the last read ended, not from the start.
+                    let from = searched.saturating_sub(3);
+                    let end = conn.buf[from.min(conn.buf.len())..]
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|at| from + at);
+                    if let Some(end) = end {
                         let section = conn.buf.split_to(end + 4);
                         return match trailers(&section) {
                             Ok(trailers) => {
@@ -527,14 +573,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
                             Err(message) => this.fail(cx, message),
                         };
                     }
-                    if conn.buf.len() > MAX_HEAD {
+                    if conn.buf.len() > MAX_TRAILERS {
                         return this.fail(
                             cx,
                             format!(
-                                "the upstream's trailer section is larger than {MAX_HEAD} bytes"
+                                "the upstream's trailer section is larger than {MAX_TRAILERS} bytes"
                             ),
                         );
                     }
+                    this.state = State::Chunked(Chunk::Trailers(conn.buf.len()));
                 }
                 _ => {}
             }
@@ -725,6 +772,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reason_phrases_empty_or_not_ascii_are_fine() {
+        let replies: [(&[u8], Option<&[u8]>); 4] = [
+            (b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok", None),
+            (b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok", None),
+            (
+                b"HTTP/1.1 200 D\xe9j\xe0 vu\r\nContent-Length: 2\r\n\r\nok",
+                None,
+            ),
+            (
+                b"HTTP/1.1 404 Gone Fishing\r\nContent-Length: 2\r\n\r\nok",
+                Some(b"Gone Fishing"),
+            ),
+        ];
+        for (reply, reason) in replies {
+            let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+            let response = response.expect("a response");
+            let got = response.extensions().get::<hyper::ext::ReasonPhrase>();
+            if let Some(reason) = reason {
+                assert_eq!(got.map(|r| r.as_bytes()), Some(reason));
+            }
+            assert_eq!(read(response).await.expect("body").0, b"ok");
+            assert_eq!(pooled(&idle), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_and_removes_content_length() {
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+        let response = response.expect("a response");
+        assert!(!response.headers().contains_key(CONTENT_LENGTH));
+        assert_eq!(read(response).await.expect("body").0, b"ok");
+        assert_eq!(
+            pooled(&idle),
+            0,
+            "a message with both is not trusted further"
+        );
+    }
+
+    #[tokio::test]
     async fn answers_without_a_body() {
         let cases: [(Method, &[u8]); 3] = [
             (
@@ -813,7 +900,13 @@ mod tests {
 
     #[tokio::test]
     async fn broken_bodies_end_in_an_error_and_the_connection_is_dropped() {
-        let replies: [&[u8]; 4] = [
+        let long_trailer = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx-long: {}\r\n\r\n",
+            "a".repeat(MAX_TRAILERS)
+        );
+        let replies: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x\nzz\r\nok\r\n0\r\n\r\n",
+            long_trailer.as_bytes(),
             b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
@@ -831,7 +924,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_closed_without_an_answer_may_be_retried_if_idempotent() {
+    async fn a_connection_closed_without_an_answer_may_be_retried_if_safe() {
         let (response, _, _upstream) = send(Method::GET, b"", 4096, true).await;
         let error = response.expect_err("no answer");
         assert!(matches!(
@@ -842,8 +935,10 @@ mod tests {
             }
         ));
         assert!(error.may_retry(&Method::GET));
-        assert!(error.may_retry(&Method::PUT));
-        assert!(!error.may_retry(&Method::POST));
+        assert!(error.may_retry(&Method::HEAD));
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert!(!error.may_retry(&method), "{method}");
+        }
 
         let (response, _, _upstream) = send(Method::GET, b"HTTP/1.1 200", 4096, true).await;
         let error = response.expect_err("half an answer");

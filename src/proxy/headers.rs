@@ -33,10 +33,13 @@ const REQUEST_ONLY: [HeaderName; 3] = [
 /// present, and allocates nothing when those to remove come last (as
 /// `Connection: keep-alive` usually does in a response).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
+    // Whether `Connection` names anything (it usually names nothing but
+    // `keep-alive` or `close`): looked up once, not once per header.
+    let connection = headers.contains_key(header::CONNECTION);
     let listed = |headers: &HeaderMap, name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || extra.contains(name)
-            || has_token(headers, &header::CONNECTION, name.as_str())
+            || (connection && has_token(headers, &header::CONNECTION, name.as_str()))
     };
     let mut first = None;
     let mut count = 0;
@@ -92,7 +95,13 @@ pub fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<It
 /// Whether a `name` header lists `token` (case-insensitively), as in
 /// `Connection: keep-alive, Upgrade` or `TE: trailers`.
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+    // Bytes, not `tokens`' strings: this runs several times per request.
+    headers.get_all(name).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
 }
 
 /// Maps a `Location` under the upstream's base to the same path on the

@@ -448,13 +448,14 @@ impl Shared {
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
             tokio::select! {
+                biased;
                 result = &mut responding => {
                     if result.is_err() && activity.as_ref().is_some_and(|a| a.client_failed()) {
                         return Err(ProxyError::client_fault());
                     }
                     return result.map_err(|error| self.upstream_error(&error));
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                () = tokio::time::sleep_until(deadline) => {
                     let next = activity.as_ref().map(|a| a.last() + timeout);
                     match next {
                         Some(next) if next > tokio::time::Instant::now() => deadline = next,
