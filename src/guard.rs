@@ -26,13 +26,30 @@ pub struct Guard {
     /// The listen address's IP, or `None` when listening on every interface.
     listen_ip: Option<IpAddr>,
     any_ip: bool,
+    /// Host values that the full test would accept and that clients
+    /// usually send (`localhost:PORT`, `127.0.0.1:PORT`, the listen
+    /// address): compared first, without parsing.
+    usual_hosts: Vec<String>,
 }
 
 impl Guard {
     /// From the configuration and the address actually listened on.
     pub fn new(config: &GuardConfig, listen: Option<SocketAddr>) -> Self {
         let listen_ip = listen.map(|addr| addr.ip());
+        let mut usual_hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        if let Some(listen) = listen {
+            let port = listen.port();
+            usual_hosts.extend([
+                format!("localhost:{port}"),
+                format!("127.0.0.1:{port}"),
+                format!("[::1]:{port}"),
+            ]);
+            if !listen.ip().is_unspecified() {
+                usual_hosts.push(listen.to_string());
+            }
+        }
         Self {
+            usual_hosts,
             allowed_hosts: config.allowed_hosts.clone(),
             allowed_origins: config.allowed_origins.clone(),
             local_key: config.local_key.clone(),
@@ -106,6 +123,13 @@ impl Guard {
     /// request.
     fn host_allowed(&self, authority: &str) -> bool {
         let authority = authority.trim();
+        if self
+            .usual_hosts
+            .iter()
+            .any(|usual| usual.eq_ignore_ascii_case(authority))
+        {
+            return true;
+        }
         let Some((host, _port)) = split_host_port(authority) else {
             return false;
         };

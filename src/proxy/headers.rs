@@ -33,18 +33,19 @@ const REQUEST_ONLY: [HeaderName; 3] = [
 /// present, and allocates nothing when those to remove come last (as
 /// `Connection: keep-alive` usually does in a response).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
-    // Whether `Connection` names anything (it usually names nothing but
-    // `keep-alive` or `close`): looked up once, not once per header.
-    let connection = headers.contains_key(header::CONNECTION);
-    let listed = |headers: &HeaderMap, name: &HeaderName| {
+    // `Connection` is looked up once, not once per header.
+    let listed = |connection: &header::GetAll<'_, header::HeaderValue>, name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || extra.contains(name)
-            || (connection && has_token(headers, &header::CONNECTION, name.as_str()))
+            || connection
+                .iter()
+                .any(|value| lists(value.as_bytes(), name.as_str()))
     };
     let mut first = None;
     let mut count = 0;
+    let connection = headers.get_all(header::CONNECTION);
     for (position, name) in headers.keys().enumerate() {
-        if listed(headers, name) {
+        if listed(&connection, name) {
             first.get_or_insert(position);
             count += 1;
         }
@@ -65,8 +66,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
     // header into the hole, which would reorder what the upstream sees.
     let old = std::mem::take(headers);
     headers.reserve(old.len());
+    let connection = old.get_all(header::CONNECTION);
     for (name, value) in &old {
-        if !listed(&old, name) {
+        if !listed(&connection, name) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -95,13 +97,18 @@ pub fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<It
 /// Whether a `name` header lists `token` (case-insensitively), as in
 /// `Connection: keep-alive, Upgrade` or `TE: trailers`.
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    // Bytes, not `tokens`' strings: this runs several times per request.
-    headers.get_all(name).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|value| lists(value.as_bytes(), token))
+}
+
+/// Whether a comma-separated list names `token` (case-insensitively). On
+/// bytes, not `tokens`' strings: this runs several times per request.
+fn lists(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Maps a `Location` under the upstream's base to the same path on the
