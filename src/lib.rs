@@ -12,8 +12,10 @@
 //!   ([`token::error`]), the refresher task that alone talks to the endpoint
 //!   ([`token::refresher`]) and the slot the request path reads ([`token::slot`]).
 //! - [`proxy`]: forwarding; header rewriting ([`proxy::headers`]), the
-//!   upstream connection pool ([`proxy::client`]), body wrappers ([`proxy::body`]) and
-//!   the proxy's own error responses ([`proxy::error`]).
+//!   upstream connection pool ([`proxy::client`]), HTTP/1.1 to the upstream
+//!   without a connection task for requests without a body ([`proxy::direct`]),
+//!   body wrappers ([`proxy::body`]) and the proxy's own error responses
+//!   ([`proxy::error`]).
 //! - [`guard`]: who may use the proxy (target, Host, Origin, local key,
 //!   method), checked before forwarding.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status` on the admin listener.
