@@ -946,6 +946,58 @@ mod tests {
         assert!(!error.may_retry(&Method::GET));
     }
 
+    /// Valid answers mangled at random (bytes changed, inserted, removed,
+    /// cut, repeated), delivered in pieces of random size: each ends in a
+    /// response or an error, never a panic or a hang.
+    #[tokio::test]
+    async fn mangled_answers_end_in_an_answer_or_an_error() {
+        let seeds: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\nto the end",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nETag: \"x\"\r\n\r\n",
+        ];
+        let inserts = [b'\r', b'\n', b':', b' ', b';', b'0', b'f', b',', 0x7f, 0xff];
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        for _ in 0..3000 {
+            let mut bytes = seeds[rng.usize(..seeds.len())].to_vec();
+            for _ in 0..rng.usize(1..5) {
+                let at = rng.usize(..bytes.len().max(1)).min(bytes.len());
+                match rng.u8(..5) {
+                    0 if at < bytes.len() => bytes[at] = rng.u8(..),
+                    1 => bytes.insert(at, inserts[rng.usize(..inserts.len())]),
+                    2 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    3 => bytes.truncate(at),
+                    _ => {
+                        let piece = bytes[at..].to_vec();
+                        bytes.extend_from_slice(&piece[..piece.len().min(16)]);
+                    }
+                }
+            }
+            let method = if rng.bool() {
+                Method::GET
+            } else {
+                Method::HEAD
+            };
+            let pipe = [1, 7, 4096][rng.usize(..3)];
+            let exchange = async {
+                let (response, _, _upstream) = send(method, &bytes, pipe, true).await;
+                if let Ok(response) = response {
+                    let _ = read(response).await;
+                }
+            };
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await;
+            assert!(
+                ended.is_ok(),
+                "hung on {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_idle_connection_is_usable_until_the_upstream_closes_it() {
         let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
