@@ -781,3 +781,29 @@ async fn a_connection_still_taking_an_upload_is_not_given_to_the_next_request() 
     drop(tx);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_invalid_upstream_answer_is_a_502_that_says_so() -> TestResult {
+    // Two Content-Length values that disagree: the body's end is unknown.
+    let (addr, _) = raw_upstream(|mut stream, _head| async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok")
+            .await;
+    })
+    .await?;
+    let token = FakeTokenEndpoint::start().await;
+    let proxy = start_proxy(&token, &format!("http://{addr}"), &[]).await;
+    for client in [http1(), h2c()] {
+        let response = client.get(proxy.url("/")).send().await?;
+        assert_eq!(response.status(), 502);
+        let body: serde_json::Value = response.json().await?;
+        assert_eq!(body["error"], "upstream_unreachable");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("sent an invalid response") && message.contains("Content-Length"),
+            "{message}"
+        );
+    }
+    Ok(())
+}
