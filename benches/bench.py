@@ -217,8 +217,15 @@ backend be
                     "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['baseline-admin']}"}
         procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=subprocess.DEVNULL)
         names.append("baseline")
-    for name in names:
-        wait_port(ports[name])
+    try:
+        for name in names:
+            wait_port(ports[name])
+    except RuntimeError:
+        # Nothing is left running when one contender fails to start.
+        for proc in procs.values():
+            proc.terminate()
+        token_server.shutdown()
+        raise
     for admin in ["admin", "baseline-admin"] if BASELINE else ["admin"]:
         for _ in range(100):
             out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{ports[admin]}/readyz"], capture_output=True, text=True).stdout
