@@ -245,8 +245,15 @@ impl Upstream {
             let (head, _) = request.into_parts();
             return self.request_direct(&head).await;
         }
-        // Boxed: hyper's futures are large, and every request without a
-        // body would otherwise carry their size.
+        self.via_hyper(request).await
+    }
+
+    /// `request_hyper`, boxed: hyper's futures are large, and every
+    /// request without a body would otherwise carry their size.
+    async fn via_hyper(
+        &self,
+        request: Request<OutBody>,
+    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
         let (response, checkout) = Box::pin(self.request_hyper(request)).await?;
         Ok((response.map(Either::Left), checkout))
     }
@@ -265,8 +272,7 @@ impl Upstream {
         head: &http::request::Parts,
     ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
         if self.speaks_h2() {
-            let request = Box::pin(self.request_hyper(owned(head))).await?;
-            return Ok((request.0.map(Either::Left), request.1));
+            return self.via_hyper(empty_copy(head)).await;
         }
         self.request_direct(head).await
     }
@@ -286,7 +292,7 @@ impl Upstream {
                 (Connected::H1(conn), reused) => (conn, reused),
                 (Connected::H2(mut sender), _) => {
                     // The upstream chose HTTP/2 for this new connection.
-                    let response = Box::pin(sender.send_request(owned(parts)))
+                    let response = Box::pin(sender.send_request(empty_copy(parts)))
                         .await
                         .map_err(|e| UpstreamError::Request(e.into()))?;
                     return Ok((response.map(Either::Left), Checkout::none()));
@@ -316,7 +322,7 @@ impl Upstream {
             while let Some((mut conn, since)) =
                 self.direct.lock().ok().and_then(|mut idle| idle.pop())
             {
-                if since.elapsed() < POOL_IDLE_TIMEOUT && conn.is_usable() {
+                if keepable(&mut conn, since, Instant::now()) {
                     return Ok((Connected::H1(conn), true));
                 }
             }
@@ -483,24 +489,23 @@ impl Upstream {
                 {
                     // Also those the upstream has closed since.
                     let now = Instant::now();
-                    idle.retain_mut(|(conn, since)| {
-                        now - *since < POOL_IDLE_TIMEOUT && conn.is_usable()
-                    });
+                    idle.retain_mut(|(conn, since)| keepable(conn, *since, now));
                 }
             }
         });
     }
 }
 
-/// A bodiless request with a copy of `head` (its extensions stay behind).
-fn owned(head: &http::request::Parts) -> Request<OutBody> {
-    let mut request = Request::new(Either::Right(
-        http_body_util::Full::new(bytes::Bytes::new()),
-    ));
-    *request.method_mut() = head.method.clone();
-    *request.uri_mut() = head.uri.clone();
-    *request.headers_mut() = head.headers.clone();
-    request
+/// Whether an idle connection for `direct` may carry a request: not idle
+/// for `POOL_IDLE_TIMEOUT`, and neither closed by the upstream nor sent
+/// anything unasked since.
+fn keepable(conn: &mut Conn<Io>, since: Instant, now: Instant) -> bool {
+    now - since < POOL_IDLE_TIMEOUT && conn.is_usable()
+}
+
+/// A copy of a bodiless request's head, for hyper's client.
+fn empty_copy(head: &http::request::Parts) -> Request<OutBody> {
+    super::copy_of(head, Either::Right(http_body_util::Full::default()))
 }
 
 /// The path and query of an absolute URI, as an HTTP/1.1 request target.

@@ -403,12 +403,7 @@ impl Shared {
         if body.is_empty() {
             return self.send(self.client.request_bodiless(head), None).await;
         }
-        let request = outgoing(
-            head.method.clone(),
-            head.uri.clone(),
-            head.headers.clone(),
-            Either::Right(Full::new(body.clone())),
-        );
+        let request = copy_of(head, Either::Right(Full::new(body.clone())));
         Box::pin(self.send(self.client.request(request), None)).await
     }
 
@@ -546,6 +541,17 @@ fn outgoing(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     request
+}
+
+/// A copy of `head` with `body`, for a request that may be sent again
+/// (after a 401, or on HTTP/2 when `head` is only borrowed).
+fn copy_of(head: &http::request::Parts, body: OutBody) -> Request<OutBody> {
+    outgoing(
+        head.method.clone(),
+        head.uri.clone(),
+        head.headers.clone(),
+        body,
+    )
 }
 
 fn bad_target() -> ProxyError {
