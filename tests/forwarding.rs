@@ -704,13 +704,7 @@ async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult 
     // An upstream that answers one request per connection, then closes it
     // without saying so (no `Connection: close`), as servers with a short
     // keep-alive timeout do.
-    let (addr, accepted) = raw_upstream(|mut stream, _head| async move {
-        use tokio::io::AsyncWriteExt;
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .await;
-    })
-    .await?;
+    let (addr, accepted) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await?;
     let token = FakeTokenEndpoint::start().await;
     let proxy = start_proxy(
         &token,
@@ -785,13 +779,7 @@ async fn a_connection_still_taking_an_upload_is_not_given_to_the_next_request() 
 #[tokio::test]
 async fn an_invalid_upstream_answer_is_a_502_that_says_so() -> TestResult {
     // Two Content-Length values that disagree: the body's end is unknown.
-    let (addr, _) = raw_upstream(|mut stream, _head| async move {
-        use tokio::io::AsyncWriteExt;
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok")
-            .await;
-    })
-    .await?;
+    let (addr, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok").await?;
     let token = FakeTokenEndpoint::start().await;
     let proxy = start_proxy(&token, &format!("http://{addr}"), &[]).await;
     for client in [http1(), h2c()] {

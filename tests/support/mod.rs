@@ -853,3 +853,14 @@ where
     });
     Ok((addr, accepted))
 }
+
+/// A `raw_upstream` that writes `answer` on each connection, whatever was
+/// asked, and closes it.
+pub async fn answering(
+    answer: &'static [u8],
+) -> std::io::Result<(SocketAddr, Arc<std::sync::atomic::AtomicUsize>)> {
+    raw_upstream(move |mut stream, _head| async move {
+        let _ = stream.write_all(answer).await;
+    })
+    .await
+}
