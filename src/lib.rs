@@ -42,6 +42,7 @@ pub mod config;
 pub mod egress;
 pub mod guard;
 pub mod healthcheck;
+mod lean;
 pub mod listen;
 pub mod proxy;
 pub mod secret;

@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::either::Either;
 
+use crate::lean;
 use crate::listen::{Connection, ProxyListener};
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,6 +60,16 @@ where
     type Body = B;
 }
 
+/// A service that can also answer a request without a body from its head
+/// alone: what the proxy's workers serve, on their lean HTTP/1.1 path.
+pub trait Bodiless: HttpService<Body: http_body::Body<Data = Bytes, Error: Send>> {
+    /// The answer to `request`, which has no body.
+    fn call_bodiless(
+        &self,
+        request: Request<()>,
+    ) -> impl Future<Output = Response<Self::Body>> + Send + '_;
+}
+
 /// HTTP/2 connections are pinged this often, and closed when a ping goes
 /// unanswered this long.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -70,18 +82,26 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// (its first byte departs from the HTTP/2 preface; hyper's header timer
 /// takes over) or send the whole HTTP/2 preface. A client that connects and
 /// sends nothing, or part of the preface, is cut at the deadline instead of
-/// holding a descriptor for ever.
+/// holding a descriptor for ever. Bytes already read from the connection
+/// (by the lean path, before it handed the connection over) come first.
 #[derive(Debug)]
 struct FirstBytes<IO> {
     io: IO,
+    read: Bytes,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     matched: usize,
 }
 
 impl<IO> FirstBytes<IO> {
     fn new(io: IO, timeout: Duration) -> Self {
+        Self::after(Bytes::new(), io, timeout)
+    }
+
+    /// `io`, whose first bytes, `read`, were already read from it.
+    fn after(read: Bytes, io: IO, timeout: Duration) -> Self {
         Self {
             io,
+            read,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             matched: 0,
         }
@@ -96,7 +116,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FirstBytes<IO> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        let polled = if this.read.is_empty() {
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        } else {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            Poll::Ready(Ok(()))
+        };
+        match polled {
             Poll::Ready(Ok(())) => {
                 if this.deadline.is_some() {
                     for byte in &buf.filled()[before..] {
@@ -195,6 +222,28 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Serves a connection with hyper until it closes; once `closing` fires,
+/// hyper finishes the request in progress and closes it.
+async fn with_hyper<IO, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: IO,
+    service: S,
+    closing: &CancellationToken,
+) -> Result<(), BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        () = closing.cancelled() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
+}
+
 /// Calls its function when dropped.
 struct OnDrop<F: FnOnce()>(Option<F>);
 
@@ -208,9 +257,13 @@ impl<F: FnOnce()> Drop for OnDrop<F> {
 
 /// The connections of one runtime: served, then drained on shutdown.
 struct Connections {
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     header_timeout: Duration,
-    graceful: GracefulShutdown,
+    /// Fires when shutdown begins: each connection finishes the request
+    /// it is serving, then closes.
+    closing: CancellationToken,
+    /// The connections' tasks, waited for by `drain`.
+    tasks: TaskTracker,
     /// Cancelled when the grace period runs out: ends what is still open.
     /// Workers have none: dropping their runtime ends what is left.
     cut: Option<CancellationToken>,
@@ -220,41 +273,76 @@ struct Connections {
 impl Connections {
     fn new(header_timeout: Duration, name: &'static str, cut: bool) -> Self {
         Self {
-            builder: http_builder(header_timeout),
+            builder: Arc::new(http_builder(header_timeout)),
             header_timeout,
-            graceful: GracefulShutdown::new(),
+            closing: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             cut: cut.then(CancellationToken::new),
             name,
         }
     }
 
-    /// Serves one connection in a task of the current runtime; `ended`
-    /// runs when it closes.
+    /// Serves one connection with hyper in a task of the current runtime;
+    /// `ended` runs when it closes.
     fn spawn<S: HttpService>(
         &self,
         stream: Connection,
         service: S,
         ended: impl FnOnce() + Send + 'static,
     ) {
-        let connection = self
-            .builder
-            .serve_connection(
-                TokioIo::new(FirstBytes::new(stream, self.header_timeout)),
-                service,
-            )
-            .into_owned();
-        let watched = self.graceful.watch(connection);
+        let builder = Arc::clone(&self.builder);
+        let closing = self.closing.clone();
+        let io = FirstBytes::new(stream, self.header_timeout);
+        self.run(
+            async move { with_hyper(&builder, io, service, &closing).await },
+            ended,
+        );
+    }
+
+    /// Serves one connection in a task of the current runtime: requests
+    /// without a body on the lean path, the rest of the connection by
+    /// hyper from the first request that needs it; `ended` runs when it
+    /// closes.
+    fn spawn_lean<S: Bodiless>(
+        &self,
+        mut stream: Connection,
+        service: S,
+        ended: impl FnOnce() + Send + 'static,
+    ) {
+        let builder = Arc::clone(&self.builder);
+        let closing = self.closing.clone();
+        let header_timeout = self.header_timeout;
+        self.run(
+            async move {
+                match lean::serve(&mut stream, &service, header_timeout, &closing).await {
+                    lean::Ended::Closed => Ok(()),
+                    lean::Ended::Hyper(read) => {
+                        let io = FirstBytes::after(read, stream, header_timeout);
+                        with_hyper(&builder, io, service, &closing).await
+                    }
+                }
+            },
+            ended,
+        );
+    }
+
+    /// Runs a connection's task, tracked for `drain`; `ended` runs however
+    /// the task ends: finished, panicked or dropped.
+    fn run(
+        &self,
+        connection: impl Future<Output = Result<(), BoxError>> + Send + 'static,
+        ended: impl FnOnce() + Send + 'static,
+    ) {
         let cut = self.cut.clone();
         let name = self.name;
-        // Runs however the task ends: finished, panicked or dropped.
         let ended = OnDrop(Some(ended));
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let result = match cut {
                 Some(cut) => tokio::select! {
-                    result = watched => result,
-                    _ = cut.cancelled() => Ok(()),
+                    result = connection => result,
+                    () = cut.cancelled() => Ok(()),
                 },
-                None => watched.await,
+                None => connection.await,
             };
             if let Err(error) = result {
                 tracing::debug!(listener = name, error = %error, "connection ended with an error");
@@ -267,8 +355,10 @@ impl Connections {
     /// closes what is left.
     async fn drain(self, grace: Duration) {
         let name = self.name;
+        self.closing.cancel();
+        self.tasks.close();
         tokio::select! {
-            _ = self.graceful.shutdown() => tracing::debug!(listener = name, "all connections closed"),
+            () = self.tasks.wait() => tracing::debug!(listener = name, "all connections closed"),
             _ = tokio::time::sleep(grace) => {
                 tracing::warn!(listener = name, grace_s = grace.as_secs_f64(), "shutdown grace elapsed: closing the remaining connections");
             }
@@ -344,7 +434,7 @@ impl Workers {
     ) -> io::Result<Self>
     where
         F: Fn() -> S + Send + Sync + 'static,
-        S: HttpService,
+        S: Bodiless,
     {
         let make_service = Arc::new(make_service);
         let mut workers = Vec::with_capacity(count);
@@ -389,7 +479,7 @@ impl Workers {
                             let open = Arc::clone(&worker_open);
                             match stream {
                                 Ok(stream) => {
-                                    connections.spawn(stream, service.clone(), move || {
+                                    connections.spawn_lean(stream, service.clone(), move || {
                                         open.fetch_sub(1, Ordering::Relaxed);
                                     })
                                 }

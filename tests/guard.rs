@@ -355,9 +355,22 @@ async fn the_header_timeout_never_cuts_a_slow_answer() -> TestResult {
     )
     .await;
     wait_ready(&proxy).await;
-    // A short request (fewer bytes than the HTTP/2 preface), a 1.2 s answer.
-    let response = raw(proxy.addr, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
-    assert_eq!(response.status, 200);
+    // A 1.2 s answer, to a short request (fewer bytes than the HTTP/2
+    // preface, served by hyper) and to one served on the lean path.
+    for request in [
+        &b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let response = raw(proxy.addr, request).await?;
+        assert_eq!(response.status, 200);
+        // Close-delimited to HTTP/1.0, chunked to HTTP/1.1: whole either way.
+        assert_eq!(
+            String::from_utf8_lossy(&response.body)
+                .matches("tick")
+                .count(),
+            4
+        );
+    }
     Ok(())
 }
 

@@ -22,8 +22,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::headers::has_token;
 
-/// The most header fields an answer may have (hyper's limit too).
-const MAX_HEADERS: usize = 100;
 /// The largest answer head (hyper's default buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// The longest chunk-size line (extensions included).
@@ -84,6 +82,66 @@ impl ExchangeError {
             Self::Invalid(_) => false,
         }
     }
+}
+
+/// Where a header field's name and value lie in a head (start and end
+/// offsets): recorded while httparse borrows the buffer, so that the values
+/// can then be shared from the frozen head instead of copied.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+/// The most header fields a head may have (hyper's limit too).
+pub(crate) const MAX_HEADERS: usize = 100;
+
+/// Records where each of `parsed` (httparse's fields of the head that
+/// fills `buf[..length]`) lies; `None` if one lies outside it. httparse
+/// gives slices of the buffer, but an empty one may point anywhere.
+pub(crate) fn record_spans(
+    buf: &[u8],
+    length: usize,
+    parsed: &[httparse::Header<'_>],
+    spans: &mut [Span],
+) -> Option<()> {
+    let base = buf.as_ptr() as usize;
+    let span = |part: &[u8]| {
+        if part.is_empty() {
+            return Some((0, 0));
+        }
+        let start = (part.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(part.len())?;
+        // Heads are far shorter than 4 GiB, so these fit.
+        (end <= length).then_some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
+    };
+    for (slot, field) in spans.iter_mut().zip(parsed) {
+        *slot = Span {
+            name: span(field.name.as_bytes())?,
+            value: span(field.value)?,
+        };
+    }
+    Some(())
+}
+
+/// The header fields at `spans` in `head`, values shared from it, in a
+/// map with room for `more` (growing a map costs more than parsing).
+pub(crate) fn fields(head: &Bytes, spans: &[Span], more: usize) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + more);
+    for span in spans {
+        let (name_start, name_end) = (span.name.0 as usize, span.name.1 as usize);
+        let (value_start, value_end) = (span.value.0 as usize, span.value.1 as usize);
+        let name = head
+            .get(name_start..name_end)
+            .and_then(|name| HeaderName::from_bytes(name).ok())
+            .ok_or("a header name is not valid")?;
+        let value = head
+            .get(value_start..value_end)
+            .and_then(|_| HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok())
+            .ok_or_else(|| format!("the value of {name} is not valid"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 fn invalid(message: impl Into<String>) -> ExchangeError {
@@ -208,27 +266,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         } else {
             Version::HTTP_11
         };
-        // Where each field lies in the head: the values are then shared
-        // from it, not copied. (httparse gives slices of the buffer; an
-        // empty one may point anywhere.)
-        let base = self.buf.as_ptr() as usize;
-        let span = |part: &[u8]| {
-            if part.is_empty() {
-                return Some((0, 0));
-            }
-            let start = (part.as_ptr() as usize).checked_sub(base)?;
-            let end = start.checked_add(part.len())?;
-            // Heads are shorter than `MAX_HEAD`, so these fit.
-            (end <= length).then_some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
-        };
-        let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX_HEADERS];
+        let mut spans = [Span::default(); MAX_HEADERS];
         let count = response.headers.len();
-        for (slot, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let (Some(name), Some(value)) = (span(field.name.as_bytes()), span(field.value)) else {
-                return Err(invalid("a header field could not be read"));
-            };
-            *slot = (name, value);
-        }
+        record_spans(&self.buf, length, response.headers, &mut spans)
+            .ok_or_else(|| invalid("a header field could not be read"))?;
         // Copied, as hyper does: rare, and httparse may give an empty or
         // non-ASCII reason from outside the buffer.
         let reason = response
@@ -237,16 +278,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             .map(|reason| Bytes::copy_from_slice(reason.as_bytes()));
 
         let head = self.buf.split_to(length).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &((name_start, name_end), (value_start, value_end)) in &spans[..count] {
-            let (name_start, name_end) = (name_start as usize, name_end as usize);
-            let (value_start, value_end) = (value_start as usize, value_end as usize);
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
-                .map_err(|_| invalid("a header name is not valid"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|_| invalid(format!("the value of {name} is not valid")))?;
-            headers.append(name, value);
-        }
+        let mut headers = fields(&head, &spans[..count], 0).map_err(invalid)?;
         let framing = framing(method, code, version, &headers)?;
         let both = headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH);
         if both && matches!(framing, Framing::Chunked | Framing::Close) {

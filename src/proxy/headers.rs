@@ -105,7 +105,7 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 
 /// Whether a comma-separated list names `token` (case-insensitively). On
 /// bytes, not `tokens`' strings: this runs several times per request.
-fn lists(value: &[u8], token: &str) -> bool {
+pub(crate) fn lists(value: &[u8], token: &str) -> bool {
     value
         .split(|b| *b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))

@@ -149,17 +149,33 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let shared = Arc::clone(&self.inner);
-        Box::pin(async move {
-            Ok(match shared.forward(request).await {
-                Ok(response) => response,
-                Err(error) => error.to_response().map(|body| ProxyBody::full(body, None)),
-            })
-        })
+        Box::pin(async move { Ok(shared.answer(request.map(Some)).await) })
+    }
+}
+
+impl crate::serve::Bodiless for Proxy {
+    fn call_bodiless(
+        &self,
+        request: Request<()>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
+        self.inner.answer(request.map(|()| None))
     }
 }
 
 impl Shared {
-    async fn forward(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    /// The answer to `request` (`None`: it has no body): the upstream's,
+    /// or the proxy's error.
+    async fn answer(&self, request: Request<Option<Incoming>>) -> Response<ProxyBody> {
+        match self.forward(request).await {
+            Ok(response) => response,
+            Err(error) => error.to_response().map(|body| ProxyBody::full(body, None)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Option<Incoming>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         self.guard.check(&request)?;
         let Ok(permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
             return Err(ProxyError::new(
@@ -220,17 +236,10 @@ impl Shared {
             // The answer is read to mask the token in it: ask for it uncompressed.
             parts.headers.remove(ACCEPT_ENCODING);
         }
-        let ((response, connection), token) =
-            if self.can_replay(&expect_continue, &parts.headers, &body) {
-                let (held, held_token) = self.hold(body, Arc::clone(&token)).await?;
-                if !Arc::ptr_eq(&held_token, &token) {
-                    parts
-                        .headers
-                        .insert(AUTHORIZATION, held_token.header.clone());
-                }
-                let token = held_token;
-                self.send_replayable(parts, held, token).await?
-            } else {
+        // A body that is already over is no body.
+        let body = body.filter(|body| !body.is_end_stream());
+        let ((response, connection), token) = match body {
+            Some(body) if !self.can_replay(&expect_continue, &parts.headers) => {
                 let (body, activity) = TrackedBody::new(body);
                 let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
                 // Boxed: streaming a body is the rarer path, and the
@@ -244,7 +253,18 @@ impl Shared {
                         .request_renewal(token.generation, self.min_forced_interval);
                 }
                 (answer, token)
-            };
+            }
+            body => {
+                let (held, held_token) = self.hold(body, Arc::clone(&token)).await?;
+                if !Arc::ptr_eq(&held_token, &token) {
+                    parts
+                        .headers
+                        .insert(AUTHORIZATION, held_token.header.clone());
+                }
+                let token = held_token;
+                self.send_replayable(parts, held, token).await?
+            }
+        };
 
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
@@ -286,12 +306,12 @@ impl Shared {
     /// may have taken long enough to arrive for `token` to near its expiry.
     async fn hold(
         &self,
-        body: Incoming,
+        body: Option<Incoming>,
         token: Arc<CurrentToken>,
     ) -> Result<(Bytes, Arc<CurrentToken>), ProxyError> {
-        if body.is_end_stream() {
+        let Some(body) = body else {
             return Ok((Bytes::new(), token));
-        }
+        };
         let collecting = Limited::new(body, self.replay_buffer).collect();
         let held = match Box::pin(tokio::time::timeout(self.response_timeout, collecting)).await {
             Ok(Ok(collected)) => collected.to_bytes(),
@@ -338,18 +358,11 @@ impl Shared {
             })
     }
 
-    /// Whether the request can be sent again after an upstream 401: no body,
-    /// or one small enough to hold back (by its Content-Length) and not
+    /// Whether a request with a body can be sent again after an upstream
+    /// 401: one small enough to hold back (by its Content-Length) and not
     /// announced with `Expect: 100-continue` (its sender waits to be asked).
-    fn can_replay(
-        &self,
-        expect: &Option<HeaderValue>,
-        headers: &http::HeaderMap,
-        body: &Incoming,
-    ) -> bool {
-        if body.is_end_stream() {
-            return true;
-        }
+    /// A request without a body always can.
+    fn can_replay(&self, expect: &Option<HeaderValue>, headers: &http::HeaderMap) -> bool {
         let length = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

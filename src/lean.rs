@@ -1,0 +1,753 @@
+//! HTTP/1.1 without hyper's server for the common request: a head with no
+//! body, no upgrade and no `Expect`. The connection's own task parses the
+//! head, calls the service inline (no boxed future, no dispatcher) and
+//! writes the answer's head and first piece of body in one write.
+//!
+//! Everything else goes to hyper, from that request on, with the bytes
+//! already read: a request with a body, HTTP/1.0, an upgrade, HTTP/2 with
+//! prior knowledge, a head too large or malformed (hyper then answers 400,
+//! 414 or 431 as before). The framing and connection rules of the answers
+//! follow hyper's server, so a client cannot tell the two paths apart.
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, DATE, EXPECT, HOST, MAX_FORWARDS, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::direct::{MAX_HEADERS, Span, fields, record_spans};
+use crate::proxy::headers::lists;
+use crate::serve::Bodiless;
+
+/// A head still incomplete at this size goes to hyper, which has the
+/// limits and the answers (431) for large heads.
+const MAX_LEAN_HEAD: usize = 64 * 1024;
+/// The read buffer's size (hyper's first read size too).
+const READ_SIZE: usize = 8192;
+/// A piece of body at most this large is copied behind the head or the
+/// chunk-size line, so that both leave in one write.
+const COPY_LIMIT: usize = 16 * 1024;
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How serving a connection ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The connection is done with: closed, broken, timed out or drained.
+    Closed,
+    /// Hyper serves the rest; these bytes were read and not used.
+    Hyper(Bytes),
+}
+
+/// A request head, read and checked.
+struct Head {
+    request: Request<()>,
+    keep_alive: bool,
+    /// The client sent `TE: trailers`: trailers may be passed on.
+    trailers: bool,
+}
+
+enum Parsed {
+    Partial,
+    Complete(Box<Head>),
+    Hyper,
+}
+
+/// Serves requests on `io` until the connection ends or a request needs
+/// hyper. Each wait for a request head is bounded by `header_timeout`, as
+/// hyper's is; once `closing` fires, an idle connection is closed and a
+/// busy one after its answer.
+pub(crate) async fn serve<S, IO>(
+    io: &mut IO,
+    service: &S,
+    header_timeout: Duration,
+    closing: &CancellationToken,
+) -> Ended
+where
+    S: Bodiless,
+    S::Body: Body<Data = Bytes>,
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut first = true;
+    let mut deadline = pin!(tokio::time::sleep(header_timeout));
+    loop {
+        let head = loop {
+            if first && !buf.is_empty() {
+                let seen = buf.len().min(H2_PREFACE.len());
+                if buf[..seen] == H2_PREFACE[..seen] {
+                    return Ended::Hyper(buf.freeze());
+                }
+            }
+            let parsed = if buf.is_empty() {
+                Parsed::Partial
+            } else {
+                parse(&mut buf)
+            };
+            match parsed {
+                Parsed::Complete(head) => break head,
+                Parsed::Hyper => return Ended::Hyper(buf.freeze()),
+                Parsed::Partial if buf.len() >= MAX_LEAN_HEAD => {
+                    return Ended::Hyper(buf.freeze());
+                }
+                Parsed::Partial => {}
+            }
+            if buf.capacity() - buf.len() < READ_SIZE / 2 {
+                buf.reserve(READ_SIZE);
+            }
+            // The deadline is set once per head, when the first read
+            // finds nothing to read.
+            let read = match poll_once(io.read_buf(&mut buf)).await {
+                Some(read) => read,
+                None => {
+                    let idle = buf.is_empty();
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + header_timeout);
+                    tokio::select! {
+                        biased;
+                        read = io.read_buf(&mut buf) => read,
+                        () = &mut deadline => return Ended::Closed,
+                        () = closing.cancelled(), if idle => return Ended::Closed,
+                    }
+                }
+            };
+            match read {
+                // A client that stops mid-head gets no answer: as in hyper.
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {}
+            }
+        };
+        first = false;
+        let Head {
+            request,
+            keep_alive,
+            trailers,
+        } = *head;
+        let method = request.method().clone();
+
+        // While the service works, a client that closes its connection
+        // cancels the request (hyper does the same); bytes of a next
+        // request wait in the buffer.
+        let response = {
+            let mut answer = pin!(service.call_bodiless(request));
+            loop {
+                tokio::select! {
+                    biased;
+                    response = &mut answer => break response,
+                    read = read_more(io, &mut buf), if buf.is_empty() => match read {
+                        Ok(0) | Err(_) => return Ended::Closed,
+                        Ok(_) => {}
+                    },
+                }
+            }
+        };
+
+        let keep_alive = keep_alive && !closing.is_cancelled();
+        let (mut parts, body) = response.into_parts();
+        let length = if body.is_end_stream() {
+            None
+        } else {
+            Some(body.size_hint().exact())
+        };
+        out.clear();
+        let Ok((encoder, last)) = encode_head(&mut out, &method, &mut parts, length, keep_alive)
+        else {
+            return Ended::Closed;
+        };
+        let written = match encoder {
+            Encoder::Length(0) => write_all(io, &out).await.map_err(drop),
+            encoder => write_body(io, &mut out, &mut buf, body, encoder, trailers).await,
+        };
+        if written.is_err() || last {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+        if out.capacity() > 4 * COPY_LIMIT {
+            // Not held while the connection waits.
+            out = Vec::new();
+        }
+    }
+}
+
+/// The value of `future` if it is ready at once.
+async fn poll_once<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    poll_fn(|cx| {
+        Poll::Ready(match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+/// Reads into `buf` (room for a next request's head is made first).
+async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_SIZE / 2 {
+        buf.reserve(READ_SIZE);
+    }
+    io.read_buf(buf).await
+}
+
+async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, data: &[u8]) -> io::Result<()> {
+    io.write_all(data).await
+}
+
+/// Parses a request head at the start of `buf`, and takes it off when it
+/// is one this path serves.
+fn parse(buf: &mut BytesMut) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let length = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // Malformed, or too many fields: hyper answers.
+        Err(_) => return Parsed::Hyper,
+    };
+    if request.version != Some(1) {
+        return Parsed::Hyper;
+    }
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Parsed::Hyper;
+    };
+    if !target.starts_with('/') || method == "CONNECT" {
+        return Parsed::Hyper;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Hyper;
+    };
+    // Only a head without a body, and without anything that changes how
+    // the connection goes on, is served here.
+    let mut keep_alive = true;
+    let mut connection_seen = false;
+    for field in request.headers.iter() {
+        let name = field.name.as_bytes();
+        let is = |other: &HeaderName| name.eq_ignore_ascii_case(other.as_str().as_bytes());
+        if is(&TRANSFER_ENCODING) || is(&EXPECT) || is(&UPGRADE) {
+            return Parsed::Hyper;
+        }
+        if is(&CONTENT_LENGTH) && field.value != b"0" {
+            return Parsed::Hyper;
+        }
+        if is(&CONNECTION) {
+            let value = field.value.trim_ascii();
+            if connection_seen {
+                return Parsed::Hyper;
+            }
+            connection_seen = true;
+            if value.eq_ignore_ascii_case(b"close") {
+                keep_alive = false;
+            } else if !value.eq_ignore_ascii_case(b"keep-alive") {
+                return Parsed::Hyper;
+            }
+        }
+    }
+    let count = request.headers.len();
+    let mut spans = [Span::default(); MAX_HEADERS];
+    if record_spans(buf, length, request.headers, &mut spans).is_none() {
+        return Parsed::Hyper;
+    }
+    let target = (target.as_ptr() as usize)
+        .checked_sub(buf.as_ptr() as usize)
+        .map(|start| start..start + target.len());
+    let Some(target) = target.filter(|range| range.end <= length) else {
+        return Parsed::Hyper;
+    };
+    let head = buf.split_to(length).freeze();
+    let (Ok(uri), Ok(headers)) = (
+        http::Uri::from_maybe_shared(head.slice(target)),
+        // The proxy adds up to four: host, authorization, user-agent, te.
+        fields(&head, &spans[..count], 4),
+    ) else {
+        // Put back for hyper, which answers (a URI too long, say). Rare:
+        // httparse accepted what `http` refuses.
+        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+        whole.extend_from_slice(&head);
+        whole.extend_from_slice(buf);
+        *buf = whole;
+        return Parsed::Hyper;
+    };
+    let trailers = headers
+        .get_all(TE)
+        .iter()
+        .any(|value| lists(value.as_bytes(), "trailers"));
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Parsed::Complete(Box::new(Head {
+        request,
+        keep_alive,
+        trailers,
+    }))
+}
+
+/// How the answer's body is framed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Encoder {
+    /// So many bytes more.
+    Length(u64),
+    /// Chunked; trailers named in `Trailer` may follow.
+    Chunked(Option<Vec<HeaderName>>),
+    /// Until the connection closes.
+    Close,
+}
+
+fn can_chunk(method: &Method, status: StatusCode) -> bool {
+    method != Method::HEAD
+        && !status.is_informational()
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+}
+
+fn can_have_length(status: StatusCode) -> bool {
+    !status.is_informational()
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+}
+
+/// Writes the answer's head into `dst` as hyper's server does (lower-case
+/// names, `date` added, the body's length or chunking declared), and says
+/// how to frame the body and whether the connection ends after it.
+/// `length`: `None` for no body, else the exact size if known.
+fn encode_head(
+    dst: &mut Vec<u8>,
+    method: &Method,
+    head: &mut http::response::Parts,
+    length: Option<Option<u64>>,
+    keep_alive: bool,
+) -> Result<(Encoder, bool), ()> {
+    let status = head.status;
+    let mut length = length;
+    let mut last = !keep_alive;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        last = true;
+    } else if status.is_informational() {
+        // hyper's server cannot send these either; nor can they arrive.
+        head.headers.clear();
+        head.extensions.clear();
+        head.status = StatusCode::INTERNAL_SERVER_ERROR;
+        length = None;
+        last = true;
+    }
+    let status = head.status;
+    if !keep_alive {
+        let closes = head
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|value| lists(value.as_bytes(), "close"));
+        if !closes {
+            head.headers
+                .append(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    let reason = head.extensions.get::<hyper::ext::ReasonPhrase>();
+    if status == StatusCode::OK && reason.is_none() && head.version != Version::HTTP_10 {
+        dst.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        dst.extend_from_slice(if head.version == Version::HTTP_10 {
+            b"HTTP/1.0 "
+        } else {
+            b"HTTP/1.1 "
+        });
+        dst.extend_from_slice(status.as_str().as_bytes());
+        dst.push(b' ');
+        match reason {
+            Some(reason) => dst.extend_from_slice(reason.as_bytes()),
+            None => dst.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        }
+        dst.extend_from_slice(b"\r\n");
+    }
+    let chunkable = can_chunk(method, status) && head.version != Version::HTTP_10;
+    let mut encoder = Encoder::Length(0);
+    let mut wrote_length = false;
+    let mut wrote_date = false;
+    let mut allowed: Option<Vec<HeaderName>> = None;
+    // A field whose values are joined on one line (length, encoding,
+    // connection, trailer) is open while its values come.
+    let mut open: Option<&HeaderName> = None;
+    let mut must_chunk = false;
+    let mut previous_length = None;
+    let close_line = |dst: &mut Vec<u8>, must_chunk: bool| {
+        dst.extend_from_slice(if must_chunk {
+            b", chunked\r\n"
+        } else {
+            b"\r\n"
+        });
+    };
+    for (name, value) in &head.headers {
+        let continued = open == Some(name);
+        if !continued && open.take().is_some() {
+            close_line(dst, must_chunk);
+        }
+        let start_or_join = |dst: &mut Vec<u8>| {
+            if continued {
+                dst.extend_from_slice(b", ");
+            } else {
+                dst.extend_from_slice(name.as_str().as_bytes());
+                dst.extend_from_slice(b": ");
+            }
+            dst.extend_from_slice(value.as_bytes());
+        };
+        if *name == CONTENT_LENGTH {
+            if wrote_length && !continued {
+                return Err(());
+            }
+            match length {
+                Some(Some(known)) => {
+                    if !continued {
+                        encoder = Encoder::Length(known);
+                        start_or_join(dst);
+                        wrote_length = true;
+                        open = Some(name);
+                    }
+                    continue;
+                }
+                Some(None) => {
+                    let parsed = std::str::from_utf8(value.as_bytes())
+                        .ok()
+                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or(())?;
+                    match previous_length {
+                        Some(previous) if previous != parsed => return Err(()),
+                        Some(_) => {}
+                        None => {
+                            encoder = Encoder::Length(parsed);
+                            start_or_join(dst);
+                            wrote_length = true;
+                            open = Some(name);
+                            previous_length = Some(parsed);
+                        }
+                    }
+                    continue;
+                }
+                None if *method != Method::HEAD => continue,
+                None => wrote_length = true,
+            }
+        } else if *name == TRANSFER_ENCODING {
+            if wrote_length && !continued {
+                return Err(());
+            }
+            if !chunkable {
+                continue;
+            }
+            wrote_length = true;
+            must_chunk = !is_chunked(value);
+            if !continued {
+                encoder = Encoder::Chunked(None);
+                open = Some(name);
+            }
+            start_or_join(dst);
+            continue;
+        } else if *name == CONNECTION {
+            if !last && lists(value.as_bytes(), "close") {
+                last = true;
+            }
+            open = Some(name);
+            start_or_join(dst);
+            continue;
+        } else if *name == TRAILER {
+            if !chunkable {
+                continue;
+            }
+            open = Some(name);
+            start_or_join(dst);
+            if let Ok(value) = value.to_str() {
+                allowed.get_or_insert_with(Vec::new).extend(
+                    value
+                        .split(',')
+                        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+                );
+            }
+            continue;
+        } else if *name == DATE {
+            wrote_date = true;
+        }
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    if open.is_some() {
+        close_line(dst, must_chunk);
+    }
+    if !wrote_length {
+        encoder = match length {
+            Some(None) if !chunkable => Encoder::Close,
+            Some(None) => {
+                dst.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Encoder::Chunked(None)
+            }
+            None | Some(Some(0)) => {
+                if can_have_length(status) && *method != Method::HEAD {
+                    dst.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Encoder::Length(0)
+            }
+            Some(Some(known)) if !can_have_length(status) => {
+                let _ = known;
+                Encoder::Length(0)
+            }
+            Some(Some(known)) => {
+                let _ = write!(dst, "content-length: {known}\r\n");
+                Encoder::Length(known)
+            }
+        };
+    }
+    if !can_chunk(method, status) {
+        encoder = Encoder::Length(0);
+    }
+    if !wrote_date {
+        dst.extend_from_slice(b"date: ");
+        with_date(|date| dst.extend_from_slice(date));
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+    if let (Encoder::Chunked(none), Some(allowed)) = (&mut encoder, allowed) {
+        *none = Some(allowed);
+    }
+    if encoder == Encoder::Close {
+        last = true;
+    }
+    Ok((encoder, last))
+}
+
+/// Whether `chunked` is the last of the codings listed.
+fn is_chunked(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .rsplit(|b| *b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Calls `f` with the current date as an HTTP date, formatted at most once
+/// a second per thread.
+fn with_date(f: impl FnOnce(&[u8])) {
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    DATE.with_borrow_mut(|(cached, date)| {
+        if *cached != second {
+            *cached = second;
+            *date = httpdate::fmt_http_date(now);
+        }
+        f(date.as_bytes());
+    });
+}
+
+/// Fields that may not be sent as trailers (hyper's list).
+fn may_trail(name: &HeaderName) -> bool {
+    ![
+        AUTHORIZATION,
+        CACHE_CONTROL,
+        CONTENT_ENCODING,
+        CONTENT_LENGTH,
+        CONTENT_RANGE,
+        CONTENT_TYPE,
+        HOST,
+        MAX_FORWARDS,
+        SET_COOKIE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        TE,
+    ]
+    .contains(name)
+}
+
+/// Writes the head in `out` and the body after it, framed by `encoder`.
+/// Small pieces are copied behind what is pending and leave with it; the
+/// pending bytes are written whenever the body has nothing ready. `Err`:
+/// the connection must close (write failed, body failed, body short).
+async fn write_body<IO, B>(
+    io: &mut IO,
+    out: &mut Vec<u8>,
+    buf: &mut BytesMut,
+    body: B,
+    mut encoder: Encoder,
+    trailers: bool,
+) -> Result<(), ()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    B: Body<Data = Bytes>,
+{
+    let mut body = pin!(body);
+    loop {
+        let frame = match poll_once(poll_fn(|cx| body.as_mut().poll_frame(cx))).await {
+            Some(frame) => frame,
+            None => {
+                if !out.is_empty() {
+                    write_all(io, out).await.map_err(drop)?;
+                    out.clear();
+                }
+                // As while the service worked: a client gone cancels.
+                loop {
+                    tokio::select! {
+                        biased;
+                        frame = poll_fn(|cx| body.as_mut().poll_frame(cx)) => break frame,
+                        read = read_more(io, buf), if buf.is_empty() => match read {
+                            Ok(0) | Err(_) => return Err(()),
+                            Ok(_) => {}
+                        },
+                    }
+                }
+            }
+        };
+        // The error says nothing more to the client than the cut does.
+        match frame.map(|frame| frame.map_err(drop)) {
+            None => break,
+            Some(Err(())) => {
+                // Cut the answer short where it broke: what came before is
+                // sent, and the client sees the connection close.
+                if !out.is_empty() {
+                    let _ = write_all(io, out).await;
+                }
+                return Err(());
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match &mut encoder {
+                        Encoder::Length(remaining) => {
+                            let len = data.len() as u64;
+                            if len > *remaining {
+                                data.truncate(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                            }
+                            *remaining = remaining.saturating_sub(len);
+                            put(io, out, &data, &[]).await?;
+                        }
+                        Encoder::Chunked(_) => {
+                            // Writing into a Vec cannot fail.
+                            let _ = write!(out, "{:X}\r\n", data.len());
+                            put(io, out, &data, b"\r\n").await?;
+                        }
+                        Encoder::Close => put(io, out, &data, &[]).await?,
+                    }
+                }
+                Err(frame) => {
+                    if let (Ok(fields), Encoder::Chunked(Some(allowed)), true) =
+                        (frame.into_trailers(), &encoder, trailers)
+                    {
+                        let section = trailer_section(&fields, allowed);
+                        if !section.is_empty() {
+                            out.extend_from_slice(b"0\r\n");
+                            out.extend_from_slice(&section);
+                            out.extend_from_slice(b"\r\n");
+                            write_all(io, out).await.map_err(drop)?;
+                            out.clear();
+                            return Ok(());
+                        }
+                    }
+                }
+            },
+        }
+    }
+    match encoder {
+        Encoder::Length(0) | Encoder::Close => {}
+        Encoder::Length(_) => {
+            // Shorter than announced: the client must not take it whole.
+            if !out.is_empty() {
+                let _ = write_all(io, out).await;
+            }
+            return Err(());
+        }
+        Encoder::Chunked(_) => out.extend_from_slice(b"0\r\n\r\n"),
+    }
+    if !out.is_empty() {
+        write_all(io, out).await.map_err(drop)?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Queues `data` and `after` behind `out`; a large piece is written at
+/// once, with what is pending, without being copied.
+async fn put<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    out: &mut Vec<u8>,
+    data: &Bytes,
+    after: &[u8],
+) -> Result<(), ()> {
+    if data.len() <= COPY_LIMIT {
+        out.extend_from_slice(data);
+        out.extend_from_slice(after);
+        // A body that keeps small pieces coming is written as it goes.
+        if out.len() >= COPY_LIMIT {
+            write_all(io, out).await.map_err(drop)?;
+            out.clear();
+        }
+        return Ok(());
+    }
+    let mut pieces = [&out[..], &data[..], after];
+    write_vectored_all(io, &mut pieces).await.map_err(drop)?;
+    out.clear();
+    Ok(())
+}
+
+/// Writes every byte of `pieces`, in as few writes as the socket allows.
+async fn write_vectored_all<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    pieces: &mut [&[u8]],
+) -> io::Result<()> {
+    let mut at = 0;
+    while at < pieces.len() {
+        if pieces[at].is_empty() {
+            at += 1;
+            continue;
+        }
+        let slices: Vec<io::IoSlice<'_>> =
+            pieces[at..].iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut written = io.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while at < pieces.len() && written >= pieces[at].len() {
+            written -= pieces[at].len();
+            at += 1;
+        }
+        if at < pieces.len() {
+            pieces[at] = &pieces[at][written..];
+        }
+    }
+    Ok(())
+}
+
+/// The trailer fields that may be passed on, as a trailer section.
+fn trailer_section(fields: &HeaderMap, allowed: &[HeaderName]) -> Vec<u8> {
+    let mut section = Vec::new();
+    for (name, value) in fields {
+        if allowed.contains(name) && may_trail(name) {
+            section.extend_from_slice(name.as_str().as_bytes());
+            section.extend_from_slice(b": ");
+            section.extend_from_slice(value.as_bytes());
+            section.extend_from_slice(b"\r\n");
+        }
+    }
+    section
+}

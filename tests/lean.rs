@@ -1,0 +1,252 @@
+//! The lean HTTP/1.1 path (requests without a body, served without hyper's
+//! server) answers exactly as hyper's server does, hands a connection to
+//! hyper when a request needs it, and keeps hyper's connection rules.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What the upstream answers, by the request's path.
+const ANSWERS: &[(&str, &[u8])] = &[
+    (
+        "/sized",
+        b"HTTP/1.1 200 OK\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT\r\ncontent-type: text/plain\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    ),
+    (
+        "/no-date",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+    ),
+    (
+        "/chunked",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    ),
+    (
+        "/trailers",
+        b"HTTP/1.1 200 OK\r\ntrailer: x-checksum, content-type\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n2\r\nhi\r\n0\r\nx-checksum: abc\r\ncontent-type: text/evil\r\n\r\n",
+    ),
+    (
+        "/no-content",
+        b"HTTP/1.1 204 No Content\r\nx-request-id: 7\r\nconnection: close\r\n\r\n",
+    ),
+    (
+        "/not-modified",
+        b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\ncontent-length: 10\r\nconnection: close\r\n\r\n",
+    ),
+    (
+        "/reason",
+        b"HTTP/1.1 404 Nothing Here\r\ncontent-length: 3\r\nconnection: close\r\n\r\nnah",
+    ),
+    (
+        "/until-close",
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nuntil the end",
+    ),
+    (
+        "/repeated",
+        b"HTTP/1.1 201 Created\r\nset-cookie: a=1\r\nx-b: 1\r\nset-cookie: b=2\r\nx-b: 2\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    ),
+    (
+        "/head",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\nconnection: close\r\n\r\n",
+    ),
+];
+
+/// An upstream that answers each request from `ANSWERS`, after reading the
+/// request whole (a chunked one to its end), so that no unread byte makes
+/// its close a reset.
+async fn scripted_upstream() -> std::io::Result<std::net::SocketAddr> {
+    let (addr, _) = raw_upstream(|mut stream, mut head| async move {
+        let chunked = String::from_utf8_lossy(&head)
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let mut buf = [0u8; 1024];
+        while chunked && !head.ends_with(b"0\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let path = text.split(' ').nth(1).unwrap_or_default().to_owned();
+        let answer = ANSWERS.iter().find(|(p, _)| *p == path).map_or(
+            &b"HTTP/1.1 500 Unknown\r\ncontent-length: 0\r\n\r\n"[..],
+            |a| a.1,
+        );
+        let _ = stream.write_all(answer).await;
+        let _ = stream.shutdown().await;
+    })
+    .await?;
+    Ok(addr)
+}
+
+/// The date hyper or the lean path added, which differs by the second.
+fn without_added_date(answer: &[u8]) -> String {
+    let text = String::from_utf8_lossy(answer).into_owned();
+    text.split("\r\n")
+        .filter(|line| !line.starts_with("date: ") || line.ends_with("1994 08:49:37 GMT"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+#[tokio::test]
+async fn answers_are_byte_for_byte_those_of_hyper() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = scripted_upstream().await?;
+    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
+    wait_ready(&proxy).await;
+    for (path, _) in ANSWERS {
+        let method = if *path == "/head" { "HEAD" } else { "GET" };
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nTE: trailers\r\nConnection: close\r\n"
+        );
+        // Without a body: the lean path. With an empty chunked one: hyper.
+        let lean = format!("{head}\r\n");
+        let hyper = format!("{head}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        let mut answers = Vec::new();
+        for request in [lean, hyper] {
+            let mut stream = TcpStream::connect(proxy.addr).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await??;
+            assert!(
+                String::from_utf8_lossy(&answer).contains("\r\ndate: "),
+                "{path}: no date in {answer:?}"
+            );
+            answers.push(without_added_date(&answer));
+        }
+        assert!(
+            answers[0].starts_with("HTTP/1.1 "),
+            "{path}: no answer: {:?}",
+            answers[0]
+        );
+        assert_eq!(
+            answers[0], answers[1],
+            "{path}: the lean path (left) and hyper (right) answered differently"
+        );
+    }
+    Ok(())
+}
+
+/// Reads answers from `bytes` one after another (by Content-Length).
+fn split_answers(mut bytes: &[u8]) -> Vec<(u16, String)> {
+    let mut answers = Vec::new();
+    while !bytes.is_empty() {
+        let Ok(answer) = RawResponse::parse(bytes) else {
+            break;
+        };
+        let length: usize = answer
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(answer.body.len());
+        let body = String::from_utf8_lossy(&answer.body[..length]).into_owned();
+        let used = bytes.len() - answer.body.len() + length;
+        answers.push((answer.status, body));
+        bytes = &bytes[used..];
+    }
+    answers
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_a_body_goes_to_hyper() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|request| {
+        Reply::ok(&format!(
+            "{} {} {}",
+            request.method,
+            request.target_str(),
+            String::from_utf8_lossy(&request.body)
+        ))
+    })
+    .await;
+    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    wait_ready(&proxy).await;
+
+    // Two lean requests, one with a body (hyper takes the connection over
+    // with the bytes already read), and one more after it, in one write.
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(
+            b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n\
+              GET /two HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n\
+              POST /three HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello\
+              GET /four HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    assert_eq!(
+        split_answers(&bytes),
+        [
+            (200, "GET /one ".to_owned()),
+            (200, "GET /two ".to_owned()),
+            (200, "POST /three hello".to_owned()),
+            (200, "GET /four ".to_owned()),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    // 1: the request arrived; 2: the proxy closed its connection.
+    let state = Arc::new(AtomicU8::new(0));
+    let seen = Arc::clone(&state);
+    // Never answers.
+    let (upstream, _) = raw_upstream(move |mut stream, _head| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.store(1, Ordering::SeqCst);
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            seen.store(2, Ordering::SeqCst);
+        }
+    })
+    .await?;
+    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
+    wait_ready(&proxy).await;
+
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    until(|| state.load(Ordering::SeqCst) == 1, "the request upstream").await?;
+    drop(stream);
+    until(
+        || state.load(Ordering::SeqCst) == 2,
+        "the upstream request to be cancelled",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "300ms")],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    // The answer, then nothing more: the proxy closes the connection.
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
+    Ok(())
+}
