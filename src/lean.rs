@@ -13,8 +13,8 @@ use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
-use std::pin::pin;
-use std::task::Poll;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +25,8 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::direct::{MAX_HEADERS, Span, fields, record_spans};
@@ -85,6 +86,8 @@ where
     let mut out = Vec::new();
     let mut first = true;
     let mut deadline = pin!(tokio::time::sleep(header_timeout));
+    // Registered once for the connection's life, not at every wait.
+    let mut drained = pin!(closing.cancelled());
     loop {
         let head = loop {
             if first && !buf.is_empty() {
@@ -106,30 +109,29 @@ where
                 }
                 Parsed::Partial => {}
             }
-            if buf.capacity() - buf.len() < READ_SIZE / 2 {
-                buf.reserve(READ_SIZE);
-            }
-            // The deadline is set once per head, when the first read
-            // finds nothing to read.
-            let read = match poll_once(io.read_buf(&mut buf)).await {
-                Some(read) => read,
-                None => {
-                    let idle = buf.is_empty();
-                    deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + header_timeout);
-                    tokio::select! {
-                        biased;
-                        read = io.read_buf(&mut buf) => read,
-                        () = &mut deadline => return Ended::Closed,
-                        () = closing.cancelled(), if idle => return Ended::Closed,
-                    }
+            make_room(&mut buf);
+            // The deadline is set once per head, when a read first finds
+            // nothing to read. A client that stops mid-head gets no
+            // answer, as from hyper; an idle one is closed on shutdown.
+            let mut armed = false;
+            let read = poll_fn(|cx| {
+                if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut *io), cx, &mut buf) {
+                    return Poll::Ready(read.is_ok_and(|n| n > 0));
                 }
-            };
-            match read {
-                // A client that stops mid-head gets no answer: as in hyper.
-                Ok(0) | Err(_) => return Ended::Closed,
-                Ok(_) => {}
+                if !armed {
+                    armed = true;
+                    let at = tokio::time::Instant::now() + header_timeout;
+                    deadline.as_mut().reset(at);
+                }
+                let expired = deadline.as_mut().poll(cx).is_ready();
+                if expired || (buf.is_empty() && drained.as_mut().poll(cx).is_ready()) {
+                    return Poll::Ready(false);
+                }
+                Poll::Pending
+            })
+            .await;
+            if !read {
+                return Ended::Closed;
             }
         };
         first = false;
@@ -143,18 +145,19 @@ where
         // While the service works, a client that closes its connection
         // cancels the request (hyper does the same); bytes of a next
         // request wait in the buffer.
-        let response = {
-            let mut answer = pin!(service.call_bodiless(request));
-            loop {
-                tokio::select! {
-                    biased;
-                    response = &mut answer => break response,
-                    read = read_more(io, &mut buf), if buf.is_empty() => match read {
-                        Ok(0) | Err(_) => return Ended::Closed,
-                        Ok(_) => {}
-                    },
-                }
+        let mut answer = pin!(service.call_bodiless(request));
+        let response = poll_fn(|cx| {
+            if let Poll::Ready(response) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
             }
+            if client_left(io, &mut buf, cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(response) = response else {
+            return Ended::Closed;
         };
 
         let keep_alive = keep_alive && !closing.is_cancelled();
@@ -196,12 +199,29 @@ async fn poll_once<F: Future>(future: F) -> Option<F::Output> {
     .await
 }
 
-/// Reads into `buf` (room for a next request's head is made first).
-async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut BytesMut) -> io::Result<usize> {
+/// Room in `buf` for a read.
+fn make_room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_SIZE / 2 {
         buf.reserve(READ_SIZE);
     }
-    io.read_buf(buf).await
+}
+
+/// While an answer is prepared or sent, whether the client has closed its
+/// connection (hyper then cancels the request too). Reads only while `buf`
+/// is empty: bytes of a next request wait there, and no more is read ahead.
+fn client_left<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> bool {
+    if !buf.is_empty() {
+        return false;
+    }
+    make_room(buf);
+    matches!(
+        poll_read_buf(Pin::new(io), cx, buf),
+        Poll::Ready(Ok(0) | Err(_))
+    )
 }
 
 async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, data: &[u8]) -> io::Result<()> {
@@ -605,16 +625,17 @@ where
                     out.clear();
                 }
                 // As while the service worked: a client gone cancels.
-                loop {
-                    tokio::select! {
-                        biased;
-                        frame = poll_fn(|cx| body.as_mut().poll_frame(cx)) => break frame,
-                        read = read_more(io, buf), if buf.is_empty() => match read {
-                            Ok(0) | Err(_) => return Err(()),
-                            Ok(_) => {}
-                        },
+                let frame = poll_fn(|cx| {
+                    if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
+                        return Poll::Ready(Some(frame));
                     }
-                }
+                    if client_left(io, buf, cx) {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                frame.ok_or(())?
             }
         };
         // The error says nothing more to the client than the cut does.

@@ -250,3 +250,57 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() -> T
     assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
     Ok(())
 }
+
+#[tokio::test]
+async fn on_shutdown_idle_connections_close_and_busy_ones_finish_their_answer() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let arrived = Arc::new(AtomicU8::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (seen, wait) = (Arc::clone(&arrived), Arc::clone(&release));
+    // `/slow` is answered when the test says so.
+    let (upstream, _) = raw_upstream(move |mut stream, head| {
+        let (seen, wait) = (Arc::clone(&seen), Arc::clone(&wait));
+        async move {
+            if head.starts_with(b"GET /slow") {
+                seen.store(1, Ordering::SeqCst);
+                wait.notified().await;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone")
+                .await;
+        }
+    })
+    .await?;
+    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
+    wait_ready(&proxy).await;
+
+    let mut idle = TcpStream::connect(proxy.addr).await?;
+    idle.write_all(b"GET /quick HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut answer = [0u8; 1024];
+    let n = idle.read(&mut answer).await?;
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK\r\n"));
+
+    let mut busy = TcpStream::connect(proxy.addr).await?;
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    until(
+        || arrived.load(Ordering::SeqCst) == 1,
+        "the slow request upstream",
+    )
+    .await?;
+    proxy.shutdown.cancel();
+
+    // The idle connection closes at once (the grace is 5 s).
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty(), "{rest:?}");
+    // The busy one gets its whole answer, told that the connection closes.
+    release.notify_one();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(4), busy.read_to_end(&mut bytes)).await??;
+    let answer = RawResponse::parse(&bytes)?;
+    assert_eq!((answer.status, &answer.body[..]), (200, &b"done"[..]));
+    assert_eq!(answer.header("connection"), Some("close"));
+    Ok(())
+}
