@@ -89,17 +89,29 @@ where
     // Registered once for the connection's life, not at every wait.
     let mut drained = pin!(closing.cancelled());
     loop {
+        // The deadline for this head: set when a read first finds nothing
+        // to read, and kept until the head is whole, as hyper's: a client
+        // cannot put it off by sending a byte at a time.
+        let mut armed = false;
+        // How much of `buf` has been searched for the end of the head:
+        // httparse runs only once the end may have come, not over the
+        // whole buffer at every read.
+        let mut searched: usize = 0;
         let head = loop {
-            if first && !buf.is_empty() {
-                let seen = buf.len().min(H2_PREFACE.len());
-                if buf[..seen] == H2_PREFACE[..seen] {
+            let seen = buf.len().min(H2_PREFACE.len());
+            if seen > 0 && buf[..seen] == H2_PREFACE[..seen] {
+                if first {
                     return Ended::Hyper(buf.freeze());
                 }
+                // HTTP/2 cannot begin in the middle of an HTTP/1 connection.
+                if seen >= 4 {
+                    return Ended::Closed;
+                }
             }
-            let parsed = if buf.is_empty() {
-                Parsed::Partial
-            } else {
+            let parsed = if may_end(buf.get(searched.saturating_sub(3)..).unwrap_or(&buf)) {
                 parse(&mut buf)
+            } else {
+                Parsed::Partial
             };
             match parsed {
                 Parsed::Complete(head) => break head,
@@ -107,13 +119,12 @@ where
                 Parsed::Partial if buf.len() >= MAX_LEAN_HEAD => {
                     return Ended::Hyper(buf.freeze());
                 }
-                Parsed::Partial => {}
+                Parsed::Partial => searched = buf.len(),
             }
             make_room(&mut buf);
-            // The deadline is set once per head, when a read first finds
-            // nothing to read. A client that stops mid-head gets no
-            // answer, as from hyper; an idle one is closed on shutdown.
-            let mut armed = false;
+            // A client that stops mid-head gets no answer, as from hyper;
+            // on shutdown, a connection waiting for a head is closed, as
+            // hyper closes one that is idle or part-way through a head.
             let read = poll_fn(|cx| {
                 if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut *io), cx, &mut buf) {
                     return Poll::Ready(read.is_ok_and(|n| n > 0));
@@ -123,8 +134,7 @@ where
                     let at = tokio::time::Instant::now() + header_timeout;
                     deadline.as_mut().reset(at);
                 }
-                let expired = deadline.as_mut().poll(cx).is_ready();
-                if expired || (buf.is_empty() && drained.as_mut().poll(cx).is_ready()) {
+                if deadline.as_mut().poll(cx).is_ready() || drained.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
                 }
                 Poll::Pending
@@ -199,6 +209,19 @@ async fn poll_once<F: Future>(future: F) -> Option<F::Output> {
     .await
 }
 
+/// Whether `bytes` hold the end of a head: an empty line (httparse takes
+/// a bare LF as a line's end too).
+fn may_end(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().any(|(at, byte)| {
+        *byte == b'\n'
+            && match bytes.get(at + 1) {
+                Some(b'\n') => true,
+                Some(b'\r') => bytes.get(at + 2) == Some(&b'\n'),
+                _ => false,
+            }
+    })
+}
+
 /// Room in `buf` for a read.
 fn make_room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_SIZE / 2 {
@@ -259,14 +282,19 @@ fn parse(buf: &mut BytesMut) -> Parsed {
     // the connection goes on, is served here.
     let mut keep_alive = true;
     let mut connection_seen = false;
+    let mut length_seen = false;
     for field in request.headers.iter() {
         let name = field.name.as_bytes();
         let is = |other: &HeaderName| name.eq_ignore_ascii_case(other.as_str().as_bytes());
         if is(&TRANSFER_ENCODING) || is(&EXPECT) || is(&UPGRADE) {
             return Parsed::Hyper;
         }
-        if is(&CONTENT_LENGTH) && field.value != b"0" {
-            return Parsed::Hyper;
+        if is(&CONTENT_LENGTH) {
+            // hyper folds repeated lengths into one: it takes those.
+            if field.value != b"0" || length_seen {
+                return Parsed::Hyper;
+            }
+            length_seen = true;
         }
         if is(&CONNECTION) {
             let value = field.value.trim_ascii();
@@ -662,6 +690,11 @@ where
                             }
                             *remaining = remaining.saturating_sub(len);
                             put(io, out, &data, &[]).await?;
+                            if *remaining == 0 {
+                                // All that was announced: the rest, if any,
+                                // is not waited for (nor is it by hyper).
+                                break;
+                            }
                         }
                         Encoder::Chunked(_) => {
                             // Writing into a Vec cannot fail.

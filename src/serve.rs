@@ -236,7 +236,10 @@ where
 {
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
+    // The connection first: bytes the lean path already read are a
+    // request that hyper must see before it is told to close.
     tokio::select! {
+        biased;
         result = connection.as_mut() => return result,
         () = closing.cancelled() => {}
     }

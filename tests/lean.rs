@@ -101,33 +101,45 @@ async fn answers_are_byte_for_byte_those_of_hyper() -> TestResult {
     wait_ready(&proxy).await;
     for (path, _) in ANSWERS {
         let method = if *path == "/head" { "HEAD" } else { "GET" };
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nTE: trailers\r\nConnection: close\r\n"
-        );
-        // Without a body: the lean path. With an empty chunked one: hyper.
-        let lean = format!("{head}\r\n");
-        let hyper = format!("{head}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
-        let mut answers = Vec::new();
-        for request in [lean, hyper] {
-            let mut stream = TcpStream::connect(proxy.addr).await?;
-            stream.write_all(request.as_bytes()).await?;
-            let mut answer = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await??;
-            assert!(
-                String::from_utf8_lossy(&answer).contains("\r\ndate: "),
-                "{path}: no date in {answer:?}"
+        for te in ["TE: trailers\r\n", ""] {
+            // Two requests on one connection: the first answer kept alive,
+            // the second closing it.
+            let head =
+                |close: &str| format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{te}{close}");
+            // Without a body: the lean path. With an empty chunked one: hyper.
+            let lean = format!("{}\r\n{}\r\n", head(""), head("Connection: close\r\n"));
+            let chunked = "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+            let hyper = format!(
+                "{}{chunked}{}{chunked}",
+                head(""),
+                head("Connection: close\r\n")
             );
-            answers.push(without_added_date(&answer));
+            let mut answers = Vec::new();
+            for request in [lean, hyper] {
+                let mut stream = TcpStream::connect(proxy.addr).await?;
+                stream.write_all(request.as_bytes()).await?;
+                let mut answer = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+                    .await??;
+                assert_eq!(
+                    String::from_utf8_lossy(&answer)
+                        .matches("\r\ndate: ")
+                        .count(),
+                    2,
+                    "{path}: two answers, each with a date: {answer:?}"
+                );
+                answers.push(without_added_date(&answer));
+            }
+            assert!(
+                answers[0].starts_with("HTTP/1.1 "),
+                "{path}: no answer: {:?}",
+                answers[0]
+            );
+            assert_eq!(
+                answers[0], answers[1],
+                "{path} ({te:?}): the lean path (left) and hyper (right) answered differently"
+            );
         }
-        assert!(
-            answers[0].starts_with("HTTP/1.1 "),
-            "{path}: no answer: {:?}",
-            answers[0]
-        );
-        assert_eq!(
-            answers[0], answers[1],
-            "{path}: the lean path (left) and hyper (right) answered differently"
-        );
     }
     Ok(())
 }
@@ -191,16 +203,18 @@ async fn pipelined_requests_are_answered_in_order_and_a_body_goes_to_hyper() -> 
     Ok(())
 }
 
-#[tokio::test]
-async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    // 1: the request arrived; 2: the proxy closed its connection.
+/// An upstream that writes `first` (part of an answer, or nothing) and then
+/// waits for the proxy to close the connection. The state is 1 once a
+/// request has come, 2 once the proxy has closed its connection.
+async fn upstream_left_waiting(
+    first: &'static [u8],
+) -> std::io::Result<(std::net::SocketAddr, Arc<AtomicU8>)> {
     let state = Arc::new(AtomicU8::new(0));
     let seen = Arc::clone(&state);
-    // Never answers.
     let (upstream, _) = raw_upstream(move |mut stream, _head| {
         let seen = Arc::clone(&seen);
         async move {
+            let _ = stream.write_all(first).await;
             seen.store(1, Ordering::SeqCst);
             let mut buf = [0u8; 64];
             while let Ok(n) = stream.read(&mut buf).await {
@@ -212,6 +226,14 @@ async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
         }
     })
     .await?;
+    Ok((upstream, state))
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    // Never answers.
+    let (upstream, state) = upstream_left_waiting(b"").await?;
     let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
     wait_ready(&proxy).await;
 
@@ -226,28 +248,6 @@ async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
         "the upstream request to be cancelled",
     )
     .await?;
-    Ok(())
-}
-
-#[tokio::test]
-async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "300ms")],
-    )
-    .await;
-    wait_ready(&proxy).await;
-    let mut stream = TcpStream::connect(proxy.addr).await?;
-    stream
-        .write_all(b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await?;
-    // The answer, then nothing more: the proxy closes the connection.
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
-    assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
     Ok(())
 }
 
@@ -302,5 +302,109 @@ async fn on_shutdown_idle_connections_close_and_busy_ones_finish_their_answer() 
     let answer = RawResponse::parse(&bytes)?;
     assert_eq!((answer.status, &answer.body[..]), (200, &b"done"[..]));
     assert_eq!(answer.header("connection"), Some("close"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_header_timeout_closes_idle_connections_and_is_not_put_off_by_drips() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "300ms")],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    // The answer, then nothing more: the proxy closes the connection.
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
+    // A head one line at a time, and an idle connection kept busy with
+    // empty lines: each line well within the timeout, the whole not.
+    for (opening, drip) in [
+        (
+            &b"GET /drip HTTP/1.1\r\nHost: localhost\r\n"[..],
+            &b"X-Drip: 1\r\n"[..],
+        ),
+        (b"", b"\r\n"),
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr).await?;
+        stream.write_all(opening).await?;
+        let started = std::time::Instant::now();
+        let mut closed = false;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(1), stream.read(&mut byte)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(_)) => panic!("the proxy answered a head that never ended"),
+                Err(_) => {}
+            }
+            if stream.write_all(drip).await.is_err() {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "{drip:?}: still open after {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // Only the first request reached the upstream.
+    assert_eq!(upstream.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn odd_requests_after_a_lean_one_are_refused_or_passed_to_hyper() -> TestResult {
+    let (_token, upstream, proxy) = ready_proxy(&[]).await;
+    // HTTP/2's preface cannot follow an HTTP/1.1 request: the connection
+    // closes after the first answer.
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await?;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
+
+    // A repeated Content-Length: 0 reaches the upstream once, as through hyper.
+    let answer = raw(
+        proxy.addr,
+        b"GET /twice HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(answer.status, 200);
+    assert_eq!(upstream.last().header_all("content-length"), ["0"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_frees_the_upstream_connection() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    // Sends part of the body, then waits for the proxy to go.
+    let (upstream, state) =
+        upstream_left_waiting(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart").await?;
+    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
+    wait_ready(&proxy).await;
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /part HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut answer = [0u8; 1024];
+    let n = stream.read(&mut answer).await?;
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK\r\n"));
+    drop(stream);
+    until(
+        || state.load(Ordering::SeqCst) == 2,
+        "the upstream connection to be closed",
+    )
+    .await?;
     Ok(())
 }
