@@ -23,6 +23,8 @@
 //! - [`serve`]: HTTP/1.1 and h2c serving with graceful drain: the accepting
 //!   runtime hands each proxied connection to one of `proxy.workers`
 //!   threads, each a single-threaded runtime with its own upstream pool.
+//!   `lean` serves requests without a body there without hyper's server,
+//!   which takes a connection over from the first request that needs it.
 //! - [`check`] and [`healthcheck`]: the operator subcommands.
 //! - [`telemetry`]: the tracing subscriber; [`shutdown`]: signals.
 //! - [`tls`]: the rustls client settings shared by both outgoing clients,
