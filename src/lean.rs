@@ -805,3 +805,60 @@ fn trailer_section(fields: &HeaderMap, allowed: &[HeaderName]) -> Vec<u8> {
     }
     section
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Request heads mangled at random and delivered in pieces: each piece
+    /// ends served, waited on, or handed to hyper, never in a panic; and
+    /// what hyper is handed, or what waits for the next request, is always
+    /// exactly the bytes not yet used, in order.
+    #[test]
+    fn mangled_heads_are_served_or_handed_over_whole() {
+        let seeds: [&[u8]; 6] = [
+            b"GET /a?b=1&b=2 HTTP/1.1\r\nHost: localhost:8080\r\nX-A: 1\r\n\r\n",
+            b"HEAD /%2F HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\nHost: x\nTE: trailers\n\nGET /2 HTTP/1.1\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(0x1ea7);
+        let mut outcomes = [0usize; 3];
+        for _ in 0..5000 {
+            let bytes = crate::proxy::direct::mangled(&mut rng, &seeds);
+            let piece = [1, 7, 4096][rng.usize(..3)];
+            let mut buf = BytesMut::new();
+            let (mut delivered, mut used) = (0, 0);
+            'pieces: while delivered < bytes.len() {
+                let next = (delivered + piece).min(bytes.len());
+                buf.extend_from_slice(&bytes[delivered..next]);
+                delivered = next;
+                loop {
+                    let before = buf.len();
+                    match parse(&mut buf) {
+                        Parsed::Partial => {
+                            assert_eq!(buf[..], bytes[used..delivered]);
+                            outcomes[0] += 1;
+                            break;
+                        }
+                        Parsed::Complete(head) => {
+                            used += before - buf.len();
+                            assert_eq!(buf[..], bytes[used..delivered]);
+                            assert!(head.request.uri().path().starts_with('/'));
+                            outcomes[1] += 1;
+                        }
+                        Parsed::Hyper => {
+                            assert_eq!(buf[..], bytes[used..delivered], "{bytes:?}");
+                            outcomes[2] += 1;
+                            break 'pieces;
+                        }
+                    }
+                }
+            }
+        }
+        // Each outcome came up often enough to have been tested.
+        assert!(outcomes.iter().all(|n| *n > 500), "{outcomes:?}");
+    }
+}

@@ -671,6 +671,30 @@ fn trailers(section: &[u8]) -> Result<HeaderMap, String> {
     }
 }
 
+/// One of `seeds` mangled at random for tests: bytes changed, inserted,
+/// removed, cut, repeated.
+#[cfg(test)]
+pub(crate) fn mangled(rng: &mut fastrand::Rng, seeds: &[&[u8]]) -> Vec<u8> {
+    let inserts = [b'\r', b'\n', b':', b' ', b';', b'0', b'f', b',', 0x7f, 0xff];
+    let mut bytes = seeds[rng.usize(..seeds.len())].to_vec();
+    for _ in 0..rng.usize(1..5) {
+        let at = rng.usize(..bytes.len().max(1)).min(bytes.len());
+        match rng.u8(..5) {
+            0 if at < bytes.len() => bytes[at] = rng.u8(..),
+            1 => bytes.insert(at, inserts[rng.usize(..inserts.len())]),
+            2 if at < bytes.len() => {
+                bytes.remove(at);
+            }
+            3 => bytes.truncate(at),
+            _ => {
+                let piece = bytes[at..].to_vec();
+                bytes.extend_from_slice(&piece[..piece.len().min(16)]);
+            }
+        }
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -990,25 +1014,9 @@ mod tests {
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\nto the end",
             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nETag: \"x\"\r\n\r\n",
         ];
-        let inserts = [b'\r', b'\n', b':', b' ', b';', b'0', b'f', b',', 0x7f, 0xff];
         let mut rng = fastrand::Rng::with_seed(0x5eed);
         for _ in 0..3000 {
-            let mut bytes = seeds[rng.usize(..seeds.len())].to_vec();
-            for _ in 0..rng.usize(1..5) {
-                let at = rng.usize(..bytes.len().max(1)).min(bytes.len());
-                match rng.u8(..5) {
-                    0 if at < bytes.len() => bytes[at] = rng.u8(..),
-                    1 => bytes.insert(at, inserts[rng.usize(..inserts.len())]),
-                    2 if at < bytes.len() => {
-                        bytes.remove(at);
-                    }
-                    3 => bytes.truncate(at),
-                    _ => {
-                        let piece = bytes[at..].to_vec();
-                        bytes.extend_from_slice(&piece[..piece.len().min(16)]);
-                    }
-                }
-            }
+            let bytes = mangled(&mut rng, &seeds);
             let method = if rng.bool() {
                 Method::GET
             } else {
