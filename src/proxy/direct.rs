@@ -15,12 +15,12 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::headers::has_token;
+use super::headers::lists;
 
 /// The largest answer head (hyper's default buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -266,6 +266,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         } else {
             Version::HTTP_11
         };
+        let signals = signals(response.headers);
+        let framing = framing(method, code, version, &signals)?;
         let mut spans = [Span::default(); MAX_HEADERS];
         let count = response.headers.len();
         record_spans(&self.buf, length, response.headers, &mut spans)
@@ -279,8 +281,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
 
         let head = self.buf.split_to(length).freeze();
         let mut headers = fields(&head, &spans[..count], 0).map_err(invalid)?;
-        let framing = framing(method, code, version, &headers)?;
-        let both = headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH);
+        let both = signals.transfer_encoding && signals.content_length;
         if both && matches!(framing, Framing::Chunked | Framing::Close) {
             // RFC 9112, 6.3: Transfer-Encoding wins; the length is wrong.
             headers.remove(CONTENT_LENGTH);
@@ -288,8 +289,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         let keep_alive = framing != Framing::Close
             && code != 101
             && !both
-            && !has_token(&headers, &CONNECTION, "close")
-            && (version == Version::HTTP_11 || has_token(&headers, &CONNECTION, "keep-alive"));
+            && !signals.close
+            && (version == Version::HTTP_11 || signals.keep_alive);
 
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.status = status;
@@ -344,47 +345,80 @@ fn encode_head(out: &mut BytesMut, method: &Method, target: &str, headers: &Head
 }
 
 /// RFC 9112, 6.3, as hyper's client applies it.
+/// What the framing and the reuse of a connection depend on, read from
+/// the raw header fields in one pass (not looked up in the map).
+#[derive(Debug, Default)]
+struct Signals {
+    transfer_encoding: bool,
+    /// The last Transfer-Encoding value ends with `chunked`.
+    chunked: bool,
+    content_length: bool,
+    /// The Content-Length, once every value (and list item) agreed.
+    length: Option<u64>,
+    length_invalid: bool,
+    close: bool,
+    keep_alive: bool,
+}
+
+fn signals(fields: &[httparse::Header<'_>]) -> Signals {
+    let mut signals = Signals::default();
+    for field in fields {
+        let name = field.name.as_bytes();
+        let value = field.value;
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            signals.transfer_encoding = true;
+            // As `HeaderValue::to_str` reads it: visible ASCII only.
+            let text = value.iter().all(|b| *b == b'\t' || (32..127).contains(b));
+            signals.chunked = text
+                && value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            signals.content_length = true;
+            for item in value.split(|b| *b == b',') {
+                let item = item.trim_ascii();
+                let parsed = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+                    .flatten();
+                match (parsed, signals.length) {
+                    (Some(parsed), None) => signals.length = Some(parsed),
+                    (Some(parsed), Some(seen)) if parsed == seen => {}
+                    _ => signals.length_invalid = true,
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            signals.close |= lists(value, "close");
+            signals.keep_alive |= lists(value, "keep-alive");
+        }
+    }
+    signals
+}
+
 fn framing(
     method: &Method,
     code: u16,
     version: Version,
-    headers: &HeaderMap,
+    signals: &Signals,
 ) -> Result<Framing, ExchangeError> {
     if *method == Method::HEAD || matches!(code, 101 | 204 | 304) {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if signals.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(invalid("an HTTP/1.0 response has Transfer-Encoding"));
         }
         // Chunked only if it is the final coding.
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            _ => Framing::Close,
+        return Ok(if signals.chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
         });
     }
-    let mut length = None;
-    for value in &headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|b| *b == b',') {
-            let item = item.trim_ascii();
-            let parsed = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
-                .flatten();
-            match (parsed, length) {
-                (Some(parsed), None) => length = Some(parsed),
-                (Some(parsed), Some(seen)) if parsed == seen => {}
-                _ => return Err(invalid("its Content-Length is not valid")),
-            }
-        }
+    if signals.length_invalid {
+        return Err(invalid("its Content-Length is not valid"));
     }
-    Ok(length.map_or(Framing::Close, Framing::Length))
+    Ok(signals.length.map_or(Framing::Close, Framing::Length))
 }
 
 impl Head {
