@@ -30,8 +30,8 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::direct::{MAX_HEADERS, Span, fields, record_spans};
-use crate::proxy::headers::lists;
-use crate::serve::Bodiless;
+use crate::proxy::headers::{ends_chunked, has_token, length_digits, lists};
+use crate::serve::{Bodiless, H2_PREFACE};
 
 /// A head still incomplete at this size goes to hyper, which has the
 /// limits and the answers (431) for large heads.
@@ -41,8 +41,6 @@ const READ_SIZE: usize = 8192;
 /// A piece of body at most this large is copied behind the head or the
 /// chunk-size line, so that both leave in one write.
 const COPY_LIMIT: usize = 16 * 1024;
-/// The HTTP/2 connection preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How serving a connection ended.
 #[derive(Debug)]
@@ -183,7 +181,7 @@ where
             return Ended::Closed;
         };
         let written = match encoder {
-            Encoder::Length(0) => write_all(io, &out).await.map_err(drop),
+            Encoder::Length(0) => io.write_all(&out).await.map_err(drop),
             encoder => write_body(io, &mut out, &mut buf, body, encoder, trailers).await,
         };
         if written.is_err() || last {
@@ -245,10 +243,6 @@ fn client_left<IO: AsyncRead + Unpin>(
         poll_read_buf(Pin::new(io), cx, buf),
         Poll::Ready(Ok(0) | Err(_))
     )
-}
-
-async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, data: &[u8]) -> io::Result<()> {
-    io.write_all(data).await
 }
 
 /// Parses a request head at the start of `buf`, and takes it off when it
@@ -334,10 +328,7 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         *buf = whole;
         return Parsed::Hyper;
     };
-    let trailers = headers
-        .get_all(TE)
-        .iter()
-        .any(|value| lists(value.as_bytes(), "trailers"));
+    let trailers = has_token(&headers, &TE, "trailers");
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -397,16 +388,9 @@ fn encode_head(
         last = true;
     }
     let status = head.status;
-    if !keep_alive {
-        let closes = head
-            .headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|value| lists(value.as_bytes(), "close"));
-        if !closes {
-            head.headers
-                .append(CONNECTION, HeaderValue::from_static("close"));
-        }
+    if !keep_alive && !has_token(&head.headers, &CONNECTION, "close") {
+        head.headers
+            .append(CONNECTION, HeaderValue::from_static("close"));
     }
     let reason = head.extensions.get::<hyper::ext::ReasonPhrase>();
     if status == StatusCode::OK && reason.is_none() && head.version != Version::HTTP_10 {
@@ -471,11 +455,7 @@ fn encode_head(
                     continue;
                 }
                 Some(None) => {
-                    let parsed = std::str::from_utf8(value.as_bytes())
-                        .ok()
-                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .ok_or(())?;
+                    let parsed = length_digits(value.as_bytes()).ok_or(())?;
                     match previous_length {
                         Some(previous) if previous != parsed => return Err(()),
                         Some(_) => {}
@@ -500,7 +480,7 @@ fn encode_head(
                 continue;
             }
             wrote_length = true;
-            must_chunk = !is_chunked(value);
+            must_chunk = !ends_chunked(value.as_bytes());
             if !continued {
                 encoder = Encoder::Chunked(None);
                 open = Some(name);
@@ -580,15 +560,6 @@ fn encode_head(
     Ok((encoder, last))
 }
 
-/// Whether `chunked` is the last of the codings listed.
-fn is_chunked(value: &HeaderValue) -> bool {
-    value
-        .as_bytes()
-        .rsplit(|b| *b == b',')
-        .next()
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
 /// Calls `f` with the current date as an HTTP date, formatted at most once
 /// a second per thread.
 fn with_date(f: impl FnOnce(&[u8])) {
@@ -648,10 +619,7 @@ where
         let frame = match poll_once(poll_fn(|cx| body.as_mut().poll_frame(cx))).await {
             Some(frame) => frame,
             None => {
-                if !out.is_empty() {
-                    write_all(io, out).await.map_err(drop)?;
-                    out.clear();
-                }
+                flush(io, out).await?;
                 // As while the service worked: a client gone cancels.
                 let frame = poll_fn(|cx| {
                     if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
@@ -672,9 +640,7 @@ where
             Some(Err(())) => {
                 // Cut the answer short where it broke: what came before is
                 // sent, and the client sees the connection close.
-                if !out.is_empty() {
-                    let _ = write_all(io, out).await;
-                }
+                let _ = flush(io, out).await;
                 return Err(());
             }
             Some(Ok(frame)) => match frame.into_data() {
@@ -713,9 +679,7 @@ where
                             out.extend_from_slice(b"0\r\n");
                             out.extend_from_slice(&section);
                             out.extend_from_slice(b"\r\n");
-                            write_all(io, out).await.map_err(drop)?;
-                            out.clear();
-                            return Ok(());
+                            return flush(io, out).await;
                         }
                     }
                 }
@@ -726,15 +690,18 @@ where
         Encoder::Length(0) | Encoder::Close => {}
         Encoder::Length(_) => {
             // Shorter than announced: the client must not take it whole.
-            if !out.is_empty() {
-                let _ = write_all(io, out).await;
-            }
+            let _ = flush(io, out).await;
             return Err(());
         }
         Encoder::Chunked(_) => out.extend_from_slice(b"0\r\n\r\n"),
     }
+    flush(io, out).await
+}
+
+/// Writes what is pending in `out`, if anything, and empties it.
+async fn flush<IO: AsyncWrite + Unpin>(io: &mut IO, out: &mut Vec<u8>) -> Result<(), ()> {
     if !out.is_empty() {
-        write_all(io, out).await.map_err(drop)?;
+        io.write_all(out).await.map_err(drop)?;
         out.clear();
     }
     Ok(())
@@ -753,8 +720,7 @@ async fn put<IO: AsyncWrite + Unpin>(
         out.extend_from_slice(after);
         // A body that keeps small pieces coming is written as it goes.
         if out.len() >= COPY_LIMIT {
-            write_all(io, out).await.map_err(drop)?;
-            out.clear();
+            flush(io, out).await?;
         }
         return Ok(());
     }

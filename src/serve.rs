@@ -76,7 +76,7 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// The HTTP/2 connection preface: until a connection has shown whether it
 /// speaks HTTP/1 or HTTP/2, no server-library timer runs.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A connection that must show, within a deadline, that it speaks HTTP/1
 /// (its first byte departs from the HTTP/2 preface; hyper's header timer

@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::headers::lists;
+use super::headers::{ends_chunked, length_digits, lists};
 
 /// The largest answer head (hyper's default buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -367,21 +367,11 @@ fn signals(fields: &[httparse::Header<'_>]) -> Signals {
         let value = field.value;
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             signals.transfer_encoding = true;
-            // As `HeaderValue::to_str` reads it: visible ASCII only.
-            let text = value.iter().all(|b| *b == b'\t' || (32..127).contains(b));
-            signals.chunked = text
-                && value
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            signals.chunked = ends_chunked(value);
         } else if name.eq_ignore_ascii_case(b"content-length") {
             signals.content_length = true;
             for item in value.split(|b| *b == b',') {
-                let item = item.trim_ascii();
-                let parsed = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
-                    .flatten();
-                match (parsed, signals.length) {
+                match (length_digits(item.trim_ascii()), signals.length) {
                     (Some(parsed), None) => signals.length = Some(parsed),
                     (Some(parsed), Some(seen)) if parsed == seen => {}
                     _ => signals.length_invalid = true,

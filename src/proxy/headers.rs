@@ -84,16 +84,6 @@ pub fn clean_response(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers, &[]);
 }
 
-/// The comma-separated tokens of every `name` header, trimmed.
-pub fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-}
-
 /// Whether a `name` header lists `token` (case-insensitively), as in
 /// `Connection: keep-alive, Upgrade` or `TE: trailers`.
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -103,8 +93,25 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|value| lists(value.as_bytes(), token))
 }
 
+/// Whether a Transfer-Encoding value ends with `chunked`, read as hyper
+/// reads it: only a value of visible ASCII counts.
+pub(crate) fn ends_chunked(value: &[u8]) -> bool {
+    value.iter().all(|b| *b == b'\t' || (32..127).contains(b))
+        && value
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// A Content-Length number: digits only, nothing around them.
+pub(crate) fn length_digits(value: &[u8]) -> Option<u64> {
+    (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
+        .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+        .flatten()
+}
+
 /// Whether a comma-separated list names `token` (case-insensitively). On
-/// bytes, not `tokens`' strings: this runs several times per request.
+/// bytes, not validated strings: this runs several times per request.
 pub(crate) fn lists(value: &[u8], token: &str) -> bool {
     value
         .split(|b| *b == b',')
