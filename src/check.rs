@@ -135,7 +135,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     let started = Instant::now();
     let response = match tokio::time::timeout(
         config.upstream.response_timeout,
-        client.request_bodiless(&request.into_parts().0),
+        client.request_bodiless(&request.into_parts().0, false),
     )
     .await
     {
@@ -160,7 +160,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
                 Some("check upstream.url, DNS, firewalls and tls.ca_file"),
             );
         }
-        Ok(Ok((response, _connection))) => response,
+        Ok(Ok(answer)) => answer.response,
     };
     let status = response.status();
     line(

@@ -19,18 +19,17 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE,
-    CONTENT_TYPE, DATE, EXPECT, HOST, MAX_FORWARDS, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    HOST, MAX_FORWARDS, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::direct::{MAX_HEADERS, Span, fields, record_spans};
-use crate::proxy::headers::{ends_chunked, has_token, length_digits, lists};
+use crate::proxy::direct::{MAX_HEADERS, RawFields, Span, fields, record_spans};
+use crate::proxy::headers::{Known, ends_chunked, has_token, length_digits, lists, visible_ascii};
 use crate::serve::{Bodiless, H2_PREFACE};
 
 /// A head still incomplete at this size goes to hyper, which has the
@@ -164,7 +163,7 @@ where
             Poll::Pending
         })
         .await;
-        let Some(response) = response else {
+        let Some((response, raw)) = response else {
             return Ended::Closed;
         };
 
@@ -176,8 +175,16 @@ where
             Some(body.size_hint().exact())
         };
         out.clear();
-        let Ok((encoder, last)) = encode_head(&mut out, &method, &mut parts, length, keep_alive)
-        else {
+        let encoded = encode_head(
+            &mut out,
+            &method,
+            &mut parts,
+            raw.as_ref(),
+            length,
+            keep_alive,
+        );
+        drop(raw);
+        let Ok((encoder, last)) = encoded else {
             return Ended::Closed;
         };
         let written = match encoder {
@@ -274,39 +281,38 @@ fn parse(buf: &mut BytesMut) -> Parsed {
     };
     // Only a head without a body, and without anything that changes how
     // the connection goes on, is served here.
-    let mut keep_alive = true;
-    let mut connection_seen = false;
-    let mut length_seen = false;
-    for field in request.headers.iter() {
-        let name = field.name.as_bytes();
-        let is = |other: &HeaderName| name.eq_ignore_ascii_case(other.as_str().as_bytes());
-        if is(&TRANSFER_ENCODING) || is(&EXPECT) || is(&UPGRADE) {
-            return Parsed::Hyper;
-        }
-        if is(&CONTENT_LENGTH) {
-            // hyper folds repeated lengths into one: it takes those.
-            if field.value != b"0" || length_seen {
-                return Parsed::Hyper;
-            }
-            length_seen = true;
-        }
-        if is(&CONNECTION) {
-            let value = field.value.trim_ascii();
-            if connection_seen {
-                return Parsed::Hyper;
-            }
-            connection_seen = true;
-            if value.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if !value.eq_ignore_ascii_case(b"keep-alive") {
-                return Parsed::Hyper;
-            }
-        }
-    }
     let count = request.headers.len();
     let mut spans = [Span::default(); MAX_HEADERS];
     if record_spans(buf, length, request.headers, &mut spans).is_none() {
         return Parsed::Hyper;
+    }
+    let mut keep_alive = true;
+    let mut connection_seen = false;
+    let mut length_seen = false;
+    for (span, field) in spans.iter().zip(request.headers.iter()) {
+        match span.known {
+            Known::TransferEncoding | Known::Expect | Known::Upgrade => return Parsed::Hyper,
+            Known::ContentLength => {
+                // hyper folds repeated lengths into one: it takes those.
+                if field.value != b"0" || length_seen {
+                    return Parsed::Hyper;
+                }
+                length_seen = true;
+            }
+            Known::Connection => {
+                let value = field.value.trim_ascii();
+                if connection_seen {
+                    return Parsed::Hyper;
+                }
+                connection_seen = true;
+                if value.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if !value.eq_ignore_ascii_case(b"keep-alive") {
+                    return Parsed::Hyper;
+                }
+            }
+            _ => {}
+        }
     }
     let target = (target.as_ptr() as usize)
         .checked_sub(buf.as_ptr() as usize)
@@ -365,17 +371,21 @@ fn can_have_length(status: StatusCode) -> bool {
 
 /// Writes the answer's head into `dst` as hyper's server does (lower-case
 /// names, `date` added, the body's length or chunking declared), and says
-/// how to frame the body and whether the connection ends after it.
-/// `length`: `None` for no body, else the exact size if known.
+/// how to frame the body and whether the connection ends after it. The
+/// header fields are `raw`'s when there are (the upstream's, as they came),
+/// else `head`'s. `length`: `None` for no body, else the exact size if
+/// known.
 fn encode_head(
     dst: &mut Vec<u8>,
     method: &Method,
     head: &mut http::response::Parts,
+    raw: Option<&RawFields>,
     length: Option<Option<u64>>,
     keep_alive: bool,
 ) -> Result<(Encoder, bool), ()> {
     let status = head.status;
     let mut length = length;
+    let mut raw = raw;
     let mut last = !keep_alive;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         last = true;
@@ -383,15 +393,12 @@ fn encode_head(
         // hyper's server cannot send these either; nor can they arrive.
         head.headers.clear();
         head.extensions.clear();
+        raw = None;
         head.status = StatusCode::INTERNAL_SERVER_ERROR;
         length = None;
         last = true;
     }
     let status = head.status;
-    if !keep_alive && !has_token(&head.headers, &CONNECTION, "close") {
-        head.headers
-            .append(CONNECTION, HeaderValue::from_static("close"));
-    }
     let reason = head.extensions.get::<hyper::ext::ReasonPhrase>();
     if status == StatusCode::OK && reason.is_none() && head.version != Version::HTTP_10 {
         dst.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -414,48 +421,71 @@ fn encode_head(
     let mut wrote_length = false;
     let mut wrote_date = false;
     let mut allowed: Option<Vec<HeaderName>> = None;
+    // Closing, hyper's server adds `close` to the Connection field unless
+    // it lists it: at the end of its values, or as a field of its own last.
+    let mut add_close = !keep_alive;
     // A field whose values are joined on one line (length, encoding,
     // connection, trailer) is open while its values come.
-    let mut open: Option<&HeaderName> = None;
+    let mut open: Option<Known> = None;
     let mut must_chunk = false;
     let mut previous_length = None;
-    let close_line = |dst: &mut Vec<u8>, must_chunk: bool| {
+    let end_line = |dst: &mut Vec<u8>, open: Known, must_chunk: bool, add_close: &mut bool| {
+        if *add_close && open == Known::Connection {
+            dst.extend_from_slice(b", close");
+            *add_close = false;
+        }
         dst.extend_from_slice(if must_chunk {
             b", chunked\r\n"
         } else {
             b"\r\n"
         });
     };
-    for (name, value) in &head.headers {
-        let continued = open == Some(name);
-        if !continued && open.take().is_some() {
-            close_line(dst, must_chunk);
+    let mut from_map;
+    let mut from_raw;
+    let fields: &mut dyn Iterator<Item = (Known, &[u8], &[u8])> = match raw {
+        Some(raw) => {
+            from_raw = raw.grouped();
+            &mut from_raw
+        }
+        None => {
+            from_map = head.headers.iter().map(|(name, value)| {
+                let name = name.as_str().as_bytes();
+                (Known::of(name), name, value.as_bytes())
+            });
+            &mut from_map
+        }
+    };
+    for (known, name, value) in fields {
+        // Only known names are ever open.
+        let continued = open == Some(known);
+        if !continued && let Some(open) = open.take() {
+            end_line(dst, open, must_chunk, &mut add_close);
         }
         let start_or_join = |dst: &mut Vec<u8>| {
             if continued {
                 dst.extend_from_slice(b", ");
             } else {
-                dst.extend_from_slice(name.as_str().as_bytes());
+                put_name(dst, name);
                 dst.extend_from_slice(b": ");
             }
-            dst.extend_from_slice(value.as_bytes());
+            dst.extend_from_slice(value);
         };
-        if *name == CONTENT_LENGTH {
+        if known == Known::ContentLength {
             if wrote_length && !continued {
                 return Err(());
             }
             match length {
-                Some(Some(known)) => {
+                Some(Some(size)) => {
                     if !continued {
-                        encoder = Encoder::Length(known);
+                        encoder = Encoder::Length(size);
                         start_or_join(dst);
                         wrote_length = true;
-                        open = Some(name);
+                        open = Some(known);
                     }
                     continue;
                 }
                 Some(None) => {
-                    let parsed = length_digits(value.as_bytes()).ok_or(())?;
+                    let parsed = length_digits(value).ok_or(())?;
                     match previous_length {
                         Some(previous) if previous != parsed => return Err(()),
                         Some(_) => {}
@@ -463,7 +493,7 @@ fn encode_head(
                             encoder = Encoder::Length(parsed);
                             start_or_join(dst);
                             wrote_length = true;
-                            open = Some(name);
+                            open = Some(known);
                             previous_length = Some(parsed);
                         }
                     }
@@ -472,7 +502,7 @@ fn encode_head(
                 None if *method != Method::HEAD => continue,
                 None => wrote_length = true,
             }
-        } else if *name == TRANSFER_ENCODING {
+        } else if known == Known::TransferEncoding {
             if wrote_length && !continued {
                 return Err(());
             }
@@ -480,27 +510,28 @@ fn encode_head(
                 continue;
             }
             wrote_length = true;
-            must_chunk = !ends_chunked(value.as_bytes());
+            must_chunk = !ends_chunked(value);
             if !continued {
                 encoder = Encoder::Chunked(None);
-                open = Some(name);
+                open = Some(known);
             }
             start_or_join(dst);
             continue;
-        } else if *name == CONNECTION {
-            if !last && lists(value.as_bytes(), "close") {
+        } else if known == Known::Connection {
+            if lists(value, b"close") {
                 last = true;
+                add_close = false;
             }
-            open = Some(name);
+            open = Some(known);
             start_or_join(dst);
             continue;
-        } else if *name == TRAILER {
+        } else if known == Known::Trailer {
             if !chunkable {
                 continue;
             }
-            open = Some(name);
+            open = Some(known);
             start_or_join(dst);
-            if let Ok(value) = value.to_str() {
+            if let Some(value) = visible_ascii(value) {
                 allowed.get_or_insert_with(Vec::new).extend(
                     value
                         .split(',')
@@ -508,16 +539,19 @@ fn encode_head(
                 );
             }
             continue;
-        } else if *name == DATE {
+        } else if known == Known::Date {
             wrote_date = true;
         }
-        dst.extend_from_slice(name.as_str().as_bytes());
+        put_name(dst, name);
         dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(value);
         dst.extend_from_slice(b"\r\n");
     }
-    if open.is_some() {
-        close_line(dst, must_chunk);
+    if let Some(open) = open {
+        end_line(dst, open, must_chunk, &mut add_close);
+    }
+    if add_close {
+        dst.extend_from_slice(b"connection: close\r\n");
     }
     if !wrote_length {
         encoder = match length {
@@ -558,6 +592,15 @@ fn encode_head(
         last = true;
     }
     Ok((encoder, last))
+}
+
+/// A field name as hyper writes it: in lower case.
+fn put_name(dst: &mut Vec<u8>, name: &[u8]) {
+    let start = dst.len();
+    dst.extend_from_slice(name);
+    if let Some(written) = dst.get_mut(start..) {
+        written.make_ascii_lowercase();
+    }
 }
 
 /// Calls `f` with the current date as an HTTP date, formatted at most once

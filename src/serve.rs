@@ -17,6 +17,7 @@ use tokio_util::either::Either;
 
 use crate::lean;
 use crate::listen::{Connection, ProxyListener};
+use crate::proxy::direct::RawFields;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -63,11 +64,12 @@ where
 /// A service that can also answer a request without a body from its head
 /// alone: what the proxy's workers serve, on their lean HTTP/1.1 path.
 pub trait Bodiless: HttpService<Body: http_body::Body<Data = Bytes, Error: Send>> {
-    /// The answer to `request`, which has no body.
+    /// The answer to `request`, which has no body. Its header fields may
+    /// come apart, as the upstream sent them (the response has none then).
     fn call_bodiless(
         &self,
         request: Request<()>,
-    ) -> impl Future<Output = Response<Self::Body>> + Send + '_;
+    ) -> impl Future<Output = (Response<Self::Body>, Option<RawFields>)> + Send + '_;
 }
 
 /// HTTP/2 connections are pinged this often, and closed when a ping goes

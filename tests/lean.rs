@@ -54,6 +54,14 @@ const ANSWERS: &[(&str, &[u8])] = &[
         "/head",
         b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\nconnection: close\r\n\r\n",
     ),
+    (
+        "/as-sent",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Hop: secret\r\nSet-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nX-Other: 1\r\nSET-COOKIE: b=2\r\nConnection: X-Hop, close\r\nContent-Length: 2\r\nTrailer: X-Sum\r\n\r\nok",
+    ),
+    (
+        "/both-lengths",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nX-B: 2\r\nConnection: close\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ),
 ];
 
 /// An upstream that answers each request from `ANSWERS`, after reading the

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::OutBody;
-use super::direct::{self, Conn, DirectBody};
+use super::direct::{self, Conn, DirectBody, RawFields};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -78,6 +78,29 @@ pub type Io = TokioIo<<Connector as tower::Service<Uri>>::Response>;
 
 /// An upstream answer's body: from hyper's client, or read directly.
 pub type UpstreamBody = Either<Incoming, DirectBody<Io>>;
+
+/// What the upstream answered.
+#[derive(Debug)]
+pub struct Answer {
+    /// The response; without header fields when `fields` holds them.
+    pub response: Response<UpstreamBody>,
+    /// For HTTP/1.1 over hyper's client, the connection: given back when
+    /// the body is done with.
+    pub connection: Checkout<OutBody>,
+    /// The header fields as they arrived, for a caller that writes them out
+    /// again itself (see `request_bodiless`).
+    pub fields: Option<RawFields>,
+}
+
+impl Answer {
+    fn new(response: Response<UpstreamBody>, connection: Checkout<OutBody>) -> Self {
+        Self {
+            response,
+            connection,
+            fields: None,
+        }
+    }
+}
 
 /// A worker's connections to the upstream: HTTP/1.1 connections are kept
 /// idle in a stack (the most recently used first, so few stay warm) and
@@ -237,25 +260,19 @@ impl Upstream {
     /// before taking is sent once more on a new connection. Returns the
     /// response and, for HTTP/1.1, the connection to hand back when the
     /// response body is done with.
-    pub async fn request(
-        &self,
-        request: Request<OutBody>,
-    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+    pub async fn request(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
         if request.body().is_end_stream() && !self.speaks_h2() {
             let (head, _) = request.into_parts();
-            return self.request_direct(&head).await;
+            return self.request_direct(&head, false).await;
         }
         self.via_hyper(request).await
     }
 
     /// `request_hyper`, boxed: hyper's futures are large, and every
     /// request without a body would otherwise carry their size.
-    async fn via_hyper(
-        &self,
-        request: Request<OutBody>,
-    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+    async fn via_hyper(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
         let (response, checkout) = Box::pin(self.request_hyper(request)).await?;
-        Ok((response.map(Either::Left), checkout))
+        Ok(Answer::new(response.map(Either::Left), checkout))
     }
 
     /// Whether the upstream has an HTTP/2 connection open, which every
@@ -266,15 +283,18 @@ impl Upstream {
 
     /// Sends a request without a body, borrowing its head (its URI
     /// absolute, its Host header set), so that it can be sent again (after
-    /// a 401) without a copy.
+    /// a 401) without a copy. With `raw`, an answer over HTTP/1.1 comes
+    /// with its header fields as they arrived, in `Answer::fields`, and
+    /// no header map is built for them.
     pub async fn request_bodiless(
         &self,
         head: &http::request::Parts,
-    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+        raw: bool,
+    ) -> Result<Answer, UpstreamError> {
         if self.speaks_h2() {
             return self.via_hyper(empty_copy(head)).await;
         }
-        self.request_direct(head).await
+        self.request_direct(head, raw).await
     }
 
     /// A request without a body over HTTP/1.1 by `direct`, on the most
@@ -284,7 +304,8 @@ impl Upstream {
     async fn request_direct(
         &self,
         parts: &http::request::Parts,
-    ) -> Result<(Response<UpstreamBody>, Checkout<OutBody>), UpstreamError> {
+        raw: bool,
+    ) -> Result<Answer, UpstreamError> {
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut fresh = false;
         loop {
@@ -295,13 +316,21 @@ impl Upstream {
                     let response = Box::pin(sender.send_request(empty_copy(parts)))
                         .await
                         .map_err(|e| UpstreamError::Request(e.into()))?;
-                    return Ok((response.map(Either::Left), Checkout::none()));
+                    return Ok(Answer::new(response.map(Either::Left), Checkout::none()));
                 }
             };
             match conn.exchange(&parts.method, target, &parts.headers).await {
                 Ok(head) => {
-                    let response = head.into_response(conn, &self.direct);
-                    return Ok((response.map(Either::Right), Checkout::none()));
+                    let (response, fields) = head.into_response(conn, &self.direct);
+                    let mut answer = Answer::new(response.map(Either::Right), Checkout::none());
+                    if raw {
+                        answer.fields = Some(fields);
+                    } else {
+                        *answer.response.headers_mut() = fields.into_map().map_err(|message| {
+                            UpstreamError::Request(direct::ExchangeError::Invalid(message).into())
+                        })?;
+                    }
+                    return Ok(answer);
                 }
                 Err(error) if reused && !fresh && error.may_retry(&parts.method) => {
                     tracing::debug!(%error, "a pooled upstream connection had closed: sending the request on a new one");

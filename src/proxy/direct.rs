@@ -15,12 +15,11 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::headers::{ends_chunked, length_digits, lists};
+use super::headers::{Known, ends_chunked, length_digits, lists};
 
 /// The largest answer head (hyper's default buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -91,6 +90,7 @@ impl ExchangeError {
 pub(crate) struct Span {
     name: (u32, u32),
     value: (u32, u32),
+    pub(crate) known: Known,
 }
 
 /// The most header fields a head may have (hyper's limit too).
@@ -119,6 +119,7 @@ pub(crate) fn record_spans(
         *slot = Span {
             name: span(field.name.as_bytes())?,
             value: span(field.value)?,
+            known: Known::of(field.name.as_bytes()),
         };
     }
     Some(())
@@ -144,6 +145,129 @@ pub(crate) fn fields(head: &Bytes, spans: &[Span], more: usize) -> Result<Header
     Ok(headers)
 }
 
+// Which fields to remove can be marked in a `u128`.
+const _: () = assert!(MAX_HEADERS <= 128);
+
+/// An answer's header fields as they arrived, in order, shared from its
+/// head: no header map is built for an answer that the lean server writes
+/// out again, field for field.
+#[derive(Debug)]
+pub struct RawFields {
+    head: Bytes,
+    /// At most `MAX_HEADERS`.
+    spans: Vec<Span>,
+}
+
+impl RawFields {
+    fn part(&self, (start, end): (u32, u32)) -> &[u8] {
+        self.head
+            .get(start as usize..end as usize)
+            .unwrap_or_default()
+    }
+
+    fn field(&self, span: &Span) -> (Known, &[u8], &[u8]) {
+        (span.known, self.part(span.name), self.part(span.value))
+    }
+
+    /// Names (as they came) and values, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Known, &[u8], &[u8])> {
+        self.spans.iter().map(|span| self.field(span))
+    }
+
+    /// The values of the fields of a `known` name, in order.
+    pub(crate) fn values(&self, known: Known) -> impl Iterator<Item = &[u8]> {
+        self.spans
+            .iter()
+            .filter(move |span| span.known == known)
+            .map(|span| self.part(span.value))
+    }
+
+    /// Removes the fields whose positions are set in `marked`, keeping the
+    /// order of the rest.
+    pub(crate) fn remove_marked(&mut self, marked: u128) {
+        let mut at = 0;
+        self.spans.retain(|_| {
+            let keep = marked >> at & 1 == 0;
+            at += 1;
+            keep
+        });
+    }
+
+    /// The positions of the fields for which `test` holds.
+    pub(crate) fn mark(&self, mut test: impl FnMut(Known, &[u8], &[u8]) -> bool) -> u128 {
+        self.iter()
+            .enumerate()
+            .filter(|(_, (known, name, value))| test(*known, name, value))
+            .fold(0, |marked, (at, _)| marked | 1 << at)
+    }
+
+    /// In a header map's order, which is the order hyper's server writes:
+    /// the fields of one name together, names in the order they first came.
+    pub(crate) fn grouped(&self) -> Grouped<'_> {
+        Grouped {
+            fields: self,
+            group: 0,
+            next: 0,
+        }
+    }
+
+    /// The fields in a header map.
+    pub(crate) fn into_map(self) -> Result<HeaderMap, String> {
+        fields(&self.head, &self.spans, 0)
+    }
+}
+
+/// See [`RawFields::grouped`].
+#[derive(Debug)]
+pub(crate) struct Grouped<'a> {
+    fields: &'a RawFields,
+    /// The first field of the group being written.
+    group: usize,
+    /// The next field to look at for it.
+    next: usize,
+}
+
+impl<'a> Iterator for Grouped<'a> {
+    type Item = (Known, &'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let fields = self.fields;
+        let spans = fields.spans.as_slice();
+        // Known names are told apart by their tag; other names by length
+        // first, then by bytes.
+        let same = |a: &Span, b: &Span| {
+            a.known == b.known
+                && (a.known != Known::Other
+                    || (a.name.1 - a.name.0 == b.name.1 - b.name.0
+                        && fields
+                            .part(a.name)
+                            .eq_ignore_ascii_case(fields.part(b.name))))
+        };
+        loop {
+            let leader = spans.get(self.group)?;
+            while let Some(span) = spans.get(self.next) {
+                let at = self.next;
+                self.next += 1;
+                if at == self.group || same(span, leader) {
+                    return Some(fields.field(span));
+                }
+            }
+            // The next group starts at the next name not seen before.
+            self.group += 1;
+            while let Some(candidate) = spans.get(self.group) {
+                if !spans[..self.group]
+                    .iter()
+                    .any(|earlier| same(earlier, candidate))
+                {
+                    break;
+                }
+                self.group += 1;
+            }
+            self.next = self.group;
+        }
+    }
+}
+
 fn invalid(message: impl Into<String>) -> ExchangeError {
     ExchangeError::Invalid(message.into())
 }
@@ -161,7 +285,9 @@ enum Framing {
 /// An answer's head, read; its body still on the connection.
 #[derive(Debug)]
 pub(crate) struct Head {
+    /// Without header fields: those are in `fields`.
     parts: http::response::Parts,
+    fields: RawFields,
     framing: Framing,
     keep_alive: bool,
 }
@@ -266,12 +392,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         } else {
             Version::HTTP_11
         };
-        let signals = signals(response.headers);
-        let framing = framing(method, code, version, &signals)?;
         let mut spans = [Span::default(); MAX_HEADERS];
         let count = response.headers.len();
         record_spans(&self.buf, length, response.headers, &mut spans)
             .ok_or_else(|| invalid("a header field could not be read"))?;
+        let signals = signals(&self.buf, &spans[..count]);
+        let framing = framing(method, code, version, &signals)?;
         // Copied, as hyper does: rare, and httparse may give an empty or
         // non-ASCII reason from outside the buffer.
         let reason = response
@@ -279,13 +405,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             .filter(|reason| !reason.is_empty() && Some(*reason) != status.canonical_reason())
             .map(|reason| Bytes::copy_from_slice(reason.as_bytes()));
 
-        let head = self.buf.split_to(length).freeze();
-        let mut headers = fields(&head, &spans[..count], 0).map_err(invalid)?;
-        let both = signals.transfer_encoding && signals.content_length;
-        if both && matches!(framing, Framing::Chunked | Framing::Close) {
-            // RFC 9112, 6.3: Transfer-Encoding wins; the length is wrong.
-            headers.remove(CONTENT_LENGTH);
+        // What a header map takes (httparse has checked the bytes).
+        if response
+            .headers
+            .iter()
+            .any(|field| field.name.len() > usize::from(u16::MAX))
+        {
+            return Err(invalid("a header name is not valid"));
         }
+        // As hyper's client, the fields are passed on as they came, even a
+        // Content-Length beside Transfer-Encoding (which the proxy removes).
+        let fields = RawFields {
+            head: self.buf.split_to(length).freeze(),
+            spans: spans[..count].to_vec(),
+        };
+        let both = signals.transfer_encoding && signals.content_length;
         let keep_alive = framing != Framing::Close
             && code != 101
             && !both
@@ -295,7 +429,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.status = status;
         parts.version = version;
-        parts.headers = headers;
         if let Some(reason) = reason
             && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason)
         {
@@ -303,6 +436,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
         Ok(Parsed::Complete(Head {
             parts,
+            fields,
             framing,
             keep_alive,
         }))
@@ -360,26 +494,32 @@ struct Signals {
     keep_alive: bool,
 }
 
-fn signals(fields: &[httparse::Header<'_>]) -> Signals {
+fn signals(head: &[u8], spans: &[Span]) -> Signals {
     let mut signals = Signals::default();
-    for field in fields {
-        let name = field.name.as_bytes();
-        let value = field.value;
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            signals.transfer_encoding = true;
-            signals.chunked = ends_chunked(value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            signals.content_length = true;
-            for item in value.split(|b| *b == b',') {
-                match (length_digits(item.trim_ascii()), signals.length) {
-                    (Some(parsed), None) => signals.length = Some(parsed),
-                    (Some(parsed), Some(seen)) if parsed == seen => {}
-                    _ => signals.length_invalid = true,
+    for span in spans {
+        let value = head
+            .get(span.value.0 as usize..span.value.1 as usize)
+            .unwrap_or_default();
+        match span.known {
+            Known::TransferEncoding => {
+                signals.transfer_encoding = true;
+                signals.chunked = ends_chunked(value);
+            }
+            Known::ContentLength => {
+                signals.content_length = true;
+                for item in value.split(|b| *b == b',') {
+                    match (length_digits(item.trim_ascii()), signals.length) {
+                        (Some(parsed), None) => signals.length = Some(parsed),
+                        (Some(parsed), Some(seen)) if parsed == seen => {}
+                        _ => signals.length_invalid = true,
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            signals.close |= lists(value, "close");
-            signals.keep_alive |= lists(value, "keep-alive");
+            Known::Connection => {
+                signals.close |= lists(value, b"close");
+                signals.keep_alive |= lists(value, b"keep-alive");
+            }
+            _ => {}
         }
     }
     signals
@@ -412,14 +552,15 @@ fn framing(
 }
 
 impl Head {
-    /// The answer, its body read from `conn`, which goes back to `idle`
-    /// once the body has been read to its end (if the upstream keeps it
-    /// open and sent nothing more).
+    /// The answer without its header fields, and those fields. Its body is
+    /// read from `conn`, which goes back to `idle` once the body has been
+    /// read to its end (if the upstream keeps it open and sent nothing
+    /// more).
     pub(crate) fn into_response<T: AsyncRead + AsyncWrite + Unpin>(
         self,
         conn: Box<Conn<T>>,
         idle: &Arc<Idle<T>>,
-    ) -> http::Response<DirectBody<T>> {
+    ) -> (http::Response<DirectBody<T>>, RawFields) {
         let state = match self.framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(length) => State::Length(length),
@@ -436,7 +577,7 @@ impl Head {
         if body.state == State::Done {
             body.finish();
         }
-        http::Response::from_parts(self.parts, body)
+        (http::Response::from_parts(self.parts, body), self.fields)
     }
 }
 
@@ -695,6 +836,18 @@ fn trailers(section: &[u8]) -> Result<HeaderMap, String> {
     }
 }
 
+/// The header fields of `head` (a response's), as the direct path keeps
+/// them; `None` if it is not a whole and valid head.
+#[cfg(test)]
+pub(crate) fn raw_fields(head: &[u8]) -> Option<RawFields> {
+    let mut conn = Conn::new(tokio::io::empty());
+    conn.buf.extend_from_slice(head);
+    match conn.parse_head(&Method::GET) {
+        Ok(Parsed::Complete(head)) => Some(head.fields),
+        _ => None,
+    }
+}
+
 /// One of `seeds` mangled at random for tests: bytes changed, inserted,
 /// removed, cut, repeated.
 #[cfg(test)]
@@ -761,10 +914,14 @@ mod tests {
         headers.append("x-many", HeaderValue::from_static("1"));
         headers.append("x-many", HeaderValue::from_static("2"));
         let idle = Arc::new(Idle::default());
-        let response = conn
-            .exchange(&method, "/a?b=%2F", &headers)
-            .await
-            .map(|head| head.into_response(conn, &idle));
+        let response = match conn.exchange(&method, "/a?b=%2F", &headers).await {
+            Ok(head) => {
+                let (mut response, fields) = head.into_response(conn, &idle);
+                *response.headers_mut() = fields.into_map().expect("valid fields");
+                Ok(response)
+            }
+            Err(error) => Err(error),
+        };
         (response, idle, upstream)
     }
 
@@ -806,7 +963,7 @@ mod tests {
             let response = response.expect("a response");
             assert_eq!(response.status(), 200);
             assert_eq!(response.headers()["x-a"], "1");
-            assert_eq!(response.headers()[CONTENT_LENGTH], "11");
+            assert_eq!(response.headers()[http::header::CONTENT_LENGTH], "11");
             assert!(
                 response
                     .extensions()
@@ -878,11 +1035,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn transfer_encoding_overrides_and_removes_content_length() {
+    async fn transfer_encoding_overrides_content_length() {
         let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
         let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
         let response = response.expect("a response");
-        assert!(!response.headers().contains_key(CONTENT_LENGTH));
         assert_eq!(read(response).await.expect("body").0, b"ok");
         assert_eq!(
             pooled(&idle),

@@ -4,6 +4,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
+use super::direct::RawFields;
 use crate::config::UpstreamUrl;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
@@ -19,6 +20,65 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The field names that the proxy acts on, recognised once per field (by
+/// length, then bytes, in any case), so that later steps compare a tag
+/// instead of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Known {
+    #[default]
+    Other,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    ProxyAuthenticate,
+    ProxyAuthorization,
+    Te,
+    TransferEncoding,
+    Upgrade,
+    ContentLength,
+    Trailer,
+    Date,
+    Location,
+    Expect,
+}
+
+impl Known {
+    pub(crate) fn of(name: &[u8]) -> Self {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Self::Te,
+            4 if is(b"date") => Self::Date,
+            6 if is(b"expect") => Self::Expect,
+            7 if is(b"trailer") => Self::Trailer,
+            7 if is(b"upgrade") => Self::Upgrade,
+            8 if is(b"location") => Self::Location,
+            10 if is(b"connection") => Self::Connection,
+            10 if is(b"keep-alive") => Self::KeepAlive,
+            14 if is(b"content-length") => Self::ContentLength,
+            16 if is(b"proxy-connection") => Self::ProxyConnection,
+            17 if is(b"transfer-encoding") => Self::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Self::ProxyAuthenticate,
+            19 if is(b"proxy-authorization") => Self::ProxyAuthorization,
+            _ => Self::Other,
+        }
+    }
+
+    /// One of `HOP_BY_HOP`.
+    pub(crate) fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Self::Connection
+                | Self::KeepAlive
+                | Self::ProxyConnection
+                | Self::ProxyAuthenticate
+                | Self::ProxyAuthorization
+                | Self::Te
+                | Self::TransferEncoding
+                | Self::Upgrade
+        )
+    }
+}
+
 /// Request headers that the proxy consumes itself: `Expect` (the proxy's
 /// server answers `100 Continue`), the local key, and `Trailer` (the proxy
 /// does not forward trailers' announcement without the trailers' framing).
@@ -29,17 +89,21 @@ const REQUEST_ONLY: [HeaderName; 3] = [
 ];
 
 /// Removes hop-by-hop headers, the headers that `Connection` names, and
-/// `extra`, keeping the order of the rest. Costs nothing when none is
-/// present, and allocates nothing when those to remove come last (as
-/// `Connection: keep-alive` usually does in a response).
+/// `extra`, keeping the order of the rest. With Transfer-Encoding,
+/// Content-Length goes too: it is wrong, and an intermediary must remove
+/// it (RFC 9112, 6.3). Costs nothing when none is present, and allocates
+/// nothing when those to remove come last (as `Connection: keep-alive`
+/// usually does in a response).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
+    let encoded = headers.contains_key(header::TRANSFER_ENCODING);
     // `Connection` is looked up once, not once per header.
     let listed = |connection: &header::GetAll<'_, header::HeaderValue>, name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || extra.contains(name)
+            || (encoded && name == header::CONTENT_LENGTH)
             || connection
                 .iter()
-                .any(|value| lists(value.as_bytes(), name.as_str()))
+                .any(|value| lists(value.as_bytes(), name.as_str().as_bytes()))
     };
     let mut first = None;
     let mut count = 0;
@@ -84,23 +148,66 @@ pub fn clean_response(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers, &[]);
 }
 
+/// `clean_response` for a response whose fields are as they arrived
+/// (names in any case), keeping the order of the rest.
+pub(crate) fn clean_response_fields(fields: &mut RawFields) {
+    let mut encoded = false;
+    // Whether a Connection value names a field that is not hop-by-hop
+    // anyway: only then is every field looked for in it.
+    let mut listing = false;
+    for (known, _, value) in fields.iter() {
+        match known {
+            Known::TransferEncoding => encoded = true,
+            Known::Connection => {
+                listing |= value.split(|b| *b == b',').any(|token| {
+                    let token = token.trim_ascii();
+                    !token.is_empty() && Known::of(token) != Known::KeepAlive
+                });
+            }
+            _ => {}
+        }
+    }
+    let marked = fields.mark(|known, name, _| {
+        known.is_hop_by_hop()
+            || (encoded && known == Known::ContentLength)
+            || (listing
+                && fields
+                    .values(Known::Connection)
+                    .any(|value| lists(value, name)))
+    });
+    if marked != 0 {
+        fields.remove_marked(marked);
+    }
+}
+
 /// Whether a `name` header lists `token` (case-insensitively), as in
 /// `Connection: keep-alive, Upgrade` or `TE: trailers`.
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
-        .any(|value| lists(value.as_bytes(), token))
+        .any(|value| lists(value.as_bytes(), token.as_bytes()))
 }
 
 /// Whether a Transfer-Encoding value ends with `chunked`, read as hyper
 /// reads it: only a value of visible ASCII counts.
 pub(crate) fn ends_chunked(value: &[u8]) -> bool {
-    value.iter().all(|b| *b == b'\t' || (32..127).contains(b))
-        && value
-            .rsplit(|b| *b == b',')
+    visible_ascii(value).is_some_and(|value| {
+        value
+            .rsplit(',')
             .next()
-            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case("chunked"))
+    })
+}
+
+/// A field value as text, if it is visible ASCII (tabs allowed): what
+/// `HeaderValue::to_str` gives.
+pub(crate) fn visible_ascii(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|b| *b == b'\t' || (32..127).contains(b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
 }
 
 /// A Content-Length number: digits only, nothing around them.
@@ -112,10 +219,10 @@ pub(crate) fn length_digits(value: &[u8]) -> Option<u64> {
 
 /// Whether a comma-separated list names `token` (case-insensitively). On
 /// bytes, not validated strings: this runs several times per request.
-pub(crate) fn lists(value: &[u8], token: &str) -> bool {
+pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Maps a `Location` under the upstream's base to the same path on the
@@ -271,6 +378,83 @@ mod tests {
                 ("content-length", "4"),
             ]
         );
+    }
+
+    #[test]
+    fn known_names_are_recognised_in_any_case() {
+        for name in &HOP_BY_HOP {
+            assert!(
+                Known::of(name.as_str().as_bytes()).is_hop_by_hop(),
+                "{name}"
+            );
+            let upper = name.as_str().to_ascii_uppercase();
+            assert!(Known::of(upper.as_bytes()).is_hop_by_hop(), "{upper}");
+        }
+        for name in ["content-length", "Trailer", "DATE", "location", "Expect"] {
+            let known = Known::of(name.as_bytes());
+            assert!(known != Known::Other && !known.is_hop_by_hop(), "{name}");
+        }
+        for name in ["", "t", "host", "x-connection", "connectio", "content-type"] {
+            assert_eq!(Known::of(name.as_bytes()), Known::Other, "{name}");
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_takes_content_length_with_it() {
+        let mut headers = map(&[
+            ("content-length", "99"),
+            ("x-a", "1"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        clean_response(&mut headers);
+        assert_eq!(fields(&headers), [("x-a", "1")]);
+        let mut headers = map(&[("content-length", "99"), ("x-a", "1")]);
+        clean_request(&mut headers);
+        assert_eq!(fields(&headers), [("content-length", "99"), ("x-a", "1")]);
+    }
+
+    /// Fields as they arrived, cleaned and in the map's order, are those of
+    /// the map cleaned: for heads written by hand and thousands mangled.
+    #[test]
+    fn raw_fields_are_cleaned_and_ordered_as_a_map() {
+        let seeds: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nContent-Type: a\r\nX-Hop: 1\r\nSet-Cookie: a\r\nKeep-Alive: t=5\r\nx-other: 1\r\nSET-COOKIE: b\r\nConnection: X-Hop, close\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nx-a: 1\r\nTransfer-Encoding: chunked\r\nX-A: 2\r\nProxy-Connection: x\r\nUpgrade: h2c\r\n\r\n",
+            b"HTTP/1.1 302 Found\r\nLocation: /x\r\nconnection: keep-alive\r\nconnection: x-b\r\nx-b: 1\r\nx-c: 2\r\nx-b: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nA: 3\r\nC: 4\r\nB: 5\r\nTE: trailers\r\nTrailer: x\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut compared = 0;
+        for case in 0..20_000 {
+            let head = if case < seeds.len() {
+                seeds[case].to_vec()
+            } else {
+                super::super::direct::mangled(&mut rng, &seeds)
+            };
+            let Some(mut raw) = super::super::direct::raw_fields(&head) else {
+                continue;
+            };
+            let Some(mut map) =
+                super::super::direct::raw_fields(&head).and_then(|fields| fields.into_map().ok())
+            else {
+                continue;
+            };
+            clean_response_fields(&mut raw);
+            clean_response(&mut map);
+            let raw: Vec<(String, Vec<u8>)> = raw
+                .grouped()
+                .map(|(_, name, value)| {
+                    (String::from_utf8_lossy(name).to_lowercase(), value.to_vec())
+                })
+                .collect();
+            let map: Vec<(String, Vec<u8>)> = map
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+                .collect();
+            assert_eq!(raw, map, "{}", String::from_utf8_lossy(&head));
+            compared += 1;
+        }
+        assert!(compared > 1_000, "only {compared} heads were whole");
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub mod error;
 pub mod headers;
 
 use body::{Activity, ProxyBody, TrackedBody};
-use client::{Checkout, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
+use client::{Answer, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
+use direct::RawFields;
 pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
 
@@ -149,7 +150,7 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let shared = Arc::clone(&self.inner);
-        Box::pin(async move { Ok(shared.answer(request.map(Some)).await) })
+        Box::pin(async move { Ok(shared.answer(request.map(Some), false).await.0) })
     }
 }
 
@@ -157,25 +158,34 @@ impl crate::serve::Bodiless for Proxy {
     fn call_bodiless(
         &self,
         request: Request<()>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send + '_ {
-        self.inner.answer(request.map(|()| None))
+    ) -> impl Future<Output = (Response<ProxyBody>, Option<RawFields>)> + Send + '_ {
+        self.inner.answer(request.map(|()| None), true)
     }
 }
 
 impl Shared {
     /// The answer to `request` (`None`: it has no body): the upstream's,
-    /// or the proxy's error.
-    async fn answer(&self, request: Request<Option<Incoming>>) -> Response<ProxyBody> {
-        match self.forward(request).await {
-            Ok(response) => response,
-            Err(error) => error.to_response().map(|body| ProxyBody::full(body, None)),
+    /// or the proxy's error. With `raw`, the upstream's header fields may
+    /// come as they arrived, cleaned, instead of in the response's map.
+    async fn answer(
+        &self,
+        request: Request<Option<Incoming>>,
+        raw: bool,
+    ) -> (Response<ProxyBody>, Option<RawFields>) {
+        match self.forward(request, raw).await {
+            Ok(answer) => answer,
+            Err(error) => (
+                error.to_response().map(|body| ProxyBody::full(body, None)),
+                None,
+            ),
         }
     }
 
     async fn forward(
         &self,
         request: Request<Option<Incoming>>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+        raw: bool,
+    ) -> Result<(Response<ProxyBody>, Option<RawFields>), ProxyError> {
         self.guard.check(&request)?;
         let Ok(permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
             return Err(ProxyError::new(
@@ -238,14 +248,16 @@ impl Shared {
         }
         // A body that is already over is no body.
         let body = body.filter(|body| !body.is_end_stream());
-        let ((response, connection), token) = match body {
+        // A masked answer's fields are looked at and changed: in a map.
+        let raw = raw && !masked;
+        let (answer, token) = match body {
             Some(body) if !self.can_replay(&expect_continue, &parts.headers) => {
                 let (body, activity) = TrackedBody::new(body);
                 let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
                 // Boxed: streaming a body is the rarer path, and the
                 // future of every request is as large as its largest state.
                 let answer = Box::pin(self.send(self.client.request(request), activity)).await?;
-                if answer.0.status() == StatusCode::UNAUTHORIZED {
+                if answer.response.status() == StatusCode::UNAUTHORIZED {
                     // Not replayable, but the next requests should not meet the
                     // same refusal: ask for a new token without waiting for it.
                     let _ = self
@@ -262,12 +274,36 @@ impl Shared {
                         .insert(AUTHORIZATION, held_token.header.clone());
                 }
                 let token = held_token;
-                self.send_replayable(parts, held, token).await?
+                self.send_replayable(parts, held, token, raw).await?
             }
         };
 
+        let Answer {
+            response,
+            connection,
+            fields,
+        } = answer;
         let (mut parts, body) = response.into_parts();
         parts.version = Version::HTTP_11;
+        if let Some(mut fields) = fields {
+            headers::clean_response_fields(&mut fields);
+            let rewritten = fields
+                .values(headers::Known::Location)
+                .next()
+                .and_then(headers::visible_ascii)
+                .is_some_and(|location| self.locations.rewrite(location).is_some());
+            if !rewritten {
+                // Written out as they came: no map, nothing changed.
+                let body = ProxyBody::upstream(body, permit, connection);
+                return Ok((Response::from_parts(parts, body), Some(fields)));
+            }
+            // Rare: the map has the rewriting.
+            parts.headers = fields.into_map().map_err(|message| {
+                self.upstream_error(&UpstreamError::Request(
+                    direct::ExchangeError::Invalid(message).into(),
+                ))
+            })?;
+        }
         headers::clean_response(&mut parts.headers);
         if let Some(location) = parts.headers.get(LOCATION).and_then(|v| v.to_str().ok())
             && let Some(rewritten) = self.locations.rewrite(location)
@@ -293,11 +329,14 @@ impl Shared {
             parts.headers.remove(CONTENT_LENGTH);
             // The body changed: validators of the old one no longer hold.
             parts.headers.remove(http::header::ETAG);
-            return Ok(Response::from_parts(parts, ProxyBody::full(body, permit)));
+            return Ok((
+                Response::from_parts(parts, ProxyBody::full(body, permit)),
+                None,
+            ));
         }
-        Ok(Response::from_parts(
-            parts,
-            ProxyBody::upstream(body, permit, connection),
+        Ok((
+            Response::from_parts(parts, ProxyBody::upstream(body, permit, connection)),
+            None,
         ))
     }
 
@@ -378,9 +417,10 @@ impl Shared {
         mut head: http::request::Parts,
         body: Bytes,
         token: Arc<CurrentToken>,
+        raw: bool,
     ) -> Result<(Answer, Arc<CurrentToken>), ProxyError> {
-        let answer = self.send_held(&head, &body).await?;
-        if answer.0.status() != StatusCode::UNAUTHORIZED {
+        let answer = self.send_held(&head, &body, raw).await?;
+        if answer.response.status() != StatusCode::UNAUTHORIZED {
             return Ok((answer, token));
         }
         let renewed = match self
@@ -403,18 +443,22 @@ impl Shared {
             "the upstream answered 401: replaying the request with a new token"
         );
         head.headers.insert(AUTHORIZATION, renewed.header.clone());
-        Ok((Box::pin(self.send_held(&head, &body)).await?, renewed))
+        Ok((Box::pin(self.send_held(&head, &body, raw)).await?, renewed))
     }
 
     /// Sends a request whose body is held, keeping `head` and `body` for a
-    /// replay: without a body, nothing is copied.
+    /// replay: without a body, nothing is copied (and with `raw`, the
+    /// answer's fields may come as they arrived).
     async fn send_held(
         &self,
         head: &http::request::Parts,
         body: &Bytes,
+        raw: bool,
     ) -> Result<Answer, ProxyError> {
         if body.is_empty() {
-            return self.send(self.client.request_bodiless(head), None).await;
+            return self
+                .send(self.client.request_bodiless(head, raw), None)
+                .await;
         }
         let request = copy_of(head, Either::Right(Full::new(body.clone())));
         Box::pin(self.send(self.client.request(request), None)).await
@@ -538,9 +582,6 @@ pub fn describe_upstream_error(
 
 /// The body sent upstream: the client's stream, or a body held back for replay.
 pub(crate) type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
-
-/// The upstream's response, and the connection it came on.
-type Answer = (Response<UpstreamBody>, Checkout<OutBody>);
 
 /// A request for the upstream from its parts (the client's extensions stay behind).
 fn outgoing(
