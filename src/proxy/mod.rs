@@ -34,7 +34,7 @@ use headers::LocationRewriter;
 
 use crate::config::Config;
 use crate::guard::Guard;
-use crate::token::{CurrentToken, Renewal, TokenSlot};
+use crate::token::{CurrentToken, LocalToken, Renewal, TokenSlot};
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
@@ -65,6 +65,8 @@ struct Shared {
     max_concurrent: usize,
     locations: LocationRewriter,
     slot: TokenSlot,
+    /// The current token, copied for this worker (a clone copies again).
+    token: LocalToken,
     startup_wait: Duration,
     response_timeout: Duration,
     replay_buffer: usize,
@@ -116,6 +118,7 @@ impl Proxy {
                 capacity: Arc::new(Semaphore::new(config.proxy.max_concurrent)),
                 max_concurrent: config.proxy.max_concurrent,
                 locations: LocationRewriter::new(url),
+                token: slot.local(),
                 slot,
                 startup_wait: config.token.startup_wait,
                 response_timeout: upstream.response_timeout,
@@ -137,6 +140,20 @@ impl Proxy {
     pub fn for_worker(&self) -> Self {
         let mut shared = Shared::clone(&self.inner);
         shared.client = Arc::new(shared.client.with_own_pool());
+        // Values cloned into every request get bytes of their own, so
+        // that their reference counts are not shared with other workers.
+        let own = |value: &HeaderValue| HeaderValue::from_bytes(value.as_bytes()).ok();
+        if let Some(host) = own(&shared.host) {
+            shared.host = host;
+        }
+        if let Some(user_agent) = own(&shared.user_agent) {
+            shared.user_agent = user_agent;
+        }
+        if let Ok(authority) = Authority::from_maybe_shared(Bytes::copy_from_slice(
+            shared.authority.as_str().as_bytes(),
+        )) {
+            shared.authority = authority;
+        }
         Self {
             inner: Arc::new(shared),
         }
@@ -381,7 +398,7 @@ impl Shared {
     /// The token to send now; before the first one, waits up to
     /// `token.startup_wait` for it.
     async fn token_now(&self) -> Result<Arc<CurrentToken>, ProxyError> {
-        if let Ok(token) = self.slot.current() {
+        if let Ok(token) = self.token.current() {
             return Ok(token);
         }
         // Boxed, as every rare path here: the future of every request is

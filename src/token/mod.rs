@@ -14,7 +14,7 @@ pub mod slot;
 pub use endpoint::TokenEndpoint;
 pub use error::TokenError;
 pub use refresher::{RefreshPolicy, Refresher, RetryPolicy};
-pub use slot::{CurrentToken, Renewal, TokenSlot, Unavailable};
+pub use slot::{CurrentToken, LocalToken, Renewal, TokenSlot, Unavailable};
 
 /// A token as the provider issued it.
 #[derive(Debug)]

@@ -54,6 +54,69 @@ impl CurrentToken {
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
     }
+
+    /// A copy that shares no memory with this one: the header's bytes are
+    /// its own, so that its reference counts stay on one core.
+    fn copy(&self) -> Self {
+        let mut header =
+            HeaderValue::from_bytes(self.header.as_bytes()).unwrap_or_else(|_| self.header.clone());
+        header.set_sensitive(true);
+        Self {
+            token: self.token.clone(),
+            header,
+            usable_until: self.usable_until,
+            expires_at: self.expires_at,
+            obtained_at: self.obtained_at,
+            generation: self.generation,
+        }
+    }
+}
+
+/// One worker's copy of the slot's current token, copied again when the
+/// slot changes. The request path then reads no memory that another core
+/// writes: no lock shared between workers (the slot's), no reference
+/// count shared with them (the token's, its header's).
+#[derive(Debug)]
+pub struct LocalToken {
+    slot: TokenSlot,
+    copy: std::sync::Mutex<(watch::Receiver<TokenState>, Option<Arc<CurrentToken>>)>,
+}
+
+impl LocalToken {
+    fn new(slot: &TokenSlot) -> Self {
+        let mut seen = slot.tx.subscribe();
+        // Copied on first use.
+        seen.mark_changed();
+        Self {
+            slot: slot.clone(),
+            copy: std::sync::Mutex::new((seen, None)),
+        }
+    }
+
+    /// As [`TokenSlot::current`].
+    pub fn current(&self) -> Result<Arc<CurrentToken>, Unavailable> {
+        if let Ok(mut copy) = self.copy.lock() {
+            let (seen, token) = &mut *copy;
+            if seen.has_changed().unwrap_or(false) {
+                *token = seen
+                    .borrow_and_update()
+                    .current
+                    .as_deref()
+                    .map(|current| Arc::new(current.copy()));
+            }
+            if let Some(token) = token.as_ref().filter(|t| t.is_usable(Instant::now())) {
+                return Ok(Arc::clone(token));
+            }
+        }
+        self.slot.current()
+    }
+}
+
+impl Clone for LocalToken {
+    /// A copy of its own.
+    fn clone(&self) -> Self {
+        Self::new(&self.slot)
+    }
 }
 
 /// A token counts as expired this long before its real expiry, so that one
@@ -138,6 +201,11 @@ impl TokenSlot {
             tx: Arc::new(watch::Sender::new(TokenState::default())),
             renew: Arc::new(Notify::new()),
         }
+    }
+
+    /// A view of the current token for one worker's request path.
+    pub fn local(&self) -> LocalToken {
+        LocalToken::new(self)
     }
 
     /// A copy of the whole state (for `/status`).
@@ -359,6 +427,49 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         let err = slot.current().err().map(|u| u.reason).unwrap_or_default();
         assert!(err.contains("expired"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_workers_copy_follows_the_slot_and_shares_no_bytes_with_it() {
+        let slot = TokenSlot::new();
+        let local = slot.local();
+        assert!(local.current().is_err(), "no token yet");
+        let publish = |secret: &str, lifetime: u64| {
+            let now = Instant::now();
+            let token = CurrentToken::new(
+                AccessToken::new(secret),
+                Duration::from_secs(lifetime),
+                now,
+                SystemTime::now(),
+            );
+            let Some(token) = token else {
+                panic!("valid token")
+            };
+            slot.publish_token(token, now + Duration::from_secs(80), SystemTime::now());
+        };
+        publish("first", 100);
+        let (Ok(copy), Ok(shared)) = (local.current(), slot.current()) else {
+            panic!("a token")
+        };
+        assert_eq!(copy.header, shared.header);
+        assert!(copy.header.is_sensitive());
+        assert_ne!(
+            copy.header.as_bytes().as_ptr(),
+            shared.header.as_bytes().as_ptr()
+        );
+        assert!(
+            local
+                .current()
+                .is_ok_and(|again| Arc::ptr_eq(&again, &copy)),
+            "copied once, not per request"
+        );
+        publish("second", 100);
+        assert!(local.current().is_ok_and(|t| t.token.secret() == "second"));
+        // Expired: the slot's own answer, with its reason.
+        tokio::time::advance(Duration::from_secs(90)).await;
+        let err = local.current().err().map(|u| u.reason).unwrap_or_default();
+        assert!(err.contains("expired"), "{err}");
+        assert!(local.clone().current().is_err());
     }
 
     #[tokio::test(start_paused = true)]
