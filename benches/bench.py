@@ -4,15 +4,18 @@
     python3 benches/bench.py            # installs what it needs, 5 rounds
     ROUNDS=3 DURATION=3 python3 benches/bench.py
     QUICK=1 CONNECTIONS=64 ROUNDS=3 python3 benches/bench.py   # throughput only
-    BP_WORKERS=1 ...                    # bearer-proxy's proxy.workers (default: auto)
+    BP_WORKERS=2 ...                    # bearer-proxy's proxy.workers (default: its own, 1)
     BP_BASELINE_WORKERS=1 ...           # the same for the baseline
     BP_BASELINE=/path/to/old/bearer-proxy ...   # before and after in one run
+    BP_MORE_WORKERS=0 ...               # leave out "bearer-proxy x2" (see below)
 
 Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB;
 uploads are stored whole on tmpfs before it answers, so that every proxy
 must forward all of them),
 a local fake token provider, bearer-proxy, nginx and haproxy as reverse
-proxies adding the same headers statically, and measures each in turn,
+proxies adding the same headers statically (and, for the wrk figures,
+bearer-proxy once more with two serving threads, "bearer-proxy x2", unless
+BP_MORE_WORKERS=0 or a baseline is measured), and measures each in turn,
 interleaved in random order, round after round:
   - requests/s and p50/p99 latency with wrk at 1, 16, 64 and 256 connections;
   - 1 GiB download and 1 GiB upload: MB/s, and bearer-proxy's peak RSS;
@@ -46,6 +49,9 @@ CONNECTIONS = [int(c) for c in os.environ.get("CONNECTIONS", "1,16,64,256").spli
 QUICK = os.environ.get("QUICK") == "1"  # throughput only: for trying a change
 BINARY = os.environ.get("BP_BIN", str(ROOT / "target/release/bearer-proxy"))
 BASELINE = os.environ.get("BP_BASELINE")  # another build, measured alongside as "baseline"
+# bearer-proxy with more serving threads (proxy.workers), in the wrk figures.
+MORE_WORKERS = "" if BASELINE else os.environ.get("BP_MORE_WORKERS", "2").strip("0")
+MORE = f"bearer-proxy x{MORE_WORKERS}"
 GIB = 1 << 30
 TOKEN = "bench-token-" + "x" * 1200  # about the size of an Entra token
 
@@ -210,6 +216,15 @@ backend be
         base_env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_BASELINE_WORKERS"]
     procs["bearer-proxy"] = subprocess.Popen([BINARY], env=env, stderr=subprocess.DEVNULL)
     names = ["upstream", "nginx", "haproxy", "bearer-proxy"]
+    admins = ["admin"]
+    if MORE_WORKERS:
+        ports[MORE], ports["more-admin"] = free_port(), free_port()
+        procs[MORE] = subprocess.Popen([BINARY], env={
+            **env, "BEARER_PROXY_PROXY_WORKERS": MORE_WORKERS,
+            "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports[MORE]}",
+            "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['more-admin']}"}, stderr=subprocess.DEVNULL)
+        names.append(MORE)
+        admins.append("more-admin")
     if BASELINE:
         # The same settings on other ports: a before-and-after in one run.
         ports["baseline"], ports["baseline-admin"] = free_port(), free_port()
@@ -217,6 +232,7 @@ backend be
                     "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['baseline-admin']}"}
         procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=subprocess.DEVNULL)
         names.append("baseline")
+        admins.append("baseline-admin")
     try:
         for name in names:
             wait_port(ports[name])
@@ -226,7 +242,7 @@ backend be
             proc.terminate()
         token_server.shutdown()
         raise
-    for admin in ["admin", "baseline-admin"] if BASELINE else ["admin"]:
+    for admin in admins:
         for _ in range(100):
             out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{ports[admin]}/readyz"], capture_output=True, text=True).stdout
             if '"ready":true' in out:
@@ -324,11 +340,13 @@ def main():
     contenders = {"direct": ports["upstream"], "bearer-proxy": ports["bearer-proxy"], "nginx": ports["nginx"], "haproxy": ports["haproxy"]}
     if BASELINE:
         contenders["baseline"] = ports["baseline"]
+    if MORE_WORKERS:
+        contenders[MORE] = ports[MORE]
     bp_pid = procs["bearer-proxy"].pid
     ours = {name: procs[name].pid for name in ["bearer-proxy", "baseline"] if name in procs}
-    pids = {name: [procs[name].pid] for name in ["bearer-proxy", "nginx", "haproxy", "baseline"] if name in procs}
+    pids = {name: [procs[name].pid] for name in ["bearer-proxy", "nginx", "haproxy", "baseline", MORE] if name in procs}
     results = {(c, n): [] for c in contenders for n in CONNECTIONS}
-    streams = {c: [] for c in contenders if c != "direct"}
+    streams = {c: [] for c in contenders if c not in ("direct", MORE)}
     try:
         idle = rss_kib(bp_pid)
         for name, port in contenders.items():

@@ -42,6 +42,7 @@ def count(binary, work):
     )
     wrapper.chmod(0o755)
     bench.BINARY = str(wrapper)
+    bench.MORE_WORKERS = ""  # one build, measured alone
     os.environ["BP_WORKERS"] = "1"
     ports, procs, token_server = bench.start_all(work)
     pid = procs["bearer-proxy"].pid

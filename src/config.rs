@@ -55,8 +55,11 @@ pub const DEFAULT_MIN_FORCED_INTERVAL: &str = "30s";
 pub const DEFAULT_REPLAY_BUFFER: &str = "64KiB";
 /// Default limit on requests in flight.
 pub const DEFAULT_MAX_CONCURRENT: &str = "1024";
-/// Default for `proxy.workers`: one per CPU the process may use.
-pub const DEFAULT_WORKERS: &str = "auto";
+/// Default for `proxy.workers`: one thread, as nginx's and linkerd2-proxy's
+/// defaults. A busy thread serves a request with less CPU than several
+/// half-idle ones, which sleep and are woken far more often (README,
+/// "Performance"); `auto` is for the rare proxy that needs several cores.
+pub const DEFAULT_WORKERS: &str = "1";
 /// Default time a client has to send a request's headers.
 pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
 /// Default paths whose JSON answers have the token masked.
@@ -1450,7 +1453,13 @@ mod tests {
     #[test]
     fn workers_are_auto_or_a_count() -> Result<(), ConfigError> {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(load(&[])?.proxy.workers, cpus);
+        assert_eq!(load(&[])?.proxy.workers, 1);
+        assert_eq!(
+            load(&[("BEARER_PROXY_PROXY_WORKERS", "auto")])?
+                .proxy
+                .workers,
+            cpus
+        );
         assert_eq!(
             load(&[("BEARER_PROXY_PROXY_WORKERS", "3")])?.proxy.workers,
             3
