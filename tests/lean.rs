@@ -58,6 +58,7 @@ const ANSWERS: &[(&str, &[u8])] = &[
         "/as-sent",
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Hop: secret\r\nSet-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nX-Other: 1\r\nSET-COOKIE: b=2\r\nConnection: X-Hop, close\r\nContent-Length: 2\r\nTrailer: X-Sum\r\n\r\nok",
     ),
+    ("/large-head", b""),
     (
         "/both-lengths",
         b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nX-B: 2\r\nConnection: close\r\n\r\n2\r\nok\r\n0\r\n\r\n",
@@ -81,11 +82,17 @@ async fn scripted_upstream() -> std::io::Result<std::net::SocketAddr> {
         }
         let text = String::from_utf8_lossy(&head).into_owned();
         let path = text.split(' ').nth(1).unwrap_or_default().to_owned();
-        let answer = ANSWERS.iter().find(|(p, _)| *p == path).map_or(
-            &b"HTTP/1.1 500 Unknown\r\ncontent-length: 0\r\n\r\n"[..],
-            |a| a.1,
-        );
-        let _ = stream.write_all(answer).await;
+        let answer = match ANSWERS.iter().find(|(p, _)| *p == path) {
+            // Over 8 KiB: the proxy reads its fields into a map.
+            Some(_) if path == "/large-head" => format!(
+                "HTTP/1.1 200 OK\r\nX-Big: {}\r\nx-a: 1\r\nX-BIG: 2\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                "v".repeat(9000)
+            )
+            .into_bytes(),
+            Some((_, answer)) => answer.to_vec(),
+            None => b"HTTP/1.1 500 Unknown\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        };
+        let _ = stream.write_all(&answer).await;
         let _ = stream.shutdown().await;
     })
     .await?;

@@ -148,6 +148,10 @@ pub(crate) fn fields(head: &Bytes, spans: &[Span], more: usize) -> Result<Header
 // Which fields to remove can be marked in a `u128`.
 const _: () = assert!(MAX_HEADERS <= 128);
 
+/// The largest head whose fields are passed on as they came: grouping
+/// them by name then compares at most a few hundred KiB of names.
+const RAW_HEAD_LIMIT: usize = 8 * 1024;
+
 /// An answer's header fields as they arrived, in order, shared from its
 /// head: no header map is built for an answer that the lean server writes
 /// out again, field for field.
@@ -209,6 +213,13 @@ impl RawFields {
             group: 0,
             next: 0,
         }
+    }
+
+    /// Whether the head is small enough for [`grouped`](Self::grouped),
+    /// whose name comparisons grow with the square of the fields: nearly
+    /// every answer's is. A larger one is read into a header map.
+    pub(crate) fn is_small(&self) -> bool {
+        self.head.len() <= RAW_HEAD_LIMIT
     }
 
     /// The fields in a header map.

@@ -1,6 +1,8 @@
 //! Header rewriting of a correct intermediary: hop-by-hop headers and those
-//! named in `Connection` removed (RFC 9110 §7.6.1), the order of the others
-//! kept, and `Location` under the upstream's base mapped back to the proxy.
+//! named in `Connection` removed (RFC 9110 §7.6.1), with them a
+//! `Content-Length` beside `Transfer-Encoding` (RFC 9112 §6.3), the order of
+//! the others kept, and `Location` under the upstream's base mapped back to
+//! the proxy.
 
 use http::header::{self, HeaderMap, HeaderName};
 

@@ -309,12 +309,13 @@ impl Shared {
                 .next()
                 .and_then(headers::visible_ascii)
                 .is_some_and(|location| self.locations.rewrite(location).is_some());
-            if !rewritten {
+            if !rewritten && fields.is_small() {
                 // Written out as they came: no map, nothing changed.
                 let body = ProxyBody::upstream(body, permit, connection);
                 return Ok((Response::from_parts(parts, body), Some(fields)));
             }
-            // Rare: the map has the rewriting.
+            // Rare: the map has the rewriting, and no cost grows faster
+            // than the head.
             parts.headers = fields.into_map().map_err(|message| {
                 self.upstream_error(&UpstreamError::Request(
                     direct::ExchangeError::Invalid(message).into(),
