@@ -93,6 +93,18 @@ pub(crate) struct Span {
     pub(crate) known: Known,
 }
 
+impl Span {
+    /// The name's bytes in `head`, the one it was recorded in.
+    fn name_in(self, head: &[u8]) -> Option<&[u8]> {
+        head.get(self.name.0 as usize..self.name.1 as usize)
+    }
+
+    /// The value's bytes in `head`.
+    fn value_in(self, head: &[u8]) -> Option<&[u8]> {
+        head.get(self.value.0 as usize..self.value.1 as usize)
+    }
+}
+
 /// The most header fields a head may have (hyper's limit too).
 pub(crate) const MAX_HEADERS: usize = 100;
 
@@ -130,15 +142,13 @@ pub(crate) fn record_spans(
 pub(crate) fn fields(head: &Bytes, spans: &[Span], more: usize) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::with_capacity(spans.len() + more);
     for span in spans {
-        let (name_start, name_end) = (span.name.0 as usize, span.name.1 as usize);
-        let (value_start, value_end) = (span.value.0 as usize, span.value.1 as usize);
-        let name = head
-            .get(name_start..name_end)
+        let name = span
+            .name_in(head)
             .and_then(|name| HeaderName::from_bytes(name).ok())
             .ok_or("a header name is not valid")?;
-        let value = head
-            .get(value_start..value_end)
-            .and_then(|_| HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok())
+        let value = span
+            .value_in(head)
+            .and_then(|value| HeaderValue::from_maybe_shared(head.slice_ref(value)).ok())
             .ok_or_else(|| format!("the value of {name} is not valid"))?;
         headers.append(name, value);
     }
@@ -163,14 +173,16 @@ pub struct RawFields {
 }
 
 impl RawFields {
-    fn part(&self, (start, end): (u32, u32)) -> &[u8] {
-        self.head
-            .get(start as usize..end as usize)
-            .unwrap_or_default()
+    fn name(&self, span: Span) -> &[u8] {
+        span.name_in(&self.head).unwrap_or_default()
+    }
+
+    fn value(&self, span: Span) -> &[u8] {
+        span.value_in(&self.head).unwrap_or_default()
     }
 
     fn field(&self, span: &Span) -> (Known, &[u8], &[u8]) {
-        (span.known, self.part(span.name), self.part(span.value))
+        (span.known, self.name(*span), self.value(*span))
     }
 
     /// Names (as they came) and values, in order.
@@ -183,7 +195,7 @@ impl RawFields {
         self.spans
             .iter()
             .filter(move |span| span.known == known)
-            .map(|span| self.part(span.value))
+            .map(|span| self.value(*span))
     }
 
     /// Removes the fields whose positions are set in `marked`, keeping the
@@ -250,9 +262,7 @@ impl<'a> Iterator for Grouped<'a> {
             a.known == b.known
                 && (a.known != Known::Other
                     || (a.name.1 - a.name.0 == b.name.1 - b.name.0
-                        && fields
-                            .part(a.name)
-                            .eq_ignore_ascii_case(fields.part(b.name))))
+                        && fields.name(*a).eq_ignore_ascii_case(fields.name(*b))))
         };
         loop {
             let leader = spans.get(self.group)?;
@@ -508,9 +518,7 @@ struct Signals {
 fn signals(head: &[u8], spans: &[Span]) -> Signals {
     let mut signals = Signals::default();
     for span in spans {
-        let value = head
-            .get(span.value.0 as usize..span.value.1 as usize)
-            .unwrap_or_default();
+        let value = span.value_in(head).unwrap_or_default();
         match span.known {
             Known::TransferEncoding => {
                 signals.transfer_encoding = true;

@@ -10,7 +10,9 @@ use super::direct::RawFields;
 use crate::config::UpstreamUrl;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
-/// plus the non-standard `Proxy-Connection` and `Keep-Alive`).
+/// plus the non-standard `Proxy-Connection` and `Keep-Alive`): what
+/// [`Known::is_hop_by_hop`] recognises, which its test checks here.
+#[cfg(test)]
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -65,7 +67,8 @@ impl Known {
         }
     }
 
-    /// One of `HOP_BY_HOP`.
+    /// Describes one connection, not the message (RFC 9110 §7.6.1, plus
+    /// the non-standard `Proxy-Connection` and `Keep-Alive`).
     pub(crate) fn is_hop_by_hop(self) -> bool {
         matches!(
             self,
@@ -100,12 +103,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
     let encoded = headers.contains_key(header::TRANSFER_ENCODING);
     // `Connection` is looked up once, not once per header.
     let listed = |connection: &header::GetAll<'_, header::HeaderValue>, name: &HeaderName| {
-        HOP_BY_HOP.contains(name)
-            || extra.contains(name)
-            || (encoded && name == header::CONTENT_LENGTH)
-            || connection
-                .iter()
-                .any(|value| lists(value.as_bytes(), name.as_str().as_bytes()))
+        let name_bytes = name.as_str().as_bytes();
+        extra.contains(name)
+            || is_dropped(
+                Known::of(name_bytes),
+                name_bytes,
+                encoded,
+                connection.iter().map(header::HeaderValue::as_bytes),
+            )
     };
     let mut first = None;
     let mut count = 0;
@@ -170,16 +175,27 @@ pub(crate) fn clean_response_fields(fields: &mut RawFields) {
         }
     }
     let marked = fields.mark(|known, name, _| {
-        known.is_hop_by_hop()
-            || (encoded && known == Known::ContentLength)
-            || (listing
-                && fields
-                    .values(Known::Connection)
-                    .any(|value| lists(value, name)))
+        let connection = listing.then(|| fields.values(Known::Connection));
+        is_dropped(known, name, encoded, connection.into_iter().flatten())
     });
     if marked != 0 {
         fields.remove_marked(marked);
     }
+}
+
+/// Whether a field goes with its connection instead of the message: a
+/// hop-by-hop name, a Content-Length beside Transfer-Encoding (`encoded`:
+/// RFC 9112, 6.3), or a name that one of the `connection` values lists. The
+/// one rule for header maps and for fields as they arrived.
+fn is_dropped<'v>(
+    known: Known,
+    name: &[u8],
+    encoded: bool,
+    mut connection: impl Iterator<Item = &'v [u8]>,
+) -> bool {
+    known.is_hop_by_hop()
+        || (encoded && known == Known::ContentLength)
+        || connection.any(|value| lists(value, name))
 }
 
 /// Whether a `name` header lists `token` (case-insensitively), as in

@@ -98,11 +98,16 @@ impl LocalToken {
         if let Ok(mut copy) = self.copy.lock() {
             let (seen, token) = &mut *copy;
             if seen.has_changed().unwrap_or(false) {
-                *token = seen
-                    .borrow_and_update()
-                    .current
-                    .as_deref()
-                    .map(|current| Arc::new(current.copy()));
+                // Copied again only for another token, not for every other
+                // change of the state (a failure, a renewal asked for).
+                let state = seen.borrow_and_update();
+                let generation = |t: &CurrentToken| t.generation;
+                if state.current.as_deref().map(generation) != token.as_deref().map(generation) {
+                    *token = state
+                        .current
+                        .as_deref()
+                        .map(|current| Arc::new(current.copy()));
+                }
             }
             if let Some(token) = token.as_ref().filter(|t| t.is_usable(Instant::now())) {
                 return Ok(Arc::clone(token));
@@ -462,6 +467,17 @@ mod tests {
                 .current()
                 .is_ok_and(|again| Arc::ptr_eq(&again, &copy)),
             "copied once, not per request"
+        );
+        slot.publish_failure(
+            &TokenError::Connect("down".to_owned()),
+            Instant::now() + Duration::from_secs(5),
+            SystemTime::now(),
+        );
+        assert!(
+            local
+                .current()
+                .is_ok_and(|again| Arc::ptr_eq(&again, &copy)),
+            "a failure leaves the copy as it is"
         );
         publish("second", 100);
         assert!(local.current().is_ok_and(|t| t.token.secret() == "second"));
