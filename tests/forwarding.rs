@@ -9,9 +9,8 @@ use support::*;
 
 #[tokio::test]
 async fn injects_the_token_and_replaces_client_credentials() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (token, proxy) = proxy_to(&upstream.url(), &[]).await;
 
     let response = http1()
         .get(proxy.url("/api/items"))
@@ -101,10 +100,8 @@ fn base64_decode(text: &str) -> String {
 
 #[tokio::test]
 async fn path_and_query_are_joined_byte_for_byte() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &format!("{}/base/", upstream.url()), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&format!("{}/base/", upstream.url()), &[]).await;
 
     let targets: &[&[u8]] = &[
         b"/",
@@ -133,9 +130,8 @@ async fn path_and_query_are_joined_byte_for_byte() -> TestResult {
 
 #[tokio::test]
 async fn methods_pass_unchanged_including_custom_ones() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[]).await;
     let client = http1();
     for method in [
         "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "PURGE", "PROPFIND",
@@ -164,11 +160,7 @@ async fn refused_methods_get_the_documented_errors() -> TestResult {
         .request(reqwest::Method::TRACE, proxy.url("/x"))
         .send()
         .await?;
-    assert_eq!(trace.status(), 405);
-    assert_eq!(
-        trace.headers()["x-bearer-proxy-error"],
-        "method_not_allowed"
-    );
+    assert_proxy_error(&trace, 405, "method_not_allowed");
 
     let ws = raw(proxy.addr, b"GET /socket HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;
     assert_eq!(ws.status, 501);
@@ -196,7 +188,6 @@ async fn refused_methods_get_the_documented_errors() -> TestResult {
 
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|_| {
         Reply::ok("ok")
             .header("connection", "x-upstream-hop")
@@ -206,8 +197,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() -> TestResult {
             .header("x-end-to-end", "stays")
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     let request = b"GET /h HTTP/1.1\r\nHost: localhost\r\nX-First: 1\r\nConnection: close, X-Client-Hop\r\nX-Client-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic abc\r\nTE: trailers, deflate\r\nX-Proxy-Key: local\r\nX-Repeated: a\r\nX-Last: 2\r\nX-Repeated: b\r\n\r\n";
     let response = raw(proxy.addr, request).await?;
@@ -245,7 +235,6 @@ async fn hop_by_hop_headers_are_removed_both_ways() -> TestResult {
 
 #[tokio::test]
 async fn location_under_the_upstream_base_points_back_at_the_proxy() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|request| {
         let upstream = request.header("host").unwrap_or_default().to_owned();
         match request.target_str().as_str() {
@@ -260,7 +249,7 @@ async fn location_under_the_upstream_base_points_back_at_the_proxy() -> TestResu
         }
     })
     .await;
-    let proxy = start_proxy(&token, &format!("{}/v1", upstream.url()), &[]).await;
+    let (_token, proxy) = proxy_to(&format!("{}/v1", upstream.url()), &[]).await;
     let client = http1();
     let location = |r: &reqwest::Response| {
         r.headers()
@@ -296,7 +285,6 @@ async fn location_under_the_upstream_base_points_back_at_the_proxy() -> TestResu
 
 #[tokio::test]
 async fn status_and_headers_and_body_pass_unchanged() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|_| Reply {
         status: 418,
         headers: vec![
@@ -309,7 +297,7 @@ async fn status_and_headers_and_body_pass_unchanged() -> TestResult {
         body: Body::Bytes(vec![0x1f, 0x8b, 0x08, 0x00, 0xff, 0x00]),
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[]).await;
     let response = raw(proxy.addr, b"GET /teapot HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n").await?;
     assert_eq!(response.status, 418);
     assert_eq!(response.body, [0x1f, 0x8b, 0x08, 0x00, 0xff, 0x00]);
@@ -327,9 +315,8 @@ async fn status_and_headers_and_body_pass_unchanged() -> TestResult {
 
 #[tokio::test]
 async fn h2c_clients_are_served() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &format!("{}/base", upstream.url()), &[]).await;
+    let (_token, proxy) = proxy_to(&format!("{}/base", upstream.url()), &[]).await;
     let response = h2c()
         .post(proxy.url("/over/h2?x=1"))
         .header("user-agent", "h2-client")
@@ -378,13 +365,8 @@ async fn expect_continue_is_answered_by_the_proxy() -> TestResult {
 
 #[tokio::test]
 async fn the_status_path_answer_has_the_token_masked() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|request| {
-        let bearer = request
-            .header("authorization")
-            .unwrap_or_default()
-            .trim_start_matches("Bearer ")
-            .to_owned();
+        let bearer = request.bearer();
         let body = serde_json::json!({ "status": "ok", "token": bearer, "audience": "api://test" });
         Reply {
             status: 200,
@@ -393,7 +375,7 @@ async fn the_status_path_answer_has_the_token_masked() -> TestResult {
         }
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[]).await;
     let response = http1()
         .get(proxy.url("/api/status"))
         .header("accept-encoding", "gzip")
@@ -422,15 +404,10 @@ async fn the_status_path_answer_has_the_token_masked() -> TestResult {
 
 #[tokio::test]
 async fn upstream_refusal_and_silence_get_502_and_504() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let (_held, closed) = closed_port()?;
-    let proxy = start_proxy(&token, &format!("http://{closed}"), &[]).await;
+    let (token, proxy) = proxy_to(&format!("http://{closed}"), &[]).await;
     let response = http1().get(proxy.url("/x")).send().await?;
-    assert_eq!(response.status(), 502);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "upstream_unreachable"
-    );
+    assert_proxy_error(&response, 502, "upstream_unreachable");
     assert_eq!(response.headers()["content-type"], "application/json");
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["error"], "upstream_unreachable");
@@ -440,12 +417,7 @@ async fn upstream_refusal_and_silence_get_502_and_504() -> TestResult {
         "{message}"
     );
 
-    let silent = FakeUpstream::with(|_| Reply {
-        status: 200,
-        headers: vec![],
-        body: Body::Hang,
-    })
-    .await;
+    let silent = FakeUpstream::with(|_| Reply::with_body(Body::Hang)).await;
     let proxy = start_proxy(
         &token,
         &silent.url(),
@@ -453,35 +425,22 @@ async fn upstream_refusal_and_silence_get_502_and_504() -> TestResult {
     )
     .await;
     let response = http1().post(proxy.url("/slow")).body("x").send().await?;
-    assert_eq!(response.status(), 504);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "upstream_timeout"
-    );
+    assert_proxy_error(&response, 504, "upstream_timeout");
     let body: serde_json::Value = response.json().await?;
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("upstream.response_timeout"),
-        "{body}"
-    );
+    assert_text_contains(&body, "message", "upstream.response_timeout");
     Ok(())
 }
 
 #[tokio::test]
 async fn an_upstream_failure_mid_body_aborts_the_client_stream() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::with(|_| Reply {
-        status: 200,
-        headers: vec![],
-        body: Body::Truncated {
+    let upstream = FakeUpstream::with(|_| {
+        Reply::with_body(Body::Truncated {
             declared: 1000,
             sent: vec![b'x'; 10],
-        },
+        })
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[]).await;
     for client in [http1(), h2c()] {
         let response = client.get(proxy.url("/partial")).send().await?;
         assert_eq!(response.status(), 200);
@@ -495,18 +454,13 @@ async fn an_upstream_failure_mid_body_aborts_the_client_stream() -> TestResult {
 
 #[tokio::test]
 async fn upload_and_download_stream_without_buffering() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let download = std::sync::Mutex::new(Some(chunks_rx));
     let upstream = FakeUpstream::with(move |request| {
         if request.target_str() == "/download" {
             let rx = download.lock().ok().and_then(|mut d| d.take());
             match rx {
-                Some(rx) => Reply {
-                    status: 200,
-                    headers: vec![],
-                    body: Body::Stream(rx),
-                },
+                Some(rx) => Reply::with_body(Body::Stream(rx)),
                 None => Reply::status(500),
             }
         } else {
@@ -514,8 +468,7 @@ async fn upload_and_download_stream_without_buffering() -> TestResult {
         }
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     // Upload: the upstream has the first chunk before the client sends the second.
     let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
@@ -552,11 +505,9 @@ async fn upload_and_download_stream_without_buffering() -> TestResult {
 
 #[tokio::test]
 async fn an_upload_that_keeps_moving_is_not_cut_and_one_that_stalls_is() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
     let timeout = [("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms")];
-    let proxy = start_proxy(&token, &upstream.url(), &timeout).await;
-    wait_ready(&proxy).await;
+    let (token, proxy) = ready_proxy_to(&upstream.url(), &timeout).await;
 
     // Six pieces 100 ms apart: 600 ms in all, never 300 ms without progress.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -606,22 +557,14 @@ async fn an_upload_that_keeps_moving_is_not_cut_and_one_that_stalls_is() -> Test
     assert!(started.elapsed() < Duration::from_secs(5));
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["error"], "upstream_timeout");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("stopped moving"),
-        "{body}"
-    );
+    assert_text_contains(&body, "message", "stopped moving");
     Ok(())
 }
 
 #[tokio::test]
 async fn targets_that_could_leave_the_upstream_base_are_refused() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &format!("{}/v1", upstream.url()), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&format!("{}/v1", upstream.url()), &[]).await;
     let refused: &[&[u8]] = &[
         b"GET http://evil.example/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         b"GET /../admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -669,14 +612,8 @@ async fn targets_that_could_leave_the_upstream_base_are_refused() -> TestResult 
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_PROXY_WORKERS", "1")],
-    )
-    .await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[("BEARER_PROXY_PROXY_WORKERS", "1")]).await;
 
     // One client connection, then a new client connection per request: the
     // worker's pool serves every request over the first upstream connection.
@@ -705,13 +642,8 @@ async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult 
     // without saying so (no `Connection: close`), as servers with a short
     // keep-alive timeout do.
     let (addr, accepted) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await?;
-    let token = FakeTokenEndpoint::start().await;
-    let proxy = start_proxy(
-        &token,
-        &format!("http://{addr}"),
-        &[("BEARER_PROXY_PROXY_WORKERS", "1")],
-    )
-    .await;
+    let workers = [("BEARER_PROXY_PROXY_WORKERS", "1")];
+    let (_token, proxy) = proxy_to(&format!("http://{addr}"), &workers).await;
     let client = http1();
     for _ in 0..5 {
         let response = client.get(proxy.url("/")).send().await?;
@@ -746,13 +678,8 @@ async fn a_connection_still_taking_an_upload_is_not_given_to_the_next_request() 
         }
     })
     .await?;
-    let token = FakeTokenEndpoint::start().await;
-    let proxy = start_proxy(
-        &token,
-        &format!("http://{addr}"),
-        &[("BEARER_PROXY_PROXY_WORKERS", "1")],
-    )
-    .await;
+    let workers = [("BEARER_PROXY_PROXY_WORKERS", "1")];
+    let (_token, proxy) = proxy_to(&format!("http://{addr}"), &workers).await;
 
     // A streamed upload that sends one piece and then holds.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -780,8 +707,7 @@ async fn a_connection_still_taking_an_upload_is_not_given_to_the_next_request() 
 async fn an_invalid_upstream_answer_is_a_502_that_says_so() -> TestResult {
     // Two Content-Length values that disagree: the body's end is unknown.
     let (addr, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok").await?;
-    let token = FakeTokenEndpoint::start().await;
-    let proxy = start_proxy(&token, &format!("http://{addr}"), &[]).await;
+    let (_token, proxy) = proxy_to(&format!("http://{addr}"), &[]).await;
     for client in [http1(), h2c()] {
         let response = client.get(proxy.url("/")).send().await?;
         assert_eq!(response.status(), 502);

@@ -80,11 +80,7 @@ async fn h2_requests_are_judged_by_their_authority() -> TestResult {
         ))
         .send()
         .await?;
-    assert_eq!(response.status(), 403);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "host_not_allowed"
-    );
+    assert_proxy_error(&response, 403, "host_not_allowed");
     let response = h2c().get(proxy.url("/fine")).send().await?;
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.requests().len(), 1);
@@ -161,35 +157,27 @@ async fn a_local_key_is_required_checked_and_never_forwarded() -> TestResult {
 
 #[tokio::test]
 async fn past_max_concurrent_requests_get_503_overloaded() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|_| {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let _ = tx.send(b"slow".to_vec()).await;
         });
-        Reply {
-            status: 200,
-            headers: vec![],
-            body: Body::Stream(rx),
-        }
+        Reply::with_body(Body::Stream(rx))
     })
     .await;
-    let proxy = start_proxy(
-        &token,
+    let (_token, proxy) = ready_proxy_to(
         &upstream.url(),
         &[("BEARER_PROXY_PROXY_MAX_CONCURRENT", "2")],
     )
     .await;
-    wait_ready(&proxy).await;
     let client = http1();
     let slow: Vec<_> = (0..2)
         .map(|i| tokio::spawn(client.get(proxy.url(&format!("/slow/{i}"))).send()))
         .collect();
     until(|| upstream.requests().len() == 2, "two requests in flight").await?;
     let response = client.get(proxy.url("/third")).send().await?;
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["x-bearer-proxy-error"], "overloaded");
+    assert_proxy_error(&response, 503, "overloaded");
     assert_eq!(response.headers()["retry-after"], "1");
     for request in slow {
         assert_eq!(request.await??.text().await?, "slow");
@@ -209,15 +197,13 @@ async fn past_max_concurrent_requests_get_503_overloaded() -> TestResult {
 
 #[tokio::test]
 async fn the_token_is_masked_in_every_spelling_of_a_masked_path() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|request| {
-        let bearer = request.header("authorization").unwrap_or_default().trim_start_matches("Bearer ").to_owned();
+        let bearer = request.bearer();
         let body = serde_json::json!({ "token": bearer, "audience": "api://x", "nested": { "echo": format!("Bearer {bearer}") } });
         Reply { status: 200, headers: vec![("content-type".into(), "application/json; charset=utf-8".into())], body: Body::Bytes(body.to_string().into_bytes()) }
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
     for path in [
         "/api/status",
         "/api//status",
@@ -332,7 +318,6 @@ async fn hostile_input_is_refused_cleanly_and_others_are_still_served() -> TestR
 
 #[tokio::test]
 async fn the_header_timeout_never_cuts_a_slow_answer() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|_| {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
@@ -341,20 +326,14 @@ async fn the_header_timeout_never_cuts_a_slow_answer() -> TestResult {
                 let _ = tx.send(b"tick ".to_vec()).await;
             }
         });
-        Reply {
-            status: 200,
-            headers: vec![],
-            body: Body::Stream(rx),
-        }
+        Reply::with_body(Body::Stream(rx))
     })
     .await;
-    let proxy = start_proxy(
-        &token,
+    let (_token, proxy) = ready_proxy_to(
         &upstream.url(),
         &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "500ms")],
     )
     .await;
-    wait_ready(&proxy).await;
     // A 1.2 s answer, to a short request (fewer bytes than the HTTP/2
     // preface, served by hyper) and to one served on the lean path.
     for request in [
@@ -376,13 +355,8 @@ async fn the_header_timeout_never_cuts_a_slow_answer() -> TestResult {
 
 #[tokio::test]
 async fn masking_fails_closed_and_covers_every_spelling() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|request| {
-        let bearer = request
-            .header("authorization")
-            .unwrap_or_default()
-            .trim_start_matches("Bearer ")
-            .to_owned();
+        let bearer = request.bearer();
         match request.target_str().as_str() {
             "/api/status/gzip" => Reply::ok("compressed").header("content-encoding", "gzip"),
             _ => Reply::ok(&format!("token={bearer}; up")),
@@ -393,8 +367,7 @@ async fn masking_fails_closed_and_covers_every_spelling() -> TestResult {
         "BEARER_PROXY_PROXY_MASK_TOKEN_IN",
         "/api/status,/api/status/gzip",
     )];
-    let proxy = start_proxy(&token, &upstream.url(), &mask).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &mask).await;
     for path in [
         "/api/status",
         "/API/Status",

@@ -110,10 +110,8 @@ fn without_added_date(answer: &[u8]) -> String {
 
 #[tokio::test]
 async fn answers_are_byte_for_byte_those_of_hyper() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = scripted_upstream().await?;
-    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{upstream}"), &[]).await;
     for (path, _) in ANSWERS {
         let method = if *path == "/head" { "HEAD" } else { "GET" };
         for te in ["TE: trailers\r\n", ""] {
@@ -131,11 +129,7 @@ async fn answers_are_byte_for_byte_those_of_hyper() -> TestResult {
             );
             let mut answers = Vec::new();
             for request in [lean, hyper] {
-                let mut stream = TcpStream::connect(proxy.addr).await?;
-                stream.write_all(request.as_bytes()).await?;
-                let mut answer = Vec::new();
-                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-                    .await??;
+                let answer = exchange(proxy.addr, request.as_bytes()).await?;
                 assert_eq!(
                     String::from_utf8_lossy(&answer)
                         .matches("\r\ndate: ")
@@ -180,7 +174,6 @@ fn split_answers(mut bytes: &[u8]) -> Vec<(u16, String)> {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_and_a_body_goes_to_hyper() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|request| {
         Reply::ok(&format!(
             "{} {} {}",
@@ -190,22 +183,18 @@ async fn pipelined_requests_are_answered_in_order_and_a_body_goes_to_hyper() -> 
         ))
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     // Two lean requests, one with a body (hyper takes the connection over
     // with the bytes already read), and one more after it, in one write.
-    let mut stream = TcpStream::connect(proxy.addr).await?;
-    stream
-        .write_all(
-            b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n\
-              GET /two HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n\
-              POST /three HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello\
-              GET /four HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        )
-        .await?;
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    let bytes = exchange(
+        proxy.addr,
+        b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          GET /two HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n\
+          POST /three HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello\
+          GET /four HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
     assert_eq!(
         split_answers(&bytes),
         [
@@ -246,11 +235,9 @@ async fn upstream_left_waiting(
 
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     // Never answers.
     let (upstream, state) = upstream_left_waiting(b"").await?;
-    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{upstream}"), &[]).await;
 
     let mut stream = TcpStream::connect(proxy.addr).await?;
     stream
@@ -268,7 +255,6 @@ async fn a_client_that_leaves_cancels_its_request_upstream() -> TestResult {
 
 #[tokio::test]
 async fn on_shutdown_idle_connections_close_and_busy_ones_finish_their_answer() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let arrived = Arc::new(AtomicU8::new(0));
     let release = Arc::new(tokio::sync::Notify::new());
     let (seen, wait) = (Arc::clone(&arrived), Arc::clone(&release));
@@ -286,8 +272,7 @@ async fn on_shutdown_idle_connections_close_and_busy_ones_finish_their_answer() 
         }
     })
     .await?;
-    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{upstream}"), &[]).await;
 
     let mut idle = TcpStream::connect(proxy.addr).await?;
     idle.write_all(b"GET /quick HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -322,22 +307,10 @@ async fn on_shutdown_idle_connections_close_and_busy_ones_finish_their_answer() 
 
 #[tokio::test]
 async fn the_header_timeout_closes_idle_connections_and_is_not_put_off_by_drips() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "300ms")],
-    )
-    .await;
-    wait_ready(&proxy).await;
-    let mut stream = TcpStream::connect(proxy.addr).await?;
-    stream
-        .write_all(b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await?;
+    let (_token, upstream, proxy) =
+        ready_proxy(&[("BEARER_PROXY_PROXY_HEADER_TIMEOUT", "300ms")]).await;
     // The answer, then nothing more: the proxy closes the connection.
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    let bytes = exchange(proxy.addr, b"GET /once HTTP/1.1\r\nHost: localhost\r\n\r\n").await?;
     assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
     // A head one line at a time, and an idle connection kept busy with
     // empty lines: each line well within the timeout, the whole not.
@@ -381,12 +354,11 @@ async fn odd_requests_after_a_lean_one_are_refused_or_passed_to_hyper() -> TestR
     let (_token, upstream, proxy) = ready_proxy(&[]).await;
     // HTTP/2's preface cannot follow an HTTP/1.1 request: the connection
     // closes after the first answer.
-    let mut stream = TcpStream::connect(proxy.addr).await?;
-    stream
-        .write_all(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await?;
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    let bytes = exchange(
+        proxy.addr,
+        b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    )
+    .await?;
     assert_eq!(split_answers(&bytes), [(200, "ok".to_owned())]);
 
     // A repeated Content-Length: 0 reaches the upstream once, as through hyper.
@@ -402,12 +374,10 @@ async fn odd_requests_after_a_lean_one_are_refused_or_passed_to_hyper() -> TestR
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_body_frees_the_upstream_connection() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     // Sends part of the body, then waits for the proxy to go.
     let (upstream, state) =
         upstream_left_waiting(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart").await?;
-    let proxy = start_proxy(&token, &format!("http://{upstream}"), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{upstream}"), &[]).await;
     let mut stream = TcpStream::connect(proxy.addr).await?;
     stream
         .write_all(b"GET /part HTTP/1.1\r\nHost: localhost\r\n\r\n")

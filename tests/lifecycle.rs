@@ -38,36 +38,15 @@ async fn a_provider_down_at_start_gives_503_then_recovers_without_restart() -> T
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let response = http1().get(proxy.url("/x")).send().await?;
-    assert_eq!(response.status(), 503);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "token_unavailable"
-    );
+    assert_proxy_error(&response, 503, "token_unavailable");
     assert!(response.headers()["retry-after"].to_str()?.parse::<u64>()? >= 1);
     let body: serde_json::Value = response.json().await?;
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cannot reach the token endpoint"),
-        "{body}"
-    );
+    assert_text_contains(&body, "message", "cannot reach the token endpoint");
     let readyz = http1().get(proxy.admin_url("/readyz")).send().await?;
     assert_eq!(readyz.status(), 503);
     let readyz: serde_json::Value = readyz.json().await?;
-    assert!(
-        readyz["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no token yet"),
-        "{readyz}"
-    );
-    let status: serde_json::Value = http1()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    assert_text_contains(&readyz, "reason", "no token yet");
+    let status = proxy.status().await?;
     assert_eq!(status["token"]["last_error"]["code"], "connect_failed");
     assert!(
         status["token"]["consecutive_failures"]
@@ -97,8 +76,7 @@ async fn retry_after_holds_the_next_token_request_back() -> TestResult {
         body: r#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: The server terminated an operation because it encountered a client request loop.","error_codes":[50196]}"#.into(),
         headers: vec![("retry-after".into(), "2".into())],
     }]);
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &FAST).await;
+    let (_upstream, proxy) = proxy_with_token(&token, &FAST).await;
     until(|| token.count() == 1, "the first token request").await?;
     let response = http1().get(proxy.url("/x")).send().await?;
     assert_eq!(response.status(), 503);
@@ -131,10 +109,8 @@ async fn refusing_first_token() -> FakeUpstream {
 
 #[tokio::test]
 async fn a_401_is_replayed_once_with_a_new_token() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = refusing_first_token().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     let response = http1().get(proxy.url("/items?x=1")).send().await?;
     assert_eq!(response.status(), 200);
@@ -156,22 +132,15 @@ async fn a_401_is_replayed_once_with_a_new_token() -> TestResult {
         .await?;
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.last().body, b"{\"qty\":2}");
-    let status: serde_json::Value = http1()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let status = proxy.status().await?;
     assert_eq!(status["token"]["forced_renewals"], 1);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_small_post_is_replayed_with_the_same_body() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = refusing_first_token().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     let payload = vec![b'p'; 60 * 1024];
     let response = http1()
@@ -195,11 +164,9 @@ async fn a_small_post_is_replayed_with_the_same_body() -> TestResult {
 
 #[tokio::test]
 async fn large_streamed_or_expecting_bodies_are_never_replayed() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream =
         FakeUpstream::with(|_| Reply::status(401).header("www-authenticate", "Bearer")).await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     // Larger than proxy.replay_buffer (64 KiB).
     let response = http1()
@@ -240,10 +207,8 @@ async fn large_streamed_or_expecting_bodies_are_never_replayed() -> TestResult {
 
 #[tokio::test]
 async fn a_misconfigured_upstream_cannot_make_renewals_loop() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|_| Reply::status(401)).await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
     for _ in 0..5 {
         assert_eq!(http1().get(proxy.url("/x")).send().await?.status(), 401);
     }

@@ -81,11 +81,7 @@ async fn a_client_certificate_is_presented_and_reloaded_when_replaced() -> TestR
     // Without a client certificate: 502.
     let proxy = start_proxy(&token, &upstream, &[("BEARER_PROXY_TLS_CA_FILE", ca)]).await;
     let response = http1().get(proxy.url("/x")).send().await?;
-    assert_eq!(response.status(), 502);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "upstream_unreachable"
-    );
+    assert_proxy_error(&response, 502, "upstream_unreachable");
 
     // With one: served, and the upstream saw that certificate.
     let dir = scratch_dir()?;

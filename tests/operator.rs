@@ -42,11 +42,7 @@ fn check_env<'a>(token_url: &'a str, upstream: &'a str) -> Vec<(&'a str, &'a str
 }
 
 fn status_upstream_body(request: &Recorded) -> Reply {
-    let bearer = request
-        .header("authorization")
-        .unwrap_or_default()
-        .trim_start_matches("Bearer ")
-        .to_owned();
+    let bearer = request.bearer();
     let body = serde_json::json!({
         "status": "up",
         "token": bearer,
@@ -205,9 +201,8 @@ async fn check_reports_configuration_errors_with_exit_64() -> TestResult {
 
 #[tokio::test]
 async fn healthcheck_follows_the_admin_listener() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[]).await;
     let admin = proxy.admin.to_string();
     // Only the admin address is needed: no credentials in this environment.
     let out = bin(&["healthcheck", "--admin-listen", &admin], &[]).await?;

@@ -9,7 +9,6 @@ use support::*;
 
 #[tokio::test]
 async fn shutdown_drains_a_request_in_flight() -> TestResult {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::with(|_| {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
@@ -17,15 +16,10 @@ async fn shutdown_drains_a_request_in_flight() -> TestResult {
             tokio::time::sleep(Duration::from_millis(600)).await;
             let _ = tx.send(b"answer".to_vec()).await;
         });
-        Reply {
-            status: 200,
-            headers: vec![],
-            body: Body::Stream(rx),
-        }
+        Reply::with_body(Body::Stream(rx))
     })
     .await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
-    wait_ready(&proxy).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
 
     let client = http1();
     let in_flight = tokio::spawn(client.get(proxy.url("/slow")).send());

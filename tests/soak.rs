@@ -36,13 +36,8 @@ async fn soak_with_short_tokens_and_a_provider_outage() -> TestResult {
     token.script((0..100).map(|_| TokenReply::Ok {
         expires_in: LIFETIME,
     }));
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "0s")],
-    )
-    .await;
+    let (upstream, proxy) =
+        proxy_with_token(&token, &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "0s")]).await;
     wait_ready(&proxy).await;
     let start = Instant::now();
 

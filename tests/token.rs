@@ -11,8 +11,7 @@ use support::*;
 async fn a_hundred_requests_at_a_cold_start_cause_one_token_request() -> TestResult {
     let token = FakeTokenEndpoint::start().await;
     token.delay(Duration::from_millis(300));
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (upstream, proxy) = proxy_with_token(&token, &[]).await;
 
     let client = http1();
     let mut tasks = Vec::new();
@@ -39,8 +38,7 @@ async fn a_hundred_requests_at_a_cold_start_cause_one_token_request() -> TestRes
 async fn readiness_follows_the_first_token() -> TestResult {
     let token = FakeTokenEndpoint::start().await;
     token.delay(Duration::from_millis(500));
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), &[]).await;
+    let (upstream, proxy) = proxy_with_token(&token, &[]).await;
     let client = http1();
 
     assert_eq!(
@@ -55,13 +53,7 @@ async fn readiness_follows_the_first_token() -> TestResult {
     assert_eq!(before.status(), 503);
     let body: serde_json::Value = before.json().await?;
     assert_eq!(body["ready"], false);
-    assert!(
-        body["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no token yet"),
-        "{body}"
-    );
+    assert_text_contains(&body, "reason", "no token yet");
 
     wait_ready(&proxy).await;
     let body: serde_json::Value = client
@@ -105,9 +97,8 @@ async fn readiness_follows_the_first_token() -> TestResult {
 async fn requests_wait_up_to_startup_wait_for_a_slow_first_token() -> TestResult {
     let token = FakeTokenEndpoint::start().await;
     token.delay(Duration::from_secs(2));
-    let upstream = FakeUpstream::start().await;
     let wait = [("BEARER_PROXY_TOKEN_STARTUP_WAIT", "300ms")];
-    let proxy = start_proxy(&token, &upstream.url(), &wait).await;
+    let (upstream, proxy) = proxy_with_token(&token, &wait).await;
     let started = std::time::Instant::now();
     let response = http1().get(proxy.url("/x")).send().await?;
     let waited = started.elapsed();
@@ -115,20 +106,10 @@ async fn requests_wait_up_to_startup_wait_for_a_slow_first_token() -> TestResult
         waited >= Duration::from_millis(250) && waited < Duration::from_millis(1500),
         "{waited:?}"
     );
-    assert_eq!(response.status(), 503);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "token_unavailable"
-    );
+    assert_proxy_error(&response, 503, "token_unavailable");
     assert!(response.headers().contains_key("retry-after"));
     let body: serde_json::Value = response.json().await?;
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("has not completed"),
-        "{body}"
-    );
+    assert_text_contains(&body, "message", "has not completed");
     assert!(upstream.requests().is_empty());
     Ok(())
 }
@@ -141,13 +122,8 @@ async fn a_failed_first_token_gives_503_token_unavailable_at_once() -> TestResul
         body: r#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: busy","error_codes":[50196]}"#.into(),
         headers: vec![("retry-after".into(), "7".into())],
     }]);
-    let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(
-        &token,
-        &upstream.url(),
-        &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "3s")],
-    )
-    .await;
+    let (upstream, proxy) =
+        proxy_with_token(&token, &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "3s")]).await;
     until(|| token.count() == 1, "the first token request").await?;
 
     // The next attempt (Retry-After: 7) is after the startup wait: no token
@@ -159,30 +135,15 @@ async fn a_failed_first_token_gives_503_token_unavailable_at_once() -> TestResul
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(response.status(), 503);
-    assert_eq!(
-        response.headers()["x-bearer-proxy-error"],
-        "token_unavailable"
-    );
+    assert_proxy_error(&response, 503, "token_unavailable");
     let retry_after: u64 = response.headers()["retry-after"].to_str()?.parse()?;
     assert!((1..=7).contains(&retry_after), "retry-after {retry_after}");
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["error"], "token_unavailable");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("AADSTS50196"),
-        "{body}"
-    );
+    assert_text_contains(&body, "message", "AADSTS50196");
     assert!(upstream.requests().is_empty());
 
-    let status: serde_json::Value = http1()
-        .get(proxy.admin_url("/status"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let status = proxy.status().await?;
     assert_eq!(status["token"]["present"], false);
     assert_eq!(status["token"]["consecutive_failures"], 1);
     assert_eq!(

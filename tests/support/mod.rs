@@ -298,6 +298,14 @@ impl Recorded {
     pub fn target_str(&self) -> String {
         String::from_utf8_lossy(&self.target).into_owned()
     }
+
+    /// The token the request carried: its `Authorization` value without
+    /// `Bearer ` (empty without one).
+    pub fn bearer(&self) -> &str {
+        self.header("authorization")
+            .unwrap_or_default()
+            .trim_start_matches("Bearer ")
+    }
 }
 
 /// How the fake upstream answers.
@@ -338,6 +346,15 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: Body::Bytes(Vec::new()),
+        }
+    }
+
+    /// A 200 with no headers and this body.
+    pub fn with_body(body: Body) -> Self {
+        Self {
+            status: 200,
+            headers: Vec::new(),
+            body,
         }
     }
 
@@ -592,6 +609,16 @@ impl Proxy {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
+
+    /// The admin `/status` document, fetched with a new client.
+    pub async fn status(&self) -> reqwest::Result<serde_json::Value> {
+        http1()
+            .get(self.admin_url("/status"))
+            .send()
+            .await?
+            .json()
+            .await
+    }
 }
 
 /// The environment that points the proxy at the fakes, plus `extra`.
@@ -648,11 +675,57 @@ pub async fn start_proxy(
 /// The usual setup: a fake token endpoint, a fake upstream, and the proxy
 /// in front of it with `extra` settings, ready (a token held).
 pub async fn ready_proxy(extra: &[(&str, &str)]) -> (FakeTokenEndpoint, FakeUpstream, Proxy) {
-    let token = FakeTokenEndpoint::start().await;
     let upstream = FakeUpstream::start().await;
-    let proxy = start_proxy(&token, &upstream.url(), extra).await;
-    wait_ready(&proxy).await;
+    let (token, proxy) = ready_proxy_to(&upstream.url(), extra).await;
     (token, upstream, proxy)
+}
+
+/// A fake token endpoint and the proxy in front of `upstream_url` (an
+/// upstream the test made) with `extra` settings, started but not waited on.
+pub async fn proxy_to(upstream_url: &str, extra: &[(&str, &str)]) -> (FakeTokenEndpoint, Proxy) {
+    let token = FakeTokenEndpoint::start().await;
+    let proxy = start_proxy(&token, upstream_url, extra).await;
+    (token, proxy)
+}
+
+/// [`proxy_to`], ready (a token held).
+pub async fn ready_proxy_to(
+    upstream_url: &str,
+    extra: &[(&str, &str)],
+) -> (FakeTokenEndpoint, Proxy) {
+    let (token, proxy) = proxy_to(upstream_url, extra).await;
+    wait_ready(&proxy).await;
+    (token, proxy)
+}
+
+/// A fake upstream (200 "ok") and the proxy in front of it, getting its
+/// tokens from `token` (a token endpoint the test set up), with `extra`
+/// settings, started but not waited on.
+pub async fn proxy_with_token(
+    token: &FakeTokenEndpoint,
+    extra: &[(&str, &str)],
+) -> (FakeUpstream, Proxy) {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(token, &upstream.url(), extra).await;
+    (upstream, proxy)
+}
+
+/// Asserts that `response` is the proxy's own refusal: `status`, with
+/// `code` in `X-Bearer-Proxy-Error`.
+#[track_caller]
+pub fn assert_proxy_error(response: &reqwest::Response, status: u16, code: &str) {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()["x-bearer-proxy-error"], code);
+}
+
+/// Asserts that the text at `json[field]` contains `part`; a failure shows
+/// the whole of `json`.
+#[track_caller]
+pub fn assert_text_contains(json: &serde_json::Value, field: &str, part: &str) {
+    assert!(
+        json[field].as_str().unwrap_or_default().contains(part),
+        "{json}"
+    );
 }
 
 /// Polls `condition` every 10 ms for up to 5 s; an error names what never came.
@@ -707,6 +780,20 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawRespons
     let mut bytes = Vec::new();
     stream.read_to_end(&mut bytes).await?;
     RawResponse::parse(&bytes)
+}
+
+/// Writes `request` on a new connection and reads until the other side
+/// closes it (at most 5 s): the bytes as they came, for answers that `raw`
+/// does not parse as one.
+pub async fn exchange(
+    addr: SocketAddr,
+    request: &[u8],
+) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut bytes)).await??;
+    Ok(bytes)
 }
 
 #[derive(Debug)]
