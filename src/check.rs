@@ -135,7 +135,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     let started = Instant::now();
     let response = match tokio::time::timeout(
         config.upstream.response_timeout,
-        client.request_bodiless(&request.into_parts().0, false),
+        client.request_bodiless(&request.into_parts().0, None, false),
     )
     .await
     {

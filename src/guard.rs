@@ -5,17 +5,18 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{CONNECTION, HOST, ORIGIN, UPGRADE};
 use http::{HeaderName, Method, Request, Version};
 
 use crate::config::GuardConfig;
-use crate::proxy::headers::has_token;
+use crate::proxy::headers::{
+    CONNECTION, FieldValues, HOST, ORIGIN, PROXY_KEY, PROXY_KEY_NAME, SEC_FETCH_SITE, UPGRADE,
+    visible_ascii,
+};
 use crate::proxy::{ErrorCode, ProxyError};
 use crate::secret::LocalKey;
 
 /// The header that carries the local key.
-pub const LOCAL_KEY_HEADER: HeaderName = HeaderName::from_static("x-proxy-key");
-const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+pub const LOCAL_KEY_HEADER: HeaderName = PROXY_KEY_NAME;
 
 /// The checks, with what they accept.
 #[derive(Debug, Clone)]
@@ -60,17 +61,27 @@ impl Guard {
 
     /// Refuses what the proxy must never forward, in the documented order.
     pub fn check<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
-        check_target(request)?;
-        self.check_host(request)?;
-        self.check_origin(request)?;
-        self.check_key(request)?;
+        self.check_fields(request, request.headers())
+    }
+
+    /// [`check`](Self::check), reading the header fields from `fields`
+    /// (the request's map, or its fields as they arrived).
+    pub(crate) fn check_fields<B>(
+        &self,
+        request: &Request<B>,
+        fields: &impl FieldValues,
+    ) -> Result<(), ProxyError> {
+        check_target(request, fields)?;
+        self.check_host(request, fields)?;
+        self.check_origin(fields)?;
+        self.check_key(fields)?;
         if request.method() == Method::TRACE {
             return Err(ProxyError::new(
                 ErrorCode::MethodNotAllowed,
                 "TRACE is refused: the upstream would echo the injected token back",
             ));
         }
-        if is_upgrade(request) {
+        if is_upgrade(fields) {
             return Err(ProxyError::new(
                 ErrorCode::UpgradeNotSupported,
                 "protocol upgrades (WebSocket) are not supported: send plain HTTP requests",
@@ -82,18 +93,19 @@ impl Guard {
     /// DNS rebinding: a page whose name suddenly resolves to 127.0.0.1 still
     /// sends its own name in Host. Only the loopback names, the listen
     /// address and `guard.allowed_hosts` are accepted.
-    fn check_host<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
-        let header = request.headers().get(HOST);
+    fn check_host<B>(
+        &self,
+        request: &Request<B>,
+        fields: &impl FieldValues,
+    ) -> Result<(), ProxyError> {
+        let header = fields.first(&HOST);
         let authority = if request.version() == Version::HTTP_2 {
             // HTTP/2 names its authority in `:authority`; a `host` header,
             // if any, must agree with it.
             let Some(authority) = request.uri().authority() else {
                 return Err(bad_target("the HTTP/2 request has no :authority"));
             };
-            if header.is_some_and(|h| {
-                !h.as_bytes()
-                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
-            }) {
+            if header.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
                 return Err(bad_target("the host header differs from :authority"));
             }
             authority.as_str()
@@ -101,9 +113,12 @@ impl Guard {
             match header {
                 // HTTP/1.0 without Host: there is no name to rebind.
                 None => return Ok(()),
-                Some(host) => match host.to_str() {
-                    Ok(host) => host,
-                    Err(_) => return Err(bad_target("the Host header is not plain ASCII")),
+                // The usual values, as they are: accepted before any
+                // parsing (as `host_allowed` would).
+                Some(host) if self.is_usual_host(host) => return Ok(()),
+                Some(host) => match visible_ascii(host) {
+                    Some(host) => host,
+                    None => return Err(bad_target("the Host header is not plain ASCII")),
                 },
             }
         };
@@ -119,15 +134,17 @@ impl Guard {
         ))
     }
 
+    fn is_usual_host(&self, host: &[u8]) -> bool {
+        self.usual_hosts
+            .iter()
+            .any(|usual| usual.as_bytes().eq_ignore_ascii_case(host))
+    }
+
     /// Compared without case and without allocating: this runs for every
     /// request.
     fn host_allowed(&self, authority: &str) -> bool {
         let authority = authority.trim();
-        if self
-            .usual_hosts
-            .iter()
-            .any(|usual| usual.eq_ignore_ascii_case(authority))
-        {
+        if self.is_usual_host(authority.as_bytes()) {
             return true;
         }
         let Some((host, _port)) = split_host_port(authority) else {
@@ -162,10 +179,12 @@ impl Guard {
 
     /// Browsers: a page from another origin must not make calls with our
     /// credentials. Requests without Origin (curl, apps) are not browsers'.
-    fn check_origin<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
-        let headers = request.headers();
-        if let Some(origin) = headers.get(ORIGIN) {
-            let origin = origin.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    fn check_origin(&self, fields: &impl FieldValues) -> Result<(), ProxyError> {
+        if let Some(origin) = fields.first(&ORIGIN) {
+            let origin = visible_ascii(origin)
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if self.origin_allowed(&origin) {
                 return Ok(());
             }
@@ -177,9 +196,9 @@ impl Guard {
                 ),
             ));
         }
-        let cross_site = headers
-            .get(SEC_FETCH_SITE)
-            .and_then(|v| v.to_str().ok())
+        let cross_site = fields
+            .first(&SEC_FETCH_SITE)
+            .and_then(visible_ascii)
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("cross-site"));
         if cross_site {
             return Err(ProxyError::new(
@@ -216,15 +235,11 @@ impl Guard {
                 .is_ok_and(|ip| ip.is_loopback())
     }
 
-    fn check_key<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+    fn check_key(&self, fields: &impl FieldValues) -> Result<(), ProxyError> {
         let Some(key) = &self.local_key else {
             return Ok(());
         };
-        let offered = request
-            .headers()
-            .get(LOCAL_KEY_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
+        let offered = fields.first(&PROXY_KEY).unwrap_or_default();
         if key.matches(offered) {
             return Ok(());
         }
@@ -268,13 +283,13 @@ fn bad_target(message: &str) -> ProxyError {
     ProxyError::new(ErrorCode::BadRequestTarget, message)
 }
 
-fn check_target<B>(request: &Request<B>) -> Result<(), ProxyError> {
+fn check_target<B>(request: &Request<B>, fields: &impl FieldValues) -> Result<(), ProxyError> {
     if request.method() == Method::CONNECT {
         return Err(bad_target(
             "CONNECT is refused: bearer-proxy forwards requests to its one upstream and opens no tunnels",
         ));
     }
-    let hosts = request.headers().get_all(HOST).iter().count();
+    let hosts = fields.values_of(&HOST).count();
     if hosts > 1 {
         return Err(bad_target("the request carries more than one Host header"));
     }
@@ -287,7 +302,7 @@ fn check_target<B>(request: &Request<B>) -> Result<(), ProxyError> {
         ));
     }
     if http1 && let Some(authority) = request.uri().authority() {
-        let host = request.headers().get(HOST).and_then(|h| h.to_str().ok());
+        let host = fields.first(&HOST).and_then(visible_ascii);
         if !host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())) {
             return Err(bad_target(
                 "an absolute-form target naming another host is refused: bearer-proxy is not an open proxy",
@@ -323,8 +338,8 @@ pub fn has_dot_segment(path: &str) -> bool {
     })
 }
 
-fn is_upgrade<B>(request: &Request<B>) -> bool {
-    request.headers().contains_key(UPGRADE) && has_token(request.headers(), &CONNECTION, "upgrade")
+fn is_upgrade(fields: &impl FieldValues) -> bool {
+    fields.first(&UPGRADE).is_some() && fields.lists_token(&CONNECTION, "upgrade")
 }
 
 #[cfg(test)]

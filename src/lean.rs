@@ -28,8 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::direct::{MAX_HEADERS, RawFields, Span, fields, record_spans};
-use crate::proxy::headers::{Known, ends_chunked, has_token, length_digits, lists, visible_ascii};
+use crate::proxy::direct::{MAX_HEADERS, RAW_HEAD_LIMIT, RawFields, Span, fields, record_spans};
+use crate::proxy::headers::{
+    Known, ends_chunked, has_token, length_digits, lists, put_name, visible_ascii,
+};
 use crate::serve::{Bodiless, H2_PREFACE};
 
 /// A head still incomplete at this size goes to hyper, which has the
@@ -52,7 +54,9 @@ pub(crate) enum Ended {
 
 /// A request head, read and checked.
 struct Head {
+    /// Its map is empty when `fields` has them.
     request: Request<()>,
+    fields: Option<RawFields>,
     keep_alive: bool,
     /// The client sent `TE: trailers`: trailers may be passed on.
     trailers: bool,
@@ -144,6 +148,7 @@ where
         first = false;
         let Head {
             request,
+            fields,
             keep_alive,
             trailers,
         } = *head;
@@ -152,7 +157,7 @@ where
         // While the service works, a client that closes its connection
         // cancels the request (hyper does the same); bytes of a next
         // request wait in the buffer.
-        let mut answer = pin!(service.call_bodiless(request));
+        let mut answer = pin!(service.call_bodiless(request, fields));
         let response = poll_fn(|cx| {
             if let Poll::Ready(response) = answer.as_mut().poll(cx) {
                 return Poll::Ready(Some(response));
@@ -321,11 +326,15 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         return Parsed::Hyper;
     };
     let head = buf.split_to(length).freeze();
-    let (Ok(uri), Ok(headers)) = (
-        http::Uri::from_maybe_shared(head.slice(target)),
+    let spans = &spans[..count];
+    let raw = (head.len() <= RAW_HEAD_LIMIT).then(|| RawFields::new(head.clone(), spans));
+    let headers = match raw {
+        // The proxy reads and writes the fields as they came.
+        Some(_) => Ok(HeaderMap::new()),
         // The proxy adds up to four: host, authorization, user-agent, te.
-        fields(&head, &spans[..count], 4),
-    ) else {
+        None => fields(&head, spans, 4),
+    };
+    let (Ok(uri), Ok(headers)) = (http::Uri::from_maybe_shared(head.slice(target)), headers) else {
         // Put back for hyper, which answers (a URI too long, say). Rare:
         // httparse accepted what `http` refuses.
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -334,7 +343,10 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         *buf = whole;
         return Parsed::Hyper;
     };
-    let trailers = has_token(&headers, &TE, "trailers");
+    let trailers = match &raw {
+        Some(raw) => raw.values(Known::Te).any(|value| lists(value, b"trailers")),
+        None => has_token(&headers, &TE, "trailers"),
+    };
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -342,6 +354,7 @@ fn parse(buf: &mut BytesMut) -> Parsed {
     *request.headers_mut() = headers;
     Parsed::Complete(Box::new(Head {
         request,
+        fields: raw,
         keep_alive,
         trailers,
     }))
@@ -592,15 +605,6 @@ fn encode_head(
         last = true;
     }
     Ok((encoder, last))
-}
-
-/// A field name as hyper writes it: in lower case.
-fn put_name(dst: &mut Vec<u8>, name: &[u8]) {
-    let start = dst.len();
-    dst.extend_from_slice(name);
-    if let Some(written) = dst.get_mut(start..) {
-        written.make_ascii_lowercase();
-    }
 }
 
 /// Calls `f` with the current date as an HTTP date, formatted at most once
@@ -869,5 +873,105 @@ mod tests {
         }
         // Each outcome came up often enough to have been tested.
         assert!(outcomes.iter().all(|n| *n > 500), "{outcomes:?}");
+    }
+
+    /// A request's fields as they arrived go through the guard, the
+    /// cleaning and the proxy's additions to the same bytes on the wire as
+    /// its header map does: for heads written by hand and thousands
+    /// mangled.
+    #[test]
+    fn raw_request_fields_are_guarded_and_sent_as_a_map() {
+        use crate::config::GuardConfig;
+        use crate::guard::Guard;
+        use crate::proxy::direct::{Added, Outgoing, RawRequest, encode_head};
+        use crate::proxy::headers::{clean_request, clean_request_fields};
+        use http::HeaderValue;
+
+        let seeds: [&[u8]; 5] = [
+            b"GET /a?b=1 HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: curl/8\r\nAccept: */*\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-Proxy-Key: k3y-0123456789abcdef\r\nauthorization: Basic abc\r\nHOST: 127.0.0.1:8080\r\nTE: trailers, gzip\r\nTrailer: x\r\nAUTHORIZATION: Bearer other\r\n\r\n",
+            b"HEAD /x HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Authorization: p\r\nhost: [::1]:8080\r\nUSER-AGENT: a\r\nuser-agent: b\r\nCookie: c=1\r\n\r\n",
+            b"DELETE /y HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://localhost:3000\r\nSec-Fetch-Site: cross-site\r\nContent-Length: 0\r\n\r\n",
+            b"OPTIONS /z HTTP/1.1\r\nHost: localhost:8080\r\nHost: other\r\nOrigin: https://app.example\r\nConnection: close\r\nX-B: 1\r\nProxy-Connection: x\r\nX-B: 2\r\n\r\n",
+        ];
+        let listen = "127.0.0.1:8080".parse().ok();
+        let guards = [
+            Guard::new(&GuardConfig::default(), listen),
+            Guard::new(
+                &GuardConfig {
+                    allowed_hosts: vec!["evil.example".into()],
+                    allowed_origins: vec!["https://app.example".into()],
+                    local_key: Some(crate::secret::LocalKey::new("k3y-0123456789abcdef")),
+                },
+                listen,
+            ),
+        ];
+        let added = |trailers| Added {
+            trailers,
+            host: HeaderValue::from_static("api.example.com"),
+            authorization: HeaderValue::from_static("Bearer token-1"),
+            user_agent: HeaderValue::from_static("bearer-proxy/test"),
+        };
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        let (mut compared, mut refused) = (0, 0);
+        for case in 0..20_000 {
+            let bytes = if case < seeds.len() {
+                seeds[case].to_vec()
+            } else {
+                crate::proxy::direct::mangled(&mut rng, &seeds)
+            };
+            let Parsed::Complete(head) = parse(&mut BytesMut::from(&bytes[..])) else {
+                continue;
+            };
+            let Head {
+                mut request,
+                fields: Some(mut raw),
+                trailers,
+                ..
+            } = *head
+            else {
+                panic!("a small head came without its fields");
+            };
+            // What `http` makes of the bytes that httparse accepted.
+            let mut map = match raw.to_map(4) {
+                Ok(map) => map,
+                Err(message) => panic!("{message}: {}", String::from_utf8_lossy(&bytes)),
+            };
+            assert_eq!(trailers, has_token(&map, &TE, "trailers"));
+            for guard in &guards {
+                let by_fields = guard.check_fields(&request, &raw).err().map(|e| e.code);
+                *request.headers_mut() = map.clone();
+                let by_map = guard.check(&request).err().map(|e| e.code);
+                *request.headers_mut() = HeaderMap::new();
+                assert_eq!(by_fields, by_map, "{}", String::from_utf8_lossy(&bytes));
+                refused += usize::from(by_map.is_some());
+            }
+            clean_request(&mut map);
+            added(trailers).apply(&mut map);
+            clean_request_fields(&mut raw);
+            let raw = RawRequest {
+                fields: raw,
+                added: added(trailers),
+            };
+            let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            let (mut by_map, mut by_fields) = (BytesMut::new(), BytesMut::new());
+            encode_head(&mut by_map, request.method(), target, Outgoing::Map(&map));
+            encode_head(
+                &mut by_fields,
+                request.method(),
+                target,
+                Outgoing::Raw(&raw),
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&by_fields),
+                String::from_utf8_lossy(&by_map),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+            assert_eq!(raw.to_map().ok(), Some(map));
+            compared += 1;
+        }
+        // Enough heads were whole, and enough of them refused, to count.
+        assert!(compared > 3_000 && refused > 1_000, "{compared} {refused}");
     }
 }

@@ -64,11 +64,14 @@ where
 /// A service that can also answer a request without a body from its head
 /// alone: what the proxy's workers serve, on their lean HTTP/1.1 path.
 pub trait Bodiless: HttpService<Body: http_body::Body<Data = Bytes, Error: Send>> {
-    /// The answer to `request`, which has no body. Its header fields may
-    /// come apart, as the upstream sent them (the response has none then).
+    /// The answer to `request`, which has no body. With `fields`, its
+    /// header fields are those, as they arrived (its map is empty). The
+    /// answer's header fields may come apart, as the upstream sent them
+    /// (the response has none then).
     fn call_bodiless(
         &self,
         request: Request<()>,
+        fields: Option<RawFields>,
     ) -> impl Future<Output = (Response<Self::Body>, Option<RawFields>)> + Send + '_;
 }
 

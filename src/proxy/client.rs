@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::OutBody;
-use super::direct::{self, Conn, DirectBody, RawFields};
+use super::direct::{self, Conn, DirectBody, Outgoing, RawFields, RawRequest};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -263,7 +263,7 @@ impl Upstream {
     pub async fn request(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
         if request.body().is_end_stream() && !self.speaks_h2() {
             let (head, _) = request.into_parts();
-            return self.request_direct(&head, false).await;
+            return self.request_direct(&head, None, false).await;
         }
         self.via_hyper(request).await
     }
@@ -285,16 +285,18 @@ impl Upstream {
     /// absolute, its Host header set), so that it can be sent again (after
     /// a 401) without a copy. With `raw`, an answer over HTTP/1.1 comes
     /// with its header fields as they arrived, in `Answer::fields`, and
-    /// no header map is built for them.
+    /// no header map is built for them. With `fields`, the request's header
+    /// fields are those, not `head`'s.
     pub async fn request_bodiless(
         &self,
         head: &http::request::Parts,
+        fields: Option<&RawRequest>,
         raw: bool,
     ) -> Result<Answer, UpstreamError> {
         if self.speaks_h2() {
-            return self.via_hyper(empty_copy(head)).await;
+            return self.via_hyper(empty_copy(head, fields)?).await;
         }
-        self.request_direct(head, raw).await
+        self.request_direct(head, fields, raw).await
     }
 
     /// A request without a body over HTTP/1.1 by `direct`, on the most
@@ -304,8 +306,10 @@ impl Upstream {
     async fn request_direct(
         &self,
         parts: &http::request::Parts,
+        fields: Option<&RawRequest>,
         raw: bool,
     ) -> Result<Answer, UpstreamError> {
+        let outgoing = fields.map_or(Outgoing::Map(&parts.headers), Outgoing::Raw);
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut fresh = false;
         loop {
@@ -313,13 +317,13 @@ impl Upstream {
                 (Connected::H1(conn), reused) => (conn, reused),
                 (Connected::H2(mut sender), _) => {
                     // The upstream chose HTTP/2 for this new connection.
-                    let response = Box::pin(sender.send_request(empty_copy(parts)))
+                    let response = Box::pin(sender.send_request(empty_copy(parts, fields)?))
                         .await
                         .map_err(|e| UpstreamError::Request(e.into()))?;
                     return Ok(Answer::new(response.map(Either::Left), Checkout::none()));
                 }
             };
-            match conn.exchange(&parts.method, target, &parts.headers).await {
+            match conn.exchange(&parts.method, target, outgoing).await {
                 Ok(head) => {
                     let (response, fields) = head.into_response(conn, &self.direct);
                     let mut answer = Answer::new(response.map(Either::Right), Checkout::none());
@@ -533,8 +537,17 @@ fn keepable(conn: &mut Conn<Io>, since: Instant, now: Instant) -> bool {
 }
 
 /// A copy of a bodiless request's head, for hyper's client.
-fn empty_copy(head: &http::request::Parts) -> Request<OutBody> {
-    super::copy_of(head, Either::Right(http_body_util::Full::default()))
+fn empty_copy(
+    head: &http::request::Parts,
+    fields: Option<&RawRequest>,
+) -> Result<Request<OutBody>, UpstreamError> {
+    let mut request = super::copy_of(head, Either::Right(http_body_util::Full::default()));
+    if let Some(fields) = fields {
+        *request.headers_mut() = fields.to_map().map_err(|message| {
+            UpstreamError::Request(direct::ExchangeError::Invalid(message).into())
+        })?;
+    }
+    Ok(request)
 }
 
 /// The path and query of an absolute URI, as an HTTP/1.1 request target.

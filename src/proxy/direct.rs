@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::headers::{Known, ends_chunked, length_digits, lists};
+use super::headers::{Known, ends_chunked, length_digits, lists, put_name};
 
 /// The largest answer head (hyper's default buffer limit).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -160,11 +160,12 @@ const _: () = assert!(MAX_HEADERS <= 128);
 
 /// The largest head whose fields are passed on as they came: grouping
 /// them by name then compares at most a few hundred KiB of names.
-const RAW_HEAD_LIMIT: usize = 8 * 1024;
+pub(crate) const RAW_HEAD_LIMIT: usize = 8 * 1024;
 
-/// An answer's header fields as they arrived, in order, shared from its
+/// A message's header fields as they arrived, in order, shared from its
 /// head: no header map is built for an answer that the lean server writes
-/// out again, field for field.
+/// out again, field for field, nor for a request that it reads and that
+/// the proxy sends on.
 #[derive(Debug)]
 pub struct RawFields {
     head: Bytes,
@@ -173,6 +174,14 @@ pub struct RawFields {
 }
 
 impl RawFields {
+    /// The fields at `spans` (at most `MAX_HEADERS`) in `head`.
+    pub(crate) fn new(head: Bytes, spans: &[Span]) -> Self {
+        Self {
+            head,
+            spans: spans.to_vec(),
+        }
+    }
+
     fn name(&self, span: Span) -> &[u8] {
         span.name_in(&self.head).unwrap_or_default()
     }
@@ -234,10 +243,103 @@ impl RawFields {
         self.head.len() <= RAW_HEAD_LIMIT
     }
 
+    /// The fields in a header map, with room for `more`.
+    pub(crate) fn to_map(&self, more: usize) -> Result<HeaderMap, String> {
+        fields(&self.head, &self.spans, more)
+    }
+
     /// The fields in a header map.
     pub(crate) fn into_map(self) -> Result<HeaderMap, String> {
-        fields(&self.head, &self.spans, 0)
+        self.to_map(0)
     }
+}
+
+/// What the proxy sets on every request that it sends: the upstream's
+/// Host, the token, its own User-Agent, and `TE: trailers` when the client
+/// can take trailers (TE itself is hop-by-hop, so the client's is gone).
+#[derive(Debug, Clone)]
+pub(crate) struct Added {
+    pub(crate) trailers: bool,
+    pub(crate) host: HeaderValue,
+    pub(crate) authorization: HeaderValue,
+    pub(crate) user_agent: HeaderValue,
+}
+
+impl Added {
+    /// Sets them in a cleaned map. Host takes the place of the client's
+    /// (an h2c client, which has none, gets it where an HTTP/1.1 client
+    /// has it: first), and so do Authorization and User-Agent: the
+    /// upstream sees one order whatever protocol the client spoke.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        if self.trailers {
+            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+        headers.insert(http::header::HOST, self.host.clone());
+        headers.insert(http::header::AUTHORIZATION, self.authorization.clone());
+        headers.insert(http::header::USER_AGENT, self.user_agent.clone());
+    }
+}
+
+/// A request's header fields as they arrived, cleaned, and what the proxy
+/// sets: written out as the header map that [`to_map`](Self::to_map)
+/// gives would be, without building it. Only for heads that
+/// [`RawFields::is_small`] accepts.
+#[derive(Debug)]
+pub struct RawRequest {
+    pub(crate) fields: RawFields,
+    pub(crate) added: Added,
+}
+
+impl RawRequest {
+    /// The same fields in a header map (for hyper's client).
+    pub(crate) fn to_map(&self) -> Result<HeaderMap, String> {
+        let mut headers = self.fields.to_map(4)?;
+        self.added.apply(&mut headers);
+        Ok(headers)
+    }
+
+    /// Each field as `name: value`, in the map's order: the client's
+    /// grouped by name, the proxy's values in place of the client's, then
+    /// those the client did not send, in the order `Added::apply` inserts
+    /// them.
+    fn for_each(&self, mut put: impl FnMut(&[u8], &[u8])) {
+        let added = &self.added;
+        let mut set = [false; 3];
+        for (known, name, value) in self.fields.grouped() {
+            let ours = match known {
+                Known::Host => Some((0, &added.host)),
+                Known::Authorization => Some((1, &added.authorization)),
+                Known::UserAgent => Some((2, &added.user_agent)),
+                _ => None,
+            };
+            match ours {
+                // The client's first field of the name gives the place.
+                Some((at, ours)) if !set[at] => {
+                    set[at] = true;
+                    put(name, ours.as_bytes());
+                }
+                Some(_) => {}
+                None => put(name, value),
+            }
+        }
+        if added.trailers {
+            put(b"te", b"trailers");
+        }
+        let names: [&[u8]; 3] = [b"host", b"authorization", b"user-agent"];
+        let values = [&added.host, &added.authorization, &added.user_agent];
+        for ((set, name), value) in set.into_iter().zip(names).zip(values) {
+            if !set {
+                put(name, value.as_bytes());
+            }
+        }
+    }
+}
+
+/// A request's header fields, to be written out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outgoing<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a RawRequest),
 }
 
 /// See [`RawFields::grouped`].
@@ -347,7 +449,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         &mut self,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        headers: Outgoing<'_>,
     ) -> Result<Head, ExchangeError> {
         self.buf.clear();
         encode_head(&mut self.buf, method, target, headers);
@@ -480,21 +582,46 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
 
 /// The request line and header fields, as hyper's client writes them
 /// (names in lower case, in the map's order).
-fn encode_head(out: &mut BytesMut, method: &Method, target: &str, headers: &HeaderMap) {
-    let fields: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
+pub(crate) fn encode_head(
+    out: &mut BytesMut,
+    method: &Method,
+    target: &str,
+    headers: Outgoing<'_>,
+) {
+    let fields: usize = match headers {
+        Outgoing::Map(headers) => headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum(),
+        Outgoing::Raw(raw) => {
+            let added = &raw.added;
+            raw.fields.head.len()
+                + added.host.len()
+                + added.authorization.len()
+                + added.user_agent.len()
+                + 64
+        }
+    };
     out.reserve(method.as_str().len() + target.len() + 13 + fields);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    match headers {
+        Outgoing::Map(headers) => {
+            for (name, value) in headers {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Outgoing::Raw(raw) => raw.for_each(|name, value| {
+            put_name(out, name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -933,7 +1060,10 @@ mod tests {
         headers.append("x-many", HeaderValue::from_static("1"));
         headers.append("x-many", HeaderValue::from_static("2"));
         let idle = Arc::new(Idle::default());
-        let response = match conn.exchange(&method, "/a?b=%2F", &headers).await {
+        let response = match conn
+            .exchange(&method, "/a?b=%2F", Outgoing::Map(&headers))
+            .await
+        {
             Ok(head) => {
                 let (mut response, fields) = head.into_response(conn, &idle);
                 *response.headers_mut() = fields.into_map().expect("valid fields");

@@ -4,6 +4,9 @@
 //! the others kept, and `Location` under the upstream's base mapped back to
 //! the proxy.
 
+use std::ops::DerefMut;
+
+use bytes::BufMut;
 use http::header::{self, HeaderMap, HeaderName};
 
 use super::direct::RawFields;
@@ -44,6 +47,13 @@ pub(crate) enum Known {
     Date,
     Location,
     Expect,
+    // Those the guard reads and those the proxy sets on a request.
+    Host,
+    Origin,
+    SecFetchSite,
+    ProxyKey,
+    Authorization,
+    UserAgent,
 }
 
 impl Known {
@@ -51,14 +61,20 @@ impl Known {
         let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
         match name.len() {
             2 if is(b"te") => Self::Te,
+            4 if is(b"host") => Self::Host,
             4 if is(b"date") => Self::Date,
             6 if is(b"expect") => Self::Expect,
+            6 if is(b"origin") => Self::Origin,
             7 if is(b"trailer") => Self::Trailer,
             7 if is(b"upgrade") => Self::Upgrade,
             8 if is(b"location") => Self::Location,
             10 if is(b"connection") => Self::Connection,
             10 if is(b"keep-alive") => Self::KeepAlive,
+            10 if is(b"user-agent") => Self::UserAgent,
+            11 if is(b"x-proxy-key") => Self::ProxyKey,
+            13 if is(b"authorization") => Self::Authorization,
             14 if is(b"content-length") => Self::ContentLength,
+            14 if is(b"sec-fetch-site") => Self::SecFetchSite,
             16 if is(b"proxy-connection") => Self::ProxyConnection,
             17 if is(b"transfer-encoding") => Self::TransferEncoding,
             18 if is(b"proxy-authenticate") => Self::ProxyAuthenticate,
@@ -84,14 +100,70 @@ impl Known {
     }
 }
 
+/// A field name as a header map and fields as they arrived look it up.
+#[derive(Debug)]
+pub(crate) struct Field {
+    pub(crate) name: HeaderName,
+    pub(crate) known: Known,
+}
+
+impl Field {
+    const fn new(name: HeaderName, known: Known) -> Self {
+        Self { name, known }
+    }
+}
+
+pub(crate) const HOST: Field = Field::new(header::HOST, Known::Host);
+pub(crate) const ORIGIN: Field = Field::new(header::ORIGIN, Known::Origin);
+pub(crate) const SEC_FETCH_SITE: Field = Field::new(
+    HeaderName::from_static("sec-fetch-site"),
+    Known::SecFetchSite,
+);
+/// The header that carries the local key (`guard.local_key_file`).
+pub const PROXY_KEY_NAME: HeaderName = HeaderName::from_static("x-proxy-key");
+pub(crate) const PROXY_KEY: Field = Field::new(PROXY_KEY_NAME, Known::ProxyKey);
+pub(crate) const UPGRADE: Field = Field::new(header::UPGRADE, Known::Upgrade);
+pub(crate) const CONNECTION: Field = Field::new(header::CONNECTION, Known::Connection);
+pub(crate) const TE: Field = Field::new(header::TE, Known::Te);
+
+/// A request's header fields, in a map or as they arrived: what the guard
+/// and the proxy read of them, one rule for both.
+pub(crate) trait FieldValues {
+    /// The values of `field`'s name, in order.
+    fn values_of<'a>(&'a self, field: &Field) -> impl Iterator<Item = &'a [u8]>;
+
+    fn first(&self, field: &Field) -> Option<&[u8]> {
+        self.values_of(field).next()
+    }
+
+    /// Whether a value of `field` lists `token`, as `has_token`.
+    fn lists_token(&self, field: &Field, token: &str) -> bool {
+        self.values_of(field)
+            .any(|value| lists(value, token.as_bytes()))
+    }
+}
+
+impl FieldValues for HeaderMap {
+    fn values_of<'a>(&'a self, field: &Field) -> impl Iterator<Item = &'a [u8]> {
+        self.get_all(&field.name)
+            .into_iter()
+            .map(header::HeaderValue::as_bytes)
+    }
+}
+
+impl FieldValues for RawFields {
+    fn values_of<'a>(&'a self, field: &Field) -> impl Iterator<Item = &'a [u8]> {
+        self.values(field.known)
+    }
+}
+
 /// Request headers that the proxy consumes itself: `Expect` (the proxy's
 /// server answers `100 Continue`), the local key, and `Trailer` (the proxy
 /// does not forward trailers' announcement without the trailers' framing).
-const REQUEST_ONLY: [HeaderName; 3] = [
-    header::EXPECT,
-    HeaderName::from_static("x-proxy-key"),
-    header::TRAILER,
-];
+const REQUEST_ONLY: [HeaderName; 3] = [header::EXPECT, PROXY_KEY_NAME, header::TRAILER];
+
+/// [`REQUEST_ONLY`] as tags.
+const REQUEST_ONLY_KNOWN: [Known; 3] = [Known::Expect, Known::ProxyKey, Known::Trailer];
 
 /// Removes hop-by-hop headers, the headers that `Connection` names, and
 /// `extra`, keeping the order of the rest. With Transfer-Encoding,
@@ -158,6 +230,16 @@ pub fn clean_response(headers: &mut HeaderMap) {
 /// `clean_response` for a response whose fields are as they arrived
 /// (names in any case), keeping the order of the rest.
 pub(crate) fn clean_response_fields(fields: &mut RawFields) {
+    clean_fields(fields, &[]);
+}
+
+/// `clean_request` for a request whose fields are as they arrived.
+pub(crate) fn clean_request_fields(fields: &mut RawFields) {
+    clean_fields(fields, &REQUEST_ONLY_KNOWN);
+}
+
+/// `remove_hop_by_hop` for fields as they arrived.
+fn clean_fields(fields: &mut RawFields, extra: &[Known]) {
     let mut encoded = false;
     // Whether a Connection value names a field that is not hop-by-hop
     // anyway: only then is every field looked for in it.
@@ -176,7 +258,7 @@ pub(crate) fn clean_response_fields(fields: &mut RawFields) {
     }
     let marked = fields.mark(|known, name, _| {
         let connection = listing.then(|| fields.values(Known::Connection));
-        is_dropped(known, name, encoded, connection.into_iter().flatten())
+        extra.contains(&known) || is_dropped(known, name, encoded, connection.into_iter().flatten())
     });
     if marked != 0 {
         fields.remove_marked(marked);
@@ -196,6 +278,15 @@ fn is_dropped<'v>(
     known.is_hop_by_hop()
         || (encoded && known == Known::ContentLength)
         || connection.any(|value| lists(value, name))
+}
+
+/// A field name as hyper writes it: in lower case.
+pub(crate) fn put_name<B: BufMut + DerefMut<Target = [u8]>>(dst: &mut B, name: &[u8]) {
+    let start = dst.len();
+    dst.put_slice(name);
+    if let Some(written) = dst.get_mut(start..) {
+        written.make_ascii_lowercase();
+    }
 }
 
 /// Whether a `name` header lists `token` (case-insensitively), as in
@@ -238,9 +329,11 @@ pub(crate) fn length_digits(value: &[u8]) -> Option<u64> {
 /// Whether a comma-separated list names `token` (case-insensitively). On
 /// bytes, not validated strings: this runs several times per request.
 pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    // Most values are the one token, as it is.
+    value.eq_ignore_ascii_case(token)
+        || value
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Maps a `Location` under the upstream's base to the same path on the
@@ -408,11 +501,30 @@ mod tests {
             let upper = name.as_str().to_ascii_uppercase();
             assert!(Known::of(upper.as_bytes()).is_hop_by_hop(), "{upper}");
         }
-        for name in ["content-length", "Trailer", "DATE", "location", "Expect"] {
+        for name in [
+            "content-length",
+            "Trailer",
+            "DATE",
+            "location",
+            "Expect",
+            "Host",
+            "origin",
+            "Sec-Fetch-Site",
+            "X-Proxy-Key",
+            "AUTHORIZATION",
+            "user-agent",
+        ] {
             let known = Known::of(name.as_bytes());
             assert!(known != Known::Other && !known.is_hop_by_hop(), "{name}");
         }
-        for name in ["", "t", "host", "x-connection", "connectio", "content-type"] {
+        for name in [
+            "",
+            "t",
+            "hosts",
+            "x-connection",
+            "connectio",
+            "content-type",
+        ] {
             assert_eq!(Known::of(name.as_bytes()), Known::Other, "{name}");
         }
     }

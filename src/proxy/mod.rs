@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, HOST, LOCATION, TE,
-    USER_AGENT,
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, LOCATION, TE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -28,9 +27,9 @@ pub mod headers;
 
 use body::{Activity, ProxyBody, TrackedBody};
 use client::{Answer, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
-use direct::RawFields;
+use direct::{Added, RawFields, RawRequest};
 pub use error::{ErrorCode, ProxyError};
-use headers::LocationRewriter;
+use headers::{FieldValues, LocationRewriter};
 
 use crate::config::Config;
 use crate::guard::Guard;
@@ -167,7 +166,7 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let shared = Arc::clone(&self.inner);
-        Box::pin(async move { Ok(shared.answer(request.map(Some), false).await.0) })
+        Box::pin(async move { Ok(shared.answer(request.map(Some), None, false).await.0) })
     }
 }
 
@@ -175,21 +174,25 @@ impl crate::serve::Bodiless for Proxy {
     fn call_bodiless(
         &self,
         request: Request<()>,
+        fields: Option<RawFields>,
     ) -> impl Future<Output = (Response<ProxyBody>, Option<RawFields>)> + Send + '_ {
-        self.inner.answer(request.map(|()| None), true)
+        self.inner.answer(request.map(|()| None), fields, true)
     }
 }
 
 impl Shared {
     /// The answer to `request` (`None`: it has no body): the upstream's,
-    /// or the proxy's error. With `raw`, the upstream's header fields may
-    /// come as they arrived, cleaned, instead of in the response's map.
+    /// or the proxy's error. With `fields`, the request's header fields are
+    /// those, as they arrived, and its map is empty. With `raw`, the
+    /// upstream's header fields may come as they arrived, cleaned, instead
+    /// of in the response's map.
     async fn answer(
         &self,
         request: Request<Option<Incoming>>,
+        fields: Option<RawFields>,
         raw: bool,
     ) -> (Response<ProxyBody>, Option<RawFields>) {
-        match self.forward(request, raw).await {
+        match self.forward(request, fields, raw).await {
             Ok(answer) => answer,
             Err(error) => (
                 error.to_response().map(|body| ProxyBody::full(body, None)),
@@ -201,9 +204,13 @@ impl Shared {
     async fn forward(
         &self,
         request: Request<Option<Incoming>>,
+        fields: Option<RawFields>,
         raw: bool,
     ) -> Result<(Response<ProxyBody>, Option<RawFields>), ProxyError> {
-        self.guard.check(&request)?;
+        match &fields {
+            Some(fields) => self.guard.check_fields(&request, fields)?,
+            None => self.guard.check(&request)?,
+        }
         let Ok(permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
             return Err(ProxyError::new(
                 ErrorCode::Overloaded,
@@ -245,26 +252,42 @@ impl Shared {
         parts.version = Version::HTTP_11;
         // `TE: trailers` is the one TE value worth passing on: gRPC and other
         // trailer users need the upstream to know the client can take them.
-        let trailers = headers::has_token(&parts.headers, &TE, "trailers");
+        let trailers = match &fields {
+            Some(fields) => fields.lists_token(&headers::TE, "trailers"),
+            None => headers::has_token(&parts.headers, &TE, "trailers"),
+        };
         let expect_continue = parts.headers.get(EXPECT).cloned();
-        headers::clean_request(&mut parts.headers);
-        if trailers {
-            parts
-                .headers
-                .insert(TE, HeaderValue::from_static("trailers"));
-        }
-        // Host first: an HTTP/1.1 client's Host keeps its place, an h2c
-        // client's (it has none) takes the same one, so the upstream sees
-        // one order whatever protocol the client spoke.
-        parts.headers.insert(HOST, self.host.clone());
-        parts.headers.insert(AUTHORIZATION, token.header.clone());
-        parts.headers.insert(USER_AGENT, self.user_agent.clone());
-        if masked {
-            // The answer is read to mask the token in it: ask for it uncompressed.
-            parts.headers.remove(ACCEPT_ENCODING);
-        }
+        let added = Added {
+            trailers,
+            host: self.host.clone(),
+            authorization: token.header.clone(),
+            user_agent: self.user_agent.clone(),
+        };
         // A body that is already over is no body.
         let body = body.filter(|body| !body.is_end_stream());
+        // Fields as they arrived (a request without a body, from the lean
+        // server) are written out so, cleaned: no map.
+        let mut out = match fields {
+            Some(mut fields) if !masked && body.is_none() && fields.is_small() => {
+                headers::clean_request_fields(&mut fields);
+                Some(RawRequest { fields, added })
+            }
+            fields => {
+                if let Some(fields) = fields {
+                    // httparse and `http` accept the same bytes: not expected.
+                    parts.headers = fields
+                        .to_map(4)
+                        .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
+                }
+                headers::clean_request(&mut parts.headers);
+                added.apply(&mut parts.headers);
+                if masked {
+                    // The answer is read to mask the token in it: ask for it uncompressed.
+                    parts.headers.remove(ACCEPT_ENCODING);
+                }
+                None
+            }
+        };
         // A masked answer's fields are looked at and changed: in a map.
         let raw = raw && !masked;
         let (answer, token) = match body {
@@ -286,12 +309,10 @@ impl Shared {
             body => {
                 let (held, held_token) = self.hold(body, Arc::clone(&token)).await?;
                 if !Arc::ptr_eq(&held_token, &token) {
-                    parts
-                        .headers
-                        .insert(AUTHORIZATION, held_token.header.clone());
+                    set_authorization(&mut parts, out.as_mut(), &held_token);
                 }
                 let token = held_token;
-                self.send_replayable(parts, held, token, raw).await?
+                self.send_replayable(parts, out, held, token, raw).await?
             }
         };
 
@@ -433,11 +454,12 @@ impl Shared {
     async fn send_replayable(
         &self,
         mut head: http::request::Parts,
+        mut fields: Option<RawRequest>,
         body: Bytes,
         token: Arc<CurrentToken>,
         raw: bool,
     ) -> Result<(Answer, Arc<CurrentToken>), ProxyError> {
-        let answer = self.send_held(&head, &body, raw).await?;
+        let answer = self.send_held(&head, fields.as_ref(), &body, raw).await?;
         if answer.response.status() != StatusCode::UNAUTHORIZED {
             return Ok((answer, token));
         }
@@ -460,8 +482,11 @@ impl Shared {
             generation = renewed.generation,
             "the upstream answered 401: replaying the request with a new token"
         );
-        head.headers.insert(AUTHORIZATION, renewed.header.clone());
-        Ok((Box::pin(self.send_held(&head, &body, raw)).await?, renewed))
+        set_authorization(&mut head, fields.as_mut(), &renewed);
+        Ok((
+            Box::pin(self.send_held(&head, fields.as_ref(), &body, raw)).await?,
+            renewed,
+        ))
     }
 
     /// Sends a request whose body is held, keeping `head` and `body` for a
@@ -470,15 +495,22 @@ impl Shared {
     async fn send_held(
         &self,
         head: &http::request::Parts,
+        fields: Option<&RawRequest>,
         body: &Bytes,
         raw: bool,
     ) -> Result<Answer, ProxyError> {
         if body.is_empty() {
             return self
-                .send(self.client.request_bodiless(head, raw), None)
+                .send(self.client.request_bodiless(head, fields, raw), None)
                 .await;
         }
-        let request = copy_of(head, Either::Right(Full::new(body.clone())));
+        let mut request = copy_of(head, Either::Right(Full::new(body.clone())));
+        if let Some(fields) = fields {
+            // Not expected: fields as they arrived come without a body.
+            *request.headers_mut() = fields
+                .to_map()
+                .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
+        }
         Box::pin(self.send(self.client.request(request), None)).await
     }
 
@@ -617,6 +649,20 @@ fn outgoing(
 
 /// A copy of `head` with `body`, for a request that may be sent again
 /// (after a 401, or on HTTP/2 when `head` is only borrowed).
+/// Replaces the token that a request carries, in its map or its fields.
+fn set_authorization(
+    head: &mut http::request::Parts,
+    fields: Option<&mut RawRequest>,
+    token: &CurrentToken,
+) {
+    match fields {
+        Some(fields) => fields.added.authorization = token.header.clone(),
+        None => {
+            head.headers.insert(AUTHORIZATION, token.header.clone());
+        }
+    }
+}
+
 fn copy_of(head: &http::request::Parts, body: OutBody) -> Request<OutBody> {
     outgoing(
         head.method.clone(),
