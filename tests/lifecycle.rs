@@ -137,6 +137,69 @@ async fn a_401_is_replayed_once_with_a_new_token() -> TestResult {
     Ok(())
 }
 
+/// A request without a body (the lean path, its fields as they arrived)
+/// and one with a body (hyper's server and a header map) reach the
+/// upstream with the same fields in the same order, also when replayed
+/// with a new token.
+#[tokio::test]
+async fn both_paths_send_the_same_fields_upstream_also_on_a_replay() -> TestResult {
+    let upstream = refusing_first_token().await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
+    let fields = format!(
+        "host: LOCALHOST:{}\r\nX-B: 1\r\nuser-agent: curl/8\r\nAccept: */*\r\nX-b: 2\r\n\
+         Authorization: Basic abc\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Authorization: p\r\n\
+         AUTHORIZATION: Basic def\r\nUser-Agent: other\r\nX-Empty:\r\nCookie: a=1\r\n\
+         Connection: close\r\n",
+        proxy.addr.port()
+    );
+    let lean = raw(
+        proxy.addr,
+        format!("GET /lean HTTP/1.1\r\n{fields}\r\n").as_bytes(),
+    )
+    .await?;
+    let hyper = raw(
+        proxy.addr,
+        format!("POST /hyper HTTP/1.1\r\n{fields}Content-Length: 3\r\n\r\nabc").as_bytes(),
+    )
+    .await?;
+    assert_eq!((lean.status, hyper.status), (200, 200));
+    let seen = upstream.requests();
+    let targets: Vec<String> = seen.iter().map(Recorded::target_str).collect();
+    assert_eq!(targets, ["/lean", "/lean", "/hyper"]);
+    let fields_of = |at: usize, token: &str| {
+        seen[at]
+            .headers
+            .iter()
+            .filter(|(name, _)| name != "content-length")
+            .map(|(name, value)| {
+                let value = if name == "authorization" {
+                    token
+                } else {
+                    value
+                };
+                format!("{name}: {value}")
+            })
+            .collect::<Vec<_>>()
+    };
+    let expected = [
+        format!("host: {}", upstream.addr),
+        "x-b: 1".to_owned(),
+        "x-b: 2".to_owned(),
+        format!("user-agent: bearer-proxy/{}", env!("CARGO_PKG_VERSION")),
+        "accept: */*".to_owned(),
+        "authorization: Bearer token-2".to_owned(),
+        "x-empty: ".to_owned(),
+        "cookie: a=1".to_owned(),
+        "te: trailers".to_owned(),
+    ];
+    assert_eq!(fields_of(2, "Bearer token-2"), expected);
+    assert_eq!(fields_of(1, "Bearer token-2"), expected);
+    assert_eq!(fields_of(0, "Bearer token-2"), expected);
+    assert_eq!(seen[0].bearer(), "token-1");
+    assert_eq!(seen[1].bearer(), "token-2");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_small_post_is_replayed_with_the_same_body() -> TestResult {
     let upstream = refusing_first_token().await;

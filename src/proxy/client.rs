@@ -282,7 +282,7 @@ impl Upstream {
     }
 
     /// Sends a request without a body, borrowing its head (its URI
-    /// absolute, its Host header set), so that it can be sent again (after
+    /// absolute, its Host header set, in `fields` if there are), so that it can be sent again (after
     /// a 401) without a copy. With `raw`, an answer over HTTP/1.1 comes
     /// with its header fields as they arrived, in `Answer::fields`, and
     /// no header map is built for them. With `fields`, the request's header

@@ -266,10 +266,9 @@ pub(crate) struct Added {
 }
 
 impl Added {
-    /// Sets them in a cleaned map. Host takes the place of the client's
-    /// (an h2c client, which has none, gets it where an HTTP/1.1 client
-    /// has it: first), and so do Authorization and User-Agent: the
-    /// upstream sees one order whatever protocol the client spoke.
+    /// Sets them in a cleaned map: Host, Authorization and User-Agent
+    /// take the place of the client's, and those that the client did not
+    /// send (an h2c client sends no Host) come last, after TE.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         if self.trailers {
             headers.insert(http::header::TE, HeaderValue::from_static("trailers"));

@@ -647,8 +647,6 @@ fn outgoing(
     request
 }
 
-/// A copy of `head` with `body`, for a request that may be sent again
-/// (after a 401, or on HTTP/2 when `head` is only borrowed).
 /// Replaces the token that a request carries, in its map or its fields.
 fn set_authorization(
     head: &mut http::request::Parts,
@@ -663,6 +661,8 @@ fn set_authorization(
     }
 }
 
+/// A copy of `head` with `body`, for a request that may be sent again
+/// (after a 401, or on HTTP/2 when `head` is only borrowed).
 fn copy_of(head: &http::request::Parts, body: OutBody) -> Request<OutBody> {
     outgoing(
         head.method.clone(),
