@@ -5,18 +5,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{HeaderName, Method, Request, Version};
+use http::{Method, Request, Version};
 
 use crate::config::GuardConfig;
 use crate::proxy::headers::{
-    CONNECTION, FieldValues, HOST, ORIGIN, PROXY_KEY, PROXY_KEY_NAME, SEC_FETCH_SITE, UPGRADE,
-    visible_ascii,
+    CONNECTION, FieldValues, HOST, ORIGIN, PROXY_KEY, SEC_FETCH_SITE, UPGRADE, visible_ascii,
 };
 use crate::proxy::{ErrorCode, ProxyError};
 use crate::secret::LocalKey;
-
-/// The header that carries the local key.
-pub const LOCAL_KEY_HEADER: HeaderName = PROXY_KEY_NAME;
 
 /// The checks, with what they accept.
 #[derive(Debug, Clone)]

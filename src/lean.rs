@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::direct::{MAX_HEADERS, RAW_HEAD_LIMIT, RawFields, Span, fields, record_spans};
 use crate::proxy::headers::{
-    Known, ends_chunked, has_token, length_digits, lists, put_name, visible_ascii,
+    Known, ends_chunked, length_digits, lists, put_name, takes_trailers, visible_ascii,
 };
 use crate::serve::{Bodiless, H2_PREFACE};
 
@@ -344,8 +344,8 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         return Parsed::Hyper;
     };
     let trailers = match &raw {
-        Some(raw) => raw.values(Known::Te).any(|value| lists(value, b"trailers")),
-        None => has_token(&headers, &TE, "trailers"),
+        Some(raw) => takes_trailers(raw),
+        None => takes_trailers(&headers),
     };
     let mut request = Request::new(());
     *request.method_mut() = method;
@@ -937,7 +937,7 @@ mod tests {
                 Ok(map) => map,
                 Err(message) => panic!("{message}: {}", String::from_utf8_lossy(&bytes)),
             };
-            assert_eq!(trailers, has_token(&map, &TE, "trailers"));
+            assert_eq!(trailers, takes_trailers(&map));
             for guard in &guards {
                 let by_fields = guard.check_fields(&request, &raw).err().map(|e| e.code);
                 *request.headers_mut() = map.clone();

@@ -198,6 +198,13 @@ pub enum UpstreamError {
     Request(#[source] BoxError),
 }
 
+impl UpstreamError {
+    /// An answer whose header fields a header map refuses.
+    pub(crate) fn invalid_answer(message: String) -> Self {
+        Self::Request(direct::ExchangeError::Invalid(message).into())
+    }
+}
+
 enum Sender<B> {
     H1(http1::SendRequest<B>),
     H2(http2::SendRequest<B>),
@@ -330,9 +337,8 @@ impl Upstream {
                     if raw {
                         answer.fields = Some(fields);
                     } else {
-                        *answer.response.headers_mut() = fields.into_map().map_err(|message| {
-                            UpstreamError::Request(direct::ExchangeError::Invalid(message).into())
-                        })?;
+                        *answer.response.headers_mut() =
+                            fields.into_map().map_err(UpstreamError::invalid_answer)?;
                     }
                     return Ok(answer);
                 }
@@ -543,8 +549,9 @@ fn empty_copy(
 ) -> Result<Request<OutBody>, UpstreamError> {
     let mut request = super::copy_of(head, Either::Right(http_body_util::Full::default()));
     if let Some(fields) = fields {
+        // httparse and `http` accept the same bytes: not expected.
         *request.headers_mut() = fields.to_map().map_err(|message| {
-            UpstreamError::Request(direct::ExchangeError::Invalid(message).into())
+            UpstreamError::Request(format!("the request's header fields: {message}").into())
         })?;
     }
     Ok(request)

@@ -537,10 +537,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
         // As hyper's client, the fields are passed on as they came, even a
         // Content-Length beside Transfer-Encoding (which the proxy removes).
-        let fields = RawFields {
-            head: self.buf.split_to(length).freeze(),
-            spans: spans[..count].to_vec(),
-        };
+        let fields = RawFields::new(self.buf.split_to(length).freeze(), &spans[..count]);
         let both = signals.transfer_encoding && signals.content_length;
         let keep_alive = framing != Framing::Close
             && code != 101

@@ -120,8 +120,8 @@ pub(crate) const SEC_FETCH_SITE: Field = Field::new(
     Known::SecFetchSite,
 );
 /// The header that carries the local key (`guard.local_key_file`).
-pub const PROXY_KEY_NAME: HeaderName = HeaderName::from_static("x-proxy-key");
-pub(crate) const PROXY_KEY: Field = Field::new(PROXY_KEY_NAME, Known::ProxyKey);
+pub(crate) const PROXY_KEY: Field =
+    Field::new(HeaderName::from_static("x-proxy-key"), Known::ProxyKey);
 pub(crate) const UPGRADE: Field = Field::new(header::UPGRADE, Known::Upgrade);
 pub(crate) const CONNECTION: Field = Field::new(header::CONNECTION, Known::Connection);
 pub(crate) const TE: Field = Field::new(header::TE, Known::Te);
@@ -136,7 +136,8 @@ pub(crate) trait FieldValues {
         self.values_of(field).next()
     }
 
-    /// Whether a value of `field` lists `token`, as `has_token`.
+    /// Whether a value of `field` lists `token` (case-insensitively), as
+    /// `Connection: keep-alive, Upgrade` or `TE: trailers` do.
     fn lists_token(&self, field: &Field, token: &str) -> bool {
         self.values_of(field)
             .any(|value| lists(value, token.as_bytes()))
@@ -160,10 +161,7 @@ impl FieldValues for RawFields {
 /// Request headers that the proxy consumes itself: `Expect` (the proxy's
 /// server answers `100 Continue`), the local key, and `Trailer` (the proxy
 /// does not forward trailers' announcement without the trailers' framing).
-const REQUEST_ONLY: [HeaderName; 3] = [header::EXPECT, PROXY_KEY_NAME, header::TRAILER];
-
-/// [`REQUEST_ONLY`] as tags.
-const REQUEST_ONLY_KNOWN: [Known; 3] = [Known::Expect, Known::ProxyKey, Known::Trailer];
+const REQUEST_ONLY: [Known; 3] = [Known::Expect, Known::ProxyKey, Known::Trailer];
 
 /// Removes hop-by-hop headers, the headers that `Connection` names, and
 /// `extra`, keeping the order of the rest. With Transfer-Encoding,
@@ -171,18 +169,18 @@ const REQUEST_ONLY_KNOWN: [Known; 3] = [Known::Expect, Known::ProxyKey, Known::T
 /// it (RFC 9112, 6.3). Costs nothing when none is present, and allocates
 /// nothing when those to remove come last (as `Connection: keep-alive`
 /// usually does in a response).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[HeaderName]) {
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[Known]) {
     let encoded = headers.contains_key(header::TRANSFER_ENCODING);
     // `Connection` is looked up once, not once per header.
     let listed = |connection: &header::GetAll<'_, header::HeaderValue>, name: &HeaderName| {
-        let name_bytes = name.as_str().as_bytes();
-        extra.contains(name)
-            || is_dropped(
-                Known::of(name_bytes),
-                name_bytes,
-                encoded,
-                connection.iter().map(header::HeaderValue::as_bytes),
-            )
+        let name = name.as_str().as_bytes();
+        is_dropped(
+            Known::of(name),
+            name,
+            encoded,
+            extra,
+            connection.iter().map(header::HeaderValue::as_bytes),
+        )
     };
     let mut first = None;
     let mut count = 0;
@@ -235,7 +233,7 @@ pub(crate) fn clean_response_fields(fields: &mut RawFields) {
 
 /// `clean_request` for a request whose fields are as they arrived.
 pub(crate) fn clean_request_fields(fields: &mut RawFields) {
-    clean_fields(fields, &REQUEST_ONLY_KNOWN);
+    clean_fields(fields, &REQUEST_ONLY);
 }
 
 /// `remove_hop_by_hop` for fields as they arrived.
@@ -258,7 +256,13 @@ fn clean_fields(fields: &mut RawFields, extra: &[Known]) {
     }
     let marked = fields.mark(|known, name, _| {
         let connection = listing.then(|| fields.values(Known::Connection));
-        extra.contains(&known) || is_dropped(known, name, encoded, connection.into_iter().flatten())
+        is_dropped(
+            known,
+            name,
+            encoded,
+            extra,
+            connection.into_iter().flatten(),
+        )
     });
     if marked != 0 {
         fields.remove_marked(marked);
@@ -267,15 +271,18 @@ fn clean_fields(fields: &mut RawFields, extra: &[Known]) {
 
 /// Whether a field goes with its connection instead of the message: a
 /// hop-by-hop name, a Content-Length beside Transfer-Encoding (`encoded`:
-/// RFC 9112, 6.3), or a name that one of the `connection` values lists. The
-/// one rule for header maps and for fields as they arrived.
+/// RFC 9112, 6.3), a name that one of the `connection` values lists, or
+/// one of `extra`. The one rule for header maps and for fields as they
+/// arrived.
 fn is_dropped<'v>(
     known: Known,
     name: &[u8],
     encoded: bool,
+    extra: &[Known],
     mut connection: impl Iterator<Item = &'v [u8]>,
 ) -> bool {
-    known.is_hop_by_hop()
+    extra.contains(&known)
+        || known.is_hop_by_hop()
         || (encoded && known == Known::ContentLength)
         || connection.any(|value| lists(value, name))
 }
@@ -289,13 +296,10 @@ pub(crate) fn put_name<B: BufMut + DerefMut<Target = [u8]>>(dst: &mut B, name: &
     }
 }
 
-/// Whether a `name` header lists `token` (case-insensitively), as in
-/// `Connection: keep-alive, Upgrade` or `TE: trailers`.
-pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .any(|value| lists(value.as_bytes(), token.as_bytes()))
+/// Whether the client sent `TE: trailers`: it can take trailers, and the
+/// upstream may be told so.
+pub(crate) fn takes_trailers(fields: &impl FieldValues) -> bool {
+    fields.lists_token(&TE, "trailers")
 }
 
 /// Whether a Transfer-Encoding value ends with `chunked`, read as hyper

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, LOCATION, TE,
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, LOCATION,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -29,7 +29,7 @@ use body::{Activity, ProxyBody, TrackedBody};
 use client::{Answer, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
 use direct::{Added, RawFields, RawRequest};
 pub use error::{ErrorCode, ProxyError};
-use headers::{FieldValues, LocationRewriter};
+use headers::LocationRewriter;
 
 use crate::config::Config;
 use crate::guard::Guard;
@@ -253,8 +253,8 @@ impl Shared {
         // `TE: trailers` is the one TE value worth passing on: gRPC and other
         // trailer users need the upstream to know the client can take them.
         let trailers = match &fields {
-            Some(fields) => fields.lists_token(&headers::TE, "trailers"),
-            None => headers::has_token(&parts.headers, &TE, "trailers"),
+            Some(fields) => headers::takes_trailers(fields),
+            None => headers::takes_trailers(&parts.headers),
         };
         let expect_continue = parts.headers.get(EXPECT).cloned();
         let added = Added {
@@ -337,11 +337,9 @@ impl Shared {
             }
             // Rare: the map has the rewriting, and no cost grows faster
             // than the head.
-            parts.headers = fields.into_map().map_err(|message| {
-                self.upstream_error(&UpstreamError::Request(
-                    direct::ExchangeError::Invalid(message).into(),
-                ))
-            })?;
+            parts.headers = fields
+                .into_map()
+                .map_err(|message| self.upstream_error(&UpstreamError::invalid_answer(message)))?;
         }
         headers::clean_response(&mut parts.headers);
         if let Some(location) = parts.headers.get(LOCATION).and_then(|v| v.to_str().ok())
