@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 
-use crate::secret::ClientSecret;
+use crate::secret::{ClientSecret, ProxyUrl};
 
 /// Default proxy listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -489,7 +489,7 @@ impl RawConfig {
             }
         }
         raw.client_secret = env_string(env, ENV_CLIENT_SECRET)?.map(ClientSecret::new);
-        raw.proxies = crate::egress::Proxies::from_env(env);
+        raw.proxies = proxies_from_env(env);
         Ok(raw)
     }
 
@@ -595,6 +595,24 @@ fn env_string(
             Err(_) => Err(ConfigError::new(format!("{name}: expected UTF-8 text"))),
         },
     }
+}
+
+/// Forward proxies from `HTTPS_PROXY`/`https_proxy`, `HTTP_PROXY`/`http_proxy`
+/// and `NO_PROXY`/`no_proxy` (the lower-case form wins, as in curl), as
+/// given: `checked_proxies` normalises them.
+fn proxies_from_env(env: &(impl Environment + ?Sized)) -> crate::egress::Proxies {
+    let read = |names: [&str; 2]| {
+        names.iter().find_map(|name| {
+            env.var(name)
+                .and_then(|v| v.into_string().ok())
+                .filter(|v| !v.trim().is_empty())
+        })
+    };
+    crate::egress::Proxies::new(
+        read(["http_proxy", "HTTP_PROXY"]).map(ProxyUrl::new),
+        read(["https_proxy", "HTTPS_PROXY"]).map(ProxyUrl::new),
+        read(["no_proxy", "NO_PROXY"]),
+    )
 }
 
 /// How the client proves itself at the token endpoint.
@@ -1564,5 +1582,19 @@ mod tests {
             "BEARER_PROXY_ADMIN_LISTEN"
         );
         assert_eq!(generic_env_name("log.format"), "BEARER_PROXY_LOG_FORMAT");
+    }
+
+    #[test]
+    fn lower_case_proxy_variables_win() {
+        let env = [
+            ("HTTPS_PROXY", "http://upper:1"),
+            ("https_proxy", "http://lower:2"),
+            ("NO_PROXY", "a.example"),
+        ];
+        let p = proxies_from_env(&env[..]);
+        assert_eq!(p.https.as_ref().map(|u| u.secret()), Some("http://lower:2"));
+        assert_eq!(p.no_proxy.as_deref(), Some("a.example"));
+        assert!(p.http.is_none());
+        assert_eq!(format!("{:?}", p.https), "Some(ProxyUrl([redacted]))");
     }
 }

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
-use crate::config::Environment;
+use crate::error_chain::chain;
 use crate::secret::ProxyUrl;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -59,24 +59,6 @@ impl Proxies {
             ));
         }
         proxies
-    }
-
-    /// From `HTTPS_PROXY`/`https_proxy`, `HTTP_PROXY`/`http_proxy` and
-    /// `NO_PROXY`/`no_proxy` (the lower-case form wins, as in curl), as
-    /// given: [`normalize`] them before use.
-    pub fn from_env(env: &(impl Environment + ?Sized)) -> Self {
-        let read = |names: [&str; 2]| {
-            names.iter().find_map(|name| {
-                env.var(name)
-                    .and_then(|v| v.into_string().ok())
-                    .filter(|v| !v.trim().is_empty())
-            })
-        };
-        Self::new(
-            read(["http_proxy", "HTTP_PROXY"]).map(ProxyUrl::new),
-            read(["https_proxy", "HTTPS_PROXY"]).map(ProxyUrl::new),
-            read(["no_proxy", "NO_PROXY"]),
-        )
     }
 
     /// Whether any proxy is configured.
@@ -209,7 +191,7 @@ impl tower::Service<Uri> for EgressConnector {
                 format!("{}://{host}:{port}", dst.scheme_str().unwrap_or("http")).parse()?;
             tunnel.oneshot(target).await.map_err(|e| {
                 let proxy = public_part(intercept.uri());
-                let cause = crate::token::endpoint::chain(&e);
+                let cause = chain(&e);
                 Box::new(std::io::Error::other(format!(
                     "through the proxy {proxy}: {cause}"
                 ))) as BoxError
@@ -298,19 +280,5 @@ mod tests {
             !p.describe("https://api.example/").contains("pa55"),
             "credentials are never shown"
         );
-    }
-
-    #[test]
-    fn lower_case_variables_win() {
-        let env = [
-            ("HTTPS_PROXY", "http://upper:1"),
-            ("https_proxy", "http://lower:2"),
-            ("NO_PROXY", "a.example"),
-        ];
-        let p = Proxies::from_env(&env[..]);
-        assert_eq!(p.https.as_ref().map(|u| u.secret()), Some("http://lower:2"));
-        assert_eq!(p.no_proxy.as_deref(), Some("a.example"));
-        assert!(p.http.is_none());
-        assert_eq!(format!("{:?}", p.https), "Some(ProxyUrl([redacted]))");
     }
 }

@@ -11,7 +11,7 @@ use crate::config::GuardConfig;
 use crate::proxy::headers::{
     CONNECTION, FieldValues, HOST, ORIGIN, PROXY_KEY, SEC_FETCH_SITE, UPGRADE, visible_ascii,
 };
-use crate::proxy::{ErrorCode, ProxyError};
+use crate::reply::{ErrorCode, ProxyError};
 use crate::secret::LocalKey;
 
 /// The checks, with what they accept.

@@ -236,7 +236,7 @@ pub fn with_client_cert(
 /// problem and what to do about it.
 pub fn describe_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     use rustls::CertificateError;
-    let tls = crate::proxy::find::<rustls::Error>(error)?;
+    let tls = crate::error_chain::find::<rustls::Error>(error)?;
     let words = match tls {
         rustls::Error::InvalidCertificate(cert) => match cert {
             CertificateError::UnknownIssuer => {

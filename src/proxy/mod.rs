@@ -22,13 +22,12 @@ use tokio::sync::Semaphore;
 pub mod body;
 pub mod client;
 pub mod direct;
-pub mod error;
 pub mod headers;
 
+pub use crate::reply::{ErrorCode, ProxyError};
 use body::{Activity, ProxyBody, TrackedBody};
 use client::{Answer, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
 use direct::{Added, RawFields, RawRequest};
-pub use error::{ErrorCode, ProxyError};
 use headers::LocationRewriter;
 
 use crate::config::Config;
@@ -599,8 +598,8 @@ pub fn describe_upstream_error(
         UpstreamError::Connect(cause) => (cause.as_ref(), true),
         UpstreamError::Request(cause) => (cause.as_ref(), false),
     };
-    let detail = crate::token::endpoint::chain(cause);
-    if find::<ConnectTimeout>(cause).is_some() {
+    let detail = crate::error_chain::chain(cause);
+    if crate::error_chain::find::<ConnectTimeout>(cause).is_some() {
         (
             ErrorCode::UpstreamTimeout,
             format!("{detail} (upstream.connect_timeout)"),
@@ -610,7 +609,7 @@ pub fn describe_upstream_error(
             ErrorCode::UpstreamUnreachable,
             format!("TLS with the upstream {authority} failed: {tls}"),
         )
-    } else if let Some(direct::ExchangeError::Invalid(problem)) = find(cause) {
+    } else if let Some(direct::ExchangeError::Invalid(problem)) = crate::error_chain::find(cause) {
         (
             ErrorCode::UpstreamUnreachable,
             format!("the upstream {authority} sent an invalid response: {problem}"),
@@ -794,24 +793,4 @@ pub fn normalize_path(path: &str) -> Vec<u8> {
         out.pop();
     }
     out
-}
-
-/// Walks an error's causes. `io::Error::source()` skips the error it wraps
-/// (it returns that error's own source), so wrapped errors are reached
-/// through `get_ref` instead: that is where rustls's errors sit.
-fn causes<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(error), |e| match e.downcast_ref::<std::io::Error>() {
-        Some(io) => io
-            .get_ref()
-            .map(|inner| inner as &(dyn std::error::Error + 'static)),
-        None => e.source(),
-    })
-}
-
-pub(crate) fn find<'a, T: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    causes(error).find_map(|e| e.downcast_ref::<T>())
 }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::{Fetched, TokenError, TokenSource};
 use crate::config::{AuthMethod, SecretSource, TokenConfig, trim_secret};
+use crate::error_chain::chain;
 use crate::secret::{AccessToken, ClientSecret};
 use crate::token::error::ProviderError;
 
@@ -147,21 +148,6 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> TokenError {
     } else {
         TokenError::Connect(chain(e))
     }
-}
-
-/// An error and its sources in one line, without the request URL's query.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// `expires_in` and `refresh_in` arrive as numbers or, from some providers, strings.
