@@ -126,16 +126,17 @@ async fn steps(config: &Config, out: &mut String) -> bool {
         Ok(tls) => tls,
         Err(e) => return fail(out, "client certificate", &e, None),
     };
-    let client = crate::proxy::client::Upstream::new(
+    let client = crate::upstream::Upstream::new(
         upstream_tls,
         config.upstream.connect_timeout,
         &config.proxies,
         url.origin(),
     );
     let started = Instant::now();
+    let (head, ()) = request.into_parts();
     let response = match tokio::time::timeout(
         config.upstream.response_timeout,
-        client.request_bodiless(&request.into_parts().0, None, false),
+        client.request_bodiless(&head.method, &head.uri, &head.headers),
     )
     .await
     {
@@ -152,7 +153,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
             );
         }
         Ok(Err(error)) => {
-            let message = crate::proxy::describe_upstream_error(&error, &url.authority);
+            let message = crate::upstream::describe_upstream_error(&error, &url.authority);
             return fail(
                 out,
                 "status call",
@@ -160,19 +161,16 @@ async fn steps(config: &Config, out: &mut String) -> bool {
                 Some("check upstream.url, DNS, firewalls and tls.ca_file"),
             );
         }
-        Ok(Ok(answer)) => answer.response,
+        Ok(Ok(answer)) => answer,
     };
-    let status = response.status();
+    let status = response.head.status;
     line(
         out,
         "status",
         format!("HTTP {status} in {} ms", started.elapsed().as_millis()),
     );
-    line(out, "protocol", format!("{:?}", response.version()));
-    let body = match Limited::new(response.into_body(), BODY_READ_LIMIT)
-        .collect()
-        .await
-    {
+    line(out, "protocol", format!("{:?}", response.head.version));
+    let body = match Limited::new(response.body, BODY_READ_LIMIT).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) => return fail(out, "status body", &format!("could not be read: {e}"), None),
     };

@@ -5,14 +5,25 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{Method, Request, Version};
+use http::header::HeaderName;
+use http::{Method, Request, Uri, Version};
 
 use crate::config::GuardConfig;
-use crate::proxy::headers::{
-    CONNECTION, FieldValues, HOST, ORIGIN, PROXY_KEY, SEC_FETCH_SITE, UPGRADE, visible_ascii,
-};
+use crate::http1::field::{CONNECTION, HOST, ORIGIN, SEC_FETCH_SITE, UPGRADE};
+use crate::http1::{Field, FieldValues, Known, RequestHead, visible_ascii};
 use crate::reply::{ErrorCode, ProxyError};
 use crate::secret::LocalKey;
+
+/// The header that carries the local key (`guard.local_key_file`).
+pub const PROXY_KEY: Field = Field::new(HeaderName::from_static("x-proxy-key"), Known::ProxyKey);
+
+/// A request's line: what the checks read besides its fields.
+#[derive(Debug, Clone, Copy)]
+struct Line<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    version: Version,
+}
 
 /// The checks, with what they accept.
 #[derive(Debug, Clone)]
@@ -57,21 +68,31 @@ impl Guard {
 
     /// Refuses what the proxy must never forward, in the documented order.
     pub fn check<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
-        self.check_fields(request, request.headers())
+        let line = Line {
+            method: request.method(),
+            uri: request.uri(),
+            version: request.version(),
+        };
+        self.check_line(line, request.headers())
     }
 
-    /// [`check`](Self::check), reading the header fields from `fields`
-    /// (the request's map, or its fields as they arrived).
-    pub(crate) fn check_fields<B>(
-        &self,
-        request: &Request<B>,
-        fields: &impl FieldValues,
-    ) -> Result<(), ProxyError> {
+    /// [`check`](Self::check) for a request's head, whose fields are in a
+    /// map or as they arrived.
+    pub fn check_head(&self, head: &RequestHead) -> Result<(), ProxyError> {
+        let line = Line {
+            method: &head.method,
+            uri: &head.uri,
+            version: head.version,
+        };
+        self.check_line(line, &head.fields)
+    }
+
+    fn check_line(&self, request: Line<'_>, fields: &impl FieldValues) -> Result<(), ProxyError> {
         check_target(request, fields)?;
         self.check_host(request, fields)?;
         self.check_origin(fields)?;
         self.check_key(fields)?;
-        if request.method() == Method::TRACE {
+        if *request.method == Method::TRACE {
             return Err(ProxyError::new(
                 ErrorCode::MethodNotAllowed,
                 "TRACE is refused: the upstream would echo the injected token back",
@@ -89,16 +110,12 @@ impl Guard {
     /// DNS rebinding: a page whose name suddenly resolves to 127.0.0.1 still
     /// sends its own name in Host. Only the loopback names, the listen
     /// address and `guard.allowed_hosts` are accepted.
-    fn check_host<B>(
-        &self,
-        request: &Request<B>,
-        fields: &impl FieldValues,
-    ) -> Result<(), ProxyError> {
+    fn check_host(&self, request: Line<'_>, fields: &impl FieldValues) -> Result<(), ProxyError> {
         let header = fields.first(&HOST);
-        let authority = if request.version() == Version::HTTP_2 {
+        let authority = if request.version == Version::HTTP_2 {
             // HTTP/2 names its authority in `:authority`; a `host` header,
             // if any, must agree with it.
-            let Some(authority) = request.uri().authority() else {
+            let Some(authority) = request.uri.authority() else {
                 return Err(bad_target("the HTTP/2 request has no :authority"));
             };
             if header.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_str().as_bytes())) {
@@ -279,8 +296,8 @@ fn bad_target(message: &str) -> ProxyError {
     ProxyError::new(ErrorCode::BadRequestTarget, message)
 }
 
-fn check_target<B>(request: &Request<B>, fields: &impl FieldValues) -> Result<(), ProxyError> {
-    if request.method() == Method::CONNECT {
+fn check_target(request: Line<'_>, fields: &impl FieldValues) -> Result<(), ProxyError> {
+    if *request.method == Method::CONNECT {
         return Err(bad_target(
             "CONNECT is refused: bearer-proxy forwards requests to its one upstream and opens no tunnels",
         ));
@@ -291,13 +308,13 @@ fn check_target<B>(request: &Request<B>, fields: &impl FieldValues) -> Result<()
     }
     // HTTP/2 requests always carry their authority in the URI; only an
     // HTTP/1.1 request says it in the Host header, which it must have.
-    let http1 = request.version() <= Version::HTTP_11;
-    if request.version() == Version::HTTP_11 && hosts == 0 {
+    let http1 = request.version <= Version::HTTP_11;
+    if request.version == Version::HTTP_11 && hosts == 0 {
         return Err(bad_target(
             "the request has no Host header: HTTP/1.1 requires one",
         ));
     }
-    if http1 && let Some(authority) = request.uri().authority() {
+    if http1 && let Some(authority) = request.uri.authority() {
         let host = fields.first(&HOST).and_then(visible_ascii);
         if !host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())) {
             return Err(bad_target(
@@ -305,7 +322,7 @@ fn check_target<B>(request: &Request<B>, fields: &impl FieldValues) -> Result<()
             ));
         }
     }
-    if has_dot_segment(request.uri().path()) {
+    if has_dot_segment(request.uri.path()) {
         return Err(bad_target(
             "the path has a '.' or '..' segment (also as %2e): send the path already resolved",
         ));

@@ -45,16 +45,17 @@ pub mod egress;
 pub mod error_chain;
 pub mod guard;
 pub mod healthcheck;
-mod lean;
+pub mod http1;
 pub mod listen;
 pub mod proxy;
 pub mod reply;
 pub mod secret;
-pub mod serve;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 
 pub use config::Config;
 
@@ -122,7 +123,7 @@ pub async fn run(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let admin_service = hyper_util::service::TowerToHyperService::new(admin::router(admin_state));
-    let admin = tokio::spawn(serve::serve(
+    let admin = tokio::spawn(server::serve(
         listeners.admin.into(),
         admin_service,
         background.clone(),
@@ -153,7 +154,7 @@ pub async fn run(
         "bearer-proxy {} listening",
         env!("CARGO_PKG_VERSION")
     );
-    let workers = serve::Workers::start(
+    let workers = server::Workers::start(
         config.proxy.workers,
         move || proxy.for_worker(),
         config.shutdown_grace,

@@ -1,4 +1,4 @@
-//! The errors the proxy itself answers with: one status and code each, a
+//! The errors the proxy itself answers with (README's error table): one status and code each, a
 //! JSON body with a sentence a person can act on, and `x-bearer-proxy-error`,
 //! so they are never confused with the upstream's.
 
@@ -22,6 +22,10 @@ pub enum ErrorCode {
     LocalKeyRequired,
     /// 405: TRACE.
     MethodNotAllowed,
+    /// 400: a header name that is a framing field's with `_` for `-`.
+    AmbiguousHeader,
+    /// 501: a transfer coding other than one `chunked`.
+    TransferCodingNotSupported,
     /// 501: protocol upgrade.
     UpgradeNotSupported,
     /// 503: too many requests in flight.
@@ -43,6 +47,8 @@ impl ErrorCode {
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::LocalKeyRequired => "local_key_required",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::AmbiguousHeader => "ambiguous_header",
+            ErrorCode::TransferCodingNotSupported => "transfer_coding_not_supported",
             ErrorCode::UpgradeNotSupported => "upgrade_not_supported",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::TokenUnavailable => "token_unavailable",
@@ -54,11 +60,13 @@ impl ErrorCode {
     /// The HTTP status it is answered with.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BadRequestTarget => StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequestTarget | ErrorCode::AmbiguousHeader => StatusCode::BAD_REQUEST,
             ErrorCode::HostNotAllowed | ErrorCode::OriginNotAllowed => StatusCode::FORBIDDEN,
             ErrorCode::LocalKeyRequired => StatusCode::UNAUTHORIZED,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::UpgradeNotSupported => StatusCode::NOT_IMPLEMENTED,
+            ErrorCode::UpgradeNotSupported | ErrorCode::TransferCodingNotSupported => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ErrorCode::Overloaded | ErrorCode::TokenUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -1,20 +1,15 @@
-//! Body wrappers: a request body that records when it last made progress
-//! (the response deadline counts from then), and the proxy's response body.
+//! The proxy's response body: the upstream's stream or a body of its own,
+//! holding what the request holds until its last byte is sent.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
 
-use super::OutBody;
-use super::client::{Checkout, UpstreamBody};
+use crate::upstream::{Checkout, OutBody, UpstreamBody};
 
 /// What the proxy answers with: the upstream's stream or a body of its own,
 /// holding the request's capacity permit, and the upstream connection it
@@ -83,117 +78,5 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// When a request body last moved, and whether it has been sent in full.
-#[derive(Debug)]
-pub struct Activity {
-    base: Instant,
-    last_nanos: AtomicU64,
-    done: AtomicBool,
-    client_failed: AtomicBool,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            last_nanos: AtomicU64::new(0),
-            done: AtomicBool::new(false),
-            client_failed: AtomicBool::new(false),
-        }
-    }
-
-    fn touch(&self, done: bool) {
-        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_nanos.store(nanos, Ordering::Relaxed);
-        if done {
-            self.done.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// The last time a piece of the body went to the upstream.
-    pub fn last(&self) -> Instant {
-        self.base + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed))
-    }
-
-    /// Whether reading the client's body failed (bad chunk, connection lost).
-    pub fn client_failed(&self) -> bool {
-        self.client_failed.load(Ordering::Relaxed)
-    }
-
-    /// Whether the whole body has been sent.
-    pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::Relaxed)
-    }
-}
-
-/// A request body streamed to the upstream that records its progress.
-#[derive(Debug)]
-pub struct TrackedBody<B> {
-    inner: B,
-    activity: Option<Arc<Activity>>,
-}
-
-impl<B: Body> TrackedBody<B> {
-    /// Wraps `inner`; an empty body needs no tracking and gets `None`.
-    pub fn new(inner: B) -> (Self, Option<Arc<Activity>>) {
-        if inner.is_end_stream() {
-            return (
-                Self {
-                    inner,
-                    activity: None,
-                },
-                None,
-            );
-        }
-        let activity = Arc::new(Activity::new());
-        (
-            Self {
-                inner,
-                activity: Some(Arc::clone(&activity)),
-            },
-            Some(activity),
-        )
-    }
-}
-
-impl<B: Body + Unpin> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(activity) = &this.activity {
-            if matches!(frame, Some(Err(_))) {
-                activity.client_failed.store(true, Ordering::Relaxed);
-            }
-            activity.touch(frame.is_none() || this.inner.is_end_stream());
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> Drop for TrackedBody<B> {
-    fn drop(&mut self) {
-        // Dropped by the client connection: nothing more will be sent.
-        if let Some(activity) = &self.activity
-            && !activity.is_done()
-        {
-            activity.touch(true);
-        }
     }
 }

@@ -1,162 +1,13 @@
 //! Header rewriting of a correct intermediary: hop-by-hop headers and those
 //! named in `Connection` removed (RFC 9110 §7.6.1), with them a
 //! `Content-Length` beside `Transfer-Encoding` (RFC 9112 §6.3), the order of
-//! the others kept, and `Location` under the upstream's base mapped back to
-//! the proxy.
+//! the others kept; what the proxy sets on every request ([`Added`]); and
+//! `Location` under the upstream's base mapped back to the proxy.
 
-use std::ops::DerefMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use bytes::BufMut;
-use http::header::{self, HeaderMap, HeaderName};
-
-use super::direct::RawFields;
 use crate::config::UpstreamUrl;
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
-/// plus the non-standard `Proxy-Connection` and `Keep-Alive`): what
-/// [`Known::is_hop_by_hop`] recognises, which its test checks here.
-#[cfg(test)]
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// The field names that the proxy acts on, recognised once per field (by
-/// length, then bytes, in any case), so that later steps compare a tag
-/// instead of a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Known {
-    #[default]
-    Other,
-    Connection,
-    KeepAlive,
-    ProxyConnection,
-    ProxyAuthenticate,
-    ProxyAuthorization,
-    Te,
-    TransferEncoding,
-    Upgrade,
-    ContentLength,
-    Trailer,
-    Date,
-    Location,
-    Expect,
-    // Those the guard reads and those the proxy sets on a request.
-    Host,
-    Origin,
-    SecFetchSite,
-    ProxyKey,
-    Authorization,
-    UserAgent,
-}
-
-impl Known {
-    pub(crate) fn of(name: &[u8]) -> Self {
-        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
-        match name.len() {
-            2 if is(b"te") => Self::Te,
-            4 if is(b"host") => Self::Host,
-            4 if is(b"date") => Self::Date,
-            6 if is(b"expect") => Self::Expect,
-            6 if is(b"origin") => Self::Origin,
-            7 if is(b"trailer") => Self::Trailer,
-            7 if is(b"upgrade") => Self::Upgrade,
-            8 if is(b"location") => Self::Location,
-            10 if is(b"connection") => Self::Connection,
-            10 if is(b"keep-alive") => Self::KeepAlive,
-            10 if is(b"user-agent") => Self::UserAgent,
-            11 if is(b"x-proxy-key") => Self::ProxyKey,
-            13 if is(b"authorization") => Self::Authorization,
-            14 if is(b"content-length") => Self::ContentLength,
-            14 if is(b"sec-fetch-site") => Self::SecFetchSite,
-            16 if is(b"proxy-connection") => Self::ProxyConnection,
-            17 if is(b"transfer-encoding") => Self::TransferEncoding,
-            18 if is(b"proxy-authenticate") => Self::ProxyAuthenticate,
-            19 if is(b"proxy-authorization") => Self::ProxyAuthorization,
-            _ => Self::Other,
-        }
-    }
-
-    /// Describes one connection, not the message (RFC 9110 §7.6.1, plus
-    /// the non-standard `Proxy-Connection` and `Keep-Alive`).
-    pub(crate) fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Self::Connection
-                | Self::KeepAlive
-                | Self::ProxyConnection
-                | Self::ProxyAuthenticate
-                | Self::ProxyAuthorization
-                | Self::Te
-                | Self::TransferEncoding
-                | Self::Upgrade
-        )
-    }
-}
-
-/// A field name as a header map and fields as they arrived look it up.
-#[derive(Debug)]
-pub(crate) struct Field {
-    pub(crate) name: HeaderName,
-    pub(crate) known: Known,
-}
-
-impl Field {
-    const fn new(name: HeaderName, known: Known) -> Self {
-        Self { name, known }
-    }
-}
-
-pub(crate) const HOST: Field = Field::new(header::HOST, Known::Host);
-pub(crate) const ORIGIN: Field = Field::new(header::ORIGIN, Known::Origin);
-pub(crate) const SEC_FETCH_SITE: Field = Field::new(
-    HeaderName::from_static("sec-fetch-site"),
-    Known::SecFetchSite,
-);
-/// The header that carries the local key (`guard.local_key_file`).
-pub(crate) const PROXY_KEY: Field =
-    Field::new(HeaderName::from_static("x-proxy-key"), Known::ProxyKey);
-pub(crate) const UPGRADE: Field = Field::new(header::UPGRADE, Known::Upgrade);
-pub(crate) const CONNECTION: Field = Field::new(header::CONNECTION, Known::Connection);
-pub(crate) const TE: Field = Field::new(header::TE, Known::Te);
-
-/// A request's header fields, in a map or as they arrived: what the guard
-/// and the proxy read of them, one rule for both.
-pub(crate) trait FieldValues {
-    /// The values of `field`'s name, in order.
-    fn values_of<'a>(&'a self, field: &Field) -> impl Iterator<Item = &'a [u8]>;
-
-    fn first(&self, field: &Field) -> Option<&[u8]> {
-        self.values_of(field).next()
-    }
-
-    /// Whether a value of `field` lists `token` (case-insensitively), as
-    /// `Connection: keep-alive, Upgrade` or `TE: trailers` do.
-    fn lists_token(&self, field: &Field, token: &str) -> bool {
-        self.values_of(field)
-            .any(|value| lists(value, token.as_bytes()))
-    }
-}
-
-impl FieldValues for HeaderMap {
-    fn values_of<'a>(&'a self, field: &Field) -> impl Iterator<Item = &'a [u8]> {
-        self.get_all(&field.name)
-            .into_iter()
-            .map(header::HeaderValue::as_bytes)
-    }
-}
-
-impl FieldValues for RawFields {
-    fn values_of<'a>(&'a self, field: &Field) -> impl Iterator<Item = &'a [u8]> {
-        self.values(field.known)
-    }
-}
+use crate::http1::{Known, RawFields, WriteFields, lists};
 
 /// Request headers that the proxy consumes itself: `Expect` (the proxy's
 /// server answers `100 Continue`), the local key, and `Trailer` (the proxy
@@ -169,7 +20,7 @@ const REQUEST_ONLY: [Known; 3] = [Known::Expect, Known::ProxyKey, Known::Trailer
 /// it (RFC 9112, 6.3). Costs nothing when none is present, and allocates
 /// nothing when those to remove come last (as `Connection: keep-alive`
 /// usually does in a response).
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[Known]) {
+fn remove_hop_by_hop(headers: &mut HeaderMap, extra: &[Known]) {
     let encoded = headers.contains_key(header::TRANSFER_ENCODING);
     // `Connection` is looked up once, not once per header.
     let listed = |connection: &header::GetAll<'_, header::HeaderValue>, name: &HeaderName| {
@@ -287,57 +138,141 @@ fn is_dropped<'v>(
         || connection.any(|value| lists(value, name))
 }
 
-/// A field name as hyper writes it: in lower case.
-pub(crate) fn put_name<B: BufMut + DerefMut<Target = [u8]>>(dst: &mut B, name: &[u8]) {
-    let start = dst.len();
-    dst.put_slice(name);
-    if let Some(written) = dst.get_mut(start..) {
-        written.make_ascii_lowercase();
+/// What the proxy sets on every request that it sends: the upstream's
+/// Host, the token, its own User-Agent, and `TE: trailers` when the client
+/// can take trailers (TE itself is hop-by-hop, so the client's is gone).
+#[derive(Debug, Clone)]
+pub struct Added {
+    pub trailers: bool,
+    pub host: HeaderValue,
+    pub authorization: HeaderValue,
+    pub user_agent: HeaderValue,
+}
+
+impl Added {
+    /// Sets them in a cleaned map: Host, Authorization and User-Agent
+    /// take the place of the client's, and those that the client did not
+    /// send (an h2c client sends no Host) come last, after TE.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        if self.trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(header::AUTHORIZATION, self.authorization.clone());
+        headers.insert(header::USER_AGENT, self.user_agent.clone());
     }
 }
 
-/// Whether the client sent `TE: trailers`: it can take trailers, and the
-/// upstream may be told so.
-pub(crate) fn takes_trailers(fields: &impl FieldValues) -> bool {
-    fields.lists_token(&TE, "trailers")
+/// A request's header fields as they arrived, cleaned, and what the proxy
+/// sets: written out as the header map that [`to_map`](Self::to_map)
+/// gives would be, without building it. Only for heads that
+/// [`RawFields::is_small`] accepts.
+#[derive(Debug)]
+pub struct RawRequest {
+    pub fields: RawFields,
+    pub added: Added,
 }
 
-/// Whether a Transfer-Encoding value ends with `chunked`, read as hyper
-/// reads it: only a value of visible ASCII counts.
-pub(crate) fn ends_chunked(value: &[u8]) -> bool {
-    visible_ascii(value).is_some_and(|value| {
-        value
-            .rsplit(',')
-            .next()
-            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case("chunked"))
-    })
-}
-
-/// A field value as text, if it is visible ASCII (tabs allowed): what
-/// `HeaderValue::to_str` gives.
-pub(crate) fn visible_ascii(value: &[u8]) -> Option<&str> {
-    if value.iter().all(|b| *b == b'\t' || (32..127).contains(b)) {
-        std::str::from_utf8(value).ok()
-    } else {
-        None
+impl RawRequest {
+    /// Each field as `name: value`, in the map's order: the client's
+    /// grouped by name, the proxy's values in place of the client's, then
+    /// those the client did not send, in the order `Added::apply` inserts
+    /// them.
+    fn for_each(&self, put: &mut impl FnMut(&[u8], &[u8])) {
+        let added = &self.added;
+        let mut set = [false; 3];
+        for (known, name, value) in self.fields.grouped() {
+            let ours = match known {
+                Known::Host => Some((0, &added.host)),
+                Known::Authorization => Some((1, &added.authorization)),
+                Known::UserAgent => Some((2, &added.user_agent)),
+                _ => None,
+            };
+            match ours {
+                // The client's first field of the name gives the place.
+                Some((at, ours)) if !set[at] => {
+                    set[at] = true;
+                    put(name, ours.as_bytes());
+                }
+                Some(_) => {}
+                None => put(name, value),
+            }
+        }
+        if added.trailers {
+            put(b"te", b"trailers");
+        }
+        let names: [&[u8]; 3] = [b"host", b"authorization", b"user-agent"];
+        let values = [&added.host, &added.authorization, &added.user_agent];
+        for ((set, name), value) in set.into_iter().zip(names).zip(values) {
+            if !set {
+                put(name, value.as_bytes());
+            }
+        }
     }
 }
 
-/// A Content-Length number: digits only, nothing around them.
-pub(crate) fn length_digits(value: &[u8]) -> Option<u64> {
-    (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
-        .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
-        .flatten()
+impl WriteFields for RawRequest {
+    fn size_hint(&self) -> usize {
+        let added = &self.added;
+        self.fields.head_len()
+            + added.host.len()
+            + added.authorization.len()
+            + added.user_agent.len()
+            + 64
+    }
+
+    fn for_each_field(&self, mut put: impl FnMut(&[u8], &[u8])) {
+        self.for_each(&mut put);
+    }
+
+    fn to_map(&self) -> Result<HeaderMap, String> {
+        let mut headers = self.fields.to_map(4)?;
+        self.added.apply(&mut headers);
+        Ok(headers)
+    }
 }
 
-/// Whether a comma-separated list names `token` (case-insensitively). On
-/// bytes, not validated strings: this runs several times per request.
-pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
-    // Most values are the one token, as it is.
-    value.eq_ignore_ascii_case(token)
-        || value
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+/// A request's header fields as they go upstream: a cleaned map with the
+/// proxy's fields set, or the fields as they arrived and what is added.
+#[derive(Debug)]
+pub enum OutFields {
+    Map(HeaderMap),
+    Raw(RawRequest),
+}
+
+impl OutFields {
+    /// Replaces the token that the request carries.
+    pub fn set_authorization(&mut self, value: HeaderValue) {
+        match self {
+            Self::Map(map) => {
+                map.insert(header::AUTHORIZATION, value);
+            }
+            Self::Raw(raw) => raw.added.authorization = value,
+        }
+    }
+}
+
+impl WriteFields for OutFields {
+    fn size_hint(&self) -> usize {
+        match self {
+            Self::Map(map) => map.size_hint(),
+            Self::Raw(raw) => raw.size_hint(),
+        }
+    }
+
+    fn for_each_field(&self, put: impl FnMut(&[u8], &[u8])) {
+        match self {
+            Self::Map(map) => map.for_each_field(put),
+            Self::Raw(raw) => raw.for_each_field(put),
+        }
+    }
+
+    fn to_map(&self) -> Result<HeaderMap, String> {
+        match self {
+            Self::Map(map) => Ok(map.clone()),
+            Self::Raw(raw) => raw.to_map(),
+        }
+    }
 }
 
 /// Maps a `Location` under the upstream's base to the same path on the
@@ -496,44 +431,6 @@ mod tests {
     }
 
     #[test]
-    fn known_names_are_recognised_in_any_case() {
-        for name in &HOP_BY_HOP {
-            assert!(
-                Known::of(name.as_str().as_bytes()).is_hop_by_hop(),
-                "{name}"
-            );
-            let upper = name.as_str().to_ascii_uppercase();
-            assert!(Known::of(upper.as_bytes()).is_hop_by_hop(), "{upper}");
-        }
-        for name in [
-            "content-length",
-            "Trailer",
-            "DATE",
-            "location",
-            "Expect",
-            "Host",
-            "origin",
-            "Sec-Fetch-Site",
-            "X-Proxy-Key",
-            "AUTHORIZATION",
-            "user-agent",
-        ] {
-            let known = Known::of(name.as_bytes());
-            assert!(known != Known::Other && !known.is_hop_by_hop(), "{name}");
-        }
-        for name in [
-            "",
-            "t",
-            "hosts",
-            "x-connection",
-            "connectio",
-            "content-type",
-        ] {
-            assert_eq!(Known::of(name.as_bytes()), Known::Other, "{name}");
-        }
-    }
-
-    #[test]
     fn transfer_encoding_takes_content_length_with_it() {
         let mut headers = map(&[
             ("content-length", "99"),
@@ -563,13 +460,13 @@ mod tests {
             let head = if case < seeds.len() {
                 seeds[case].to_vec()
             } else {
-                super::super::direct::mangled(&mut rng, &seeds)
+                crate::http1::testing::mangled(&mut rng, &seeds)
             };
-            let Some(mut raw) = super::super::direct::raw_fields(&head) else {
+            let Some(mut raw) = crate::http1::testing::raw_fields(&head) else {
                 continue;
             };
             let Some(mut map) =
-                super::super::direct::raw_fields(&head).and_then(|fields| fields.into_map().ok())
+                crate::http1::testing::raw_fields(&head).and_then(|fields| fields.into_map().ok())
             else {
                 continue;
             };

@@ -1,6 +1,9 @@
-//! Forwarding: each request goes to the one upstream with the bearer token
-//! and the proxy's User-Agent, changed in nothing else that DESIGN.md does
-//! not list; bodies stream both ways with backpressure.
+//! Forwarding policy: each request goes to the one upstream with the bearer
+//! token and the proxy's User-Agent, changed in nothing else that README
+//! does not list; a request refused with 401 is replayed once with a new
+//! token; `Location` is mapped back; the token is masked where the upstream
+//! echoes it. Bodies stream both ways with backpressure. The wire format is
+//! `http1`'s, the connections `upstream`'s, the serving `server`'s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,35 +12,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, EXPECT, LOCATION,
-};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, LOCATION};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
 pub mod body;
-pub mod client;
-pub mod direct;
 pub mod headers;
+pub mod mask;
 
-pub use crate::reply::{ErrorCode, ProxyError};
-use body::{Activity, ProxyBody, TrackedBody};
-use client::{Answer, ConnectTimeout, Upstream, UpstreamBody, UpstreamError};
-use direct::{Added, RawFields, RawRequest};
-use headers::LocationRewriter;
+use body::ProxyBody;
+use headers::{Added, LocationRewriter, OutFields, RawRequest};
 
 use crate::config::Config;
 use crate::guard::Guard;
+use crate::http1::field::{CONTENT_LENGTH as CONTENT_LENGTH_FIELD, EXPECT};
+use crate::http1::{
+    self, FieldValues, Fields, FramingProblem, Known, RequestHead, ResponseHead, WriteFields,
+    visible_ascii,
+};
+pub use crate::reply::{ErrorCode, ProxyError};
 use crate::token::{CurrentToken, LocalToken, Renewal, TokenSlot};
+use crate::upstream::body::{Activity, TrackedBody};
+use crate::upstream::{Answer, Upstream, UpstreamBody, UpstreamError, outgoing};
+pub use mask::{mask, normalize_path};
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
-/// What replaces the token where the upstream echoes it.
-const TOKEN_MASK: &str = "[masked]";
 
 /// The proxy service: cheap to clone, one per connection.
 #[derive(Debug, Clone)]
@@ -97,14 +101,14 @@ impl Proxy {
                     .proxy
                     .mask_token_in
                     .iter()
-                    .map(|p| normalize_path(p))
+                    .map(|p| mask::normalize_path(p))
                     .collect(),
                 mask_tails: config
                     .proxy
                     .mask_token_in
                     .iter()
                     .map(|p| {
-                        let normalized = normalize_path(p);
+                        let normalized = mask::normalize_path(p);
                         let start = normalized
                             .iter()
                             .rposition(|b| *b == b'/')
@@ -165,51 +169,61 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let shared = Arc::clone(&self.inner);
-        Box::pin(async move { Ok(shared.answer(request.map(Some), None, false).await.0) })
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let (head, body) = shared
+                .answer(RequestHead::from_parts(parts), Some(body))
+                .await;
+            Ok(match head.into_parts() {
+                Ok(parts) => Response::from_parts(parts, body),
+                // httparse and `http` accept the same bytes: not expected.
+                Err(message) => {
+                    let error = shared.upstream_error(&UpstreamError::invalid_answer(message));
+                    let (parts, body) = error_answer(&error);
+                    match parts.into_parts() {
+                        Ok(parts) => Response::from_parts(parts, body),
+                        Err(_) => Response::new(body),
+                    }
+                }
+            })
+        })
     }
 }
 
-impl crate::serve::Bodiless for Proxy {
+impl crate::server::Bodiless for Proxy {
     fn call_bodiless(
         &self,
-        request: Request<()>,
-        fields: Option<RawFields>,
-    ) -> impl Future<Output = (Response<ProxyBody>, Option<RawFields>)> + Send + '_ {
-        self.inner.answer(request.map(|()| None), fields, true)
+        request: RequestHead,
+    ) -> impl Future<Output = (ResponseHead, ProxyBody)> + Send + '_ {
+        self.inner.answer(request, None)
     }
+}
+
+/// The proxy's own answer for `error`.
+fn error_answer(error: &ProxyError) -> (ResponseHead, ProxyBody) {
+    let (parts, body) = error.to_response().into_parts();
+    (ResponseHead::from_parts(parts), ProxyBody::full(body, None))
 }
 
 impl Shared {
-    /// The answer to `request` (`None`: it has no body): the upstream's,
-    /// or the proxy's error. With `fields`, the request's header fields are
-    /// those, as they arrived, and its map is empty. With `raw`, the
-    /// upstream's header fields may come as they arrived, cleaned, instead
-    /// of in the response's map.
-    async fn answer(
-        &self,
-        request: Request<Option<Incoming>>,
-        fields: Option<RawFields>,
-        raw: bool,
-    ) -> (Response<ProxyBody>, Option<RawFields>) {
-        match self.forward(request, fields, raw).await {
+    /// The answer to a request (`body`: `None` when it has none): the
+    /// upstream's, or the proxy's error.
+    async fn answer(&self, head: RequestHead, body: Option<Incoming>) -> (ResponseHead, ProxyBody) {
+        match self.forward(head, body).await {
             Ok(answer) => answer,
-            Err(error) => (
-                error.to_response().map(|body| ProxyBody::full(body, None)),
-                None,
-            ),
+            Err(error) => error_answer(&error),
         }
     }
 
     async fn forward(
         &self,
-        request: Request<Option<Incoming>>,
-        fields: Option<RawFields>,
-        raw: bool,
-    ) -> Result<(Response<ProxyBody>, Option<RawFields>), ProxyError> {
-        match &fields {
-            Some(fields) => self.guard.check_fields(&request, fields)?,
-            None => self.guard.check(&request)?,
+        head: RequestHead,
+        body: Option<Incoming>,
+    ) -> Result<(ResponseHead, ProxyBody), ProxyError> {
+        if let Some(problem) = http1::field::request_problem(&head.fields) {
+            return Err(framing_error(problem));
         }
+        self.guard.check_head(&head)?;
         let Ok(permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
             return Err(ProxyError::new(
                 ErrorCode::Overloaded,
@@ -222,18 +236,21 @@ impl Shared {
         };
         let permit = Some(permit);
         let token = self.token_now().await?;
-        let (mut parts, body) = request.into_parts();
-        let path_and_query = self.join(parts.uri.path_and_query())?;
+        let RequestHead {
+            method,
+            uri,
+            fields,
+            ..
+        } = head;
+        let path_and_query = self.join(uri.path_and_query())?;
         // Masked paths are matched as the client wrote them and as the
         // upstream sees them (its base path included).
-        let masked = parts.method != http::Method::HEAD
+        let masked = method != Method::HEAD
             && !self.mask_paths.is_empty()
-            && [parts.uri.path(), path_and_query.path()]
-                .iter()
-                .any(|path| {
-                    self.may_be_masked(path) && self.mask_paths.contains(&normalize_path(path))
-                });
-        parts.uri = Uri::from_parts({
+            && [uri.path(), path_and_query.path()].iter().any(|path| {
+                self.may_be_masked(path) && self.mask_paths.contains(&normalize_path(path))
+            });
+        let uri = Uri::from_parts({
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(self.scheme.clone());
             uri.authority = Some(self.authority.clone());
@@ -246,57 +263,52 @@ impl Shared {
                 "the request target cannot be joined onto the upstream URL",
             )
         })?;
-        // Hyper's client speaks what the connection negotiated; the version
-        // the client used towards the proxy says nothing about that.
-        parts.version = Version::HTTP_11;
         // `TE: trailers` is the one TE value worth passing on: gRPC and other
         // trailer users need the upstream to know the client can take them.
-        let trailers = match &fields {
-            Some(fields) => headers::takes_trailers(fields),
-            None => headers::takes_trailers(&parts.headers),
-        };
-        let expect_continue = parts.headers.get(EXPECT).cloned();
         let added = Added {
-            trailers,
+            trailers: http1::takes_trailers(&fields),
             host: self.host.clone(),
             authorization: token.header.clone(),
             user_agent: self.user_agent.clone(),
         };
         // A body that is already over is no body.
         let body = body.filter(|body| !body.is_end_stream());
+        let replayable = body.is_none() || self.can_replay(&fields);
         // Fields as they arrived (a request without a body, from the lean
         // server) are written out so, cleaned: no map.
         let mut out = match fields {
-            Some(mut fields) if !masked && body.is_none() && fields.is_small() => {
+            Fields::Raw(mut fields) if !masked && body.is_none() && fields.is_small() => {
                 headers::clean_request_fields(&mut fields);
-                Some(RawRequest { fields, added })
+                OutFields::Raw(RawRequest { fields, added })
             }
             fields => {
-                if let Some(fields) = fields {
+                let mut map = match fields {
+                    Fields::Map(map) => map,
                     // httparse and `http` accept the same bytes: not expected.
-                    parts.headers = fields
+                    Fields::Raw(raw) => raw
                         .to_map(4)
-                        .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
-                }
-                headers::clean_request(&mut parts.headers);
-                added.apply(&mut parts.headers);
+                        .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?,
+                };
+                headers::clean_request(&mut map);
+                added.apply(&mut map);
                 if masked {
                     // The answer is read to mask the token in it: ask for it uncompressed.
-                    parts.headers.remove(ACCEPT_ENCODING);
+                    map.remove(ACCEPT_ENCODING);
                 }
-                None
+                OutFields::Map(map)
             }
         };
-        // A masked answer's fields are looked at and changed: in a map.
-        let raw = raw && !masked;
         let (answer, token) = match body {
-            Some(body) if !self.can_replay(&expect_continue, &parts.headers) => {
+            Some(body) if !replayable => {
                 let (body, activity) = TrackedBody::new(body);
-                let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
+                let headers = out
+                    .to_map()
+                    .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
+                let request = outgoing(method, uri, headers, Either::Left(body));
                 // Boxed: streaming a body is the rarer path, and the
                 // future of every request is as large as its largest state.
                 let answer = Box::pin(self.send(self.client.request(request), activity)).await?;
-                if answer.response.status() == StatusCode::UNAUTHORIZED {
+                if answer.head.status == StatusCode::UNAUTHORIZED {
                     // Not replayable, but the next requests should not meet the
                     // same refusal: ask for a new token without waiting for it.
                     let _ = self
@@ -308,47 +320,72 @@ impl Shared {
             body => {
                 let (held, held_token) = self.hold(body, Arc::clone(&token)).await?;
                 if !Arc::ptr_eq(&held_token, &token) {
-                    set_authorization(&mut parts, out.as_mut(), &held_token);
+                    out.set_authorization(held_token.header.clone());
                 }
-                let token = held_token;
-                self.send_replayable(parts, out, held, token, raw).await?
+                let outgoing = Outgoing {
+                    method,
+                    uri,
+                    fields: out,
+                };
+                self.send_replayable(outgoing, held, held_token).await?
             }
         };
 
         let Answer {
-            response,
+            head,
+            body,
             connection,
-            fields,
         } = answer;
-        let (mut parts, body) = response.into_parts();
-        parts.version = Version::HTTP_11;
-        if let Some(mut fields) = fields {
-            headers::clean_response_fields(&mut fields);
-            let rewritten = fields
-                .values(headers::Known::Location)
-                .next()
-                .and_then(headers::visible_ascii)
-                .is_some_and(|location| self.locations.rewrite(location).is_some());
-            if !rewritten && fields.is_small() {
-                // Written out as they came: no map, nothing changed.
-                let body = ProxyBody::upstream(body, permit, connection);
-                return Ok((Response::from_parts(parts, body), Some(fields)));
+        let ResponseHead {
+            status,
+            reason,
+            fields,
+            ..
+        } = head;
+        let mut headers = match fields {
+            Fields::Raw(mut fields) => {
+                headers::clean_response_fields(&mut fields);
+                let rewritten = fields
+                    .values(Known::Location)
+                    .next()
+                    .and_then(visible_ascii)
+                    .is_some_and(|location| self.locations.rewrite(location).is_some());
+                // A masked answer's fields are looked at and changed: in a map.
+                if !rewritten && !masked && fields.is_small() {
+                    // Written out as they came: no map, nothing changed.
+                    let head = ResponseHead {
+                        status,
+                        version: Version::HTTP_11,
+                        reason,
+                        fields: Fields::Raw(fields),
+                    };
+                    return Ok((head, ProxyBody::upstream(body, permit, connection)));
+                }
+                // Rare: the map has the rewriting, and no cost grows faster
+                // than the head.
+                fields.into_map().map_err(|message| {
+                    self.upstream_error(&UpstreamError::invalid_answer(message))
+                })?
             }
-            // Rare: the map has the rewriting, and no cost grows faster
-            // than the head.
-            parts.headers = fields
-                .into_map()
-                .map_err(|message| self.upstream_error(&UpstreamError::invalid_answer(message)))?;
-        }
-        headers::clean_response(&mut parts.headers);
-        if let Some(location) = parts.headers.get(LOCATION).and_then(|v| v.to_str().ok())
+            Fields::Map(mut map) => {
+                headers::clean_response(&mut map);
+                map
+            }
+        };
+        if let Some(location) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
             && let Some(rewritten) = self.locations.rewrite(location)
             && let Ok(value) = HeaderValue::from_str(&rewritten)
         {
-            parts.headers.insert(LOCATION, value);
+            headers.insert(LOCATION, value);
         }
+        let mut head = ResponseHead {
+            status,
+            version: Version::HTTP_11,
+            reason,
+            fields: Fields::Map(HeaderMap::new()),
+        };
         if masked {
-            if !is_identity(&parts.headers) {
+            if !is_identity(&headers) {
                 // Fail closed: a compressed answer cannot be searched for the token.
                 return Err(ProxyError::new(
                     ErrorCode::UpstreamUnreachable,
@@ -362,18 +399,14 @@ impl Shared {
             .await
             .map_err(|_| self.response_timeout_error(None))??;
             drop(connection);
-            parts.headers.remove(CONTENT_LENGTH);
+            headers.remove(CONTENT_LENGTH);
             // The body changed: validators of the old one no longer hold.
-            parts.headers.remove(http::header::ETAG);
-            return Ok((
-                Response::from_parts(parts, ProxyBody::full(body, permit)),
-                None,
-            ));
+            headers.remove(http::header::ETAG);
+            head.fields = Fields::Map(headers);
+            return Ok((head, ProxyBody::full(body, permit)));
         }
-        Ok((
-            Response::from_parts(parts, ProxyBody::upstream(body, permit, connection)),
-            None,
-        ))
+        head.fields = Fields::Map(headers);
+        Ok((head, ProxyBody::upstream(body, permit, connection)))
     }
 
     /// A replayable request's body, read whole (at once when it has none:
@@ -436,13 +469,10 @@ impl Shared {
     /// Whether a request with a body can be sent again after an upstream
     /// 401: one small enough to hold back (by its Content-Length) and not
     /// announced with `Expect: 100-continue` (its sender waits to be asked).
-    /// A request without a body always can.
-    fn can_replay(&self, expect: &Option<HeaderValue>, headers: &http::HeaderMap) -> bool {
-        let length = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        expect.is_none() && length.is_some_and(|length| length <= self.replay_buffer)
+    fn can_replay(&self, fields: &Fields) -> bool {
+        let length = http1::content_length(fields.values_of(&CONTENT_LENGTH_FIELD));
+        fields.first(&EXPECT).is_none()
+            && matches!(length, Ok(Some(length)) if length <= self.replay_buffer as u64)
     }
 
     /// Sends a request whose body is held, and if the upstream refuses its
@@ -450,14 +480,12 @@ impl Shared {
     /// sends it once more. Returns the answer and the token it carried.
     async fn send_replayable(
         &self,
-        mut head: http::request::Parts,
-        mut fields: Option<RawRequest>,
+        mut request: Outgoing,
         body: Bytes,
         token: Arc<CurrentToken>,
-        raw: bool,
     ) -> Result<(Answer, Arc<CurrentToken>), ProxyError> {
-        let answer = self.send_held(&head, fields.as_ref(), &body, raw).await?;
-        if answer.response.status() != StatusCode::UNAUTHORIZED {
+        let answer = self.send_held(&request, &body).await?;
+        if answer.head.status != StatusCode::UNAUTHORIZED {
             return Ok((answer, token));
         }
         let renewed = match self
@@ -479,35 +507,32 @@ impl Shared {
             generation = renewed.generation,
             "the upstream answered 401: replaying the request with a new token"
         );
-        set_authorization(&mut head, fields.as_mut(), &renewed);
-        Ok((
-            Box::pin(self.send_held(&head, fields.as_ref(), &body, raw)).await?,
-            renewed,
-        ))
+        request.fields.set_authorization(renewed.header.clone());
+        Ok((Box::pin(self.send_held(&request, &body)).await?, renewed))
     }
 
-    /// Sends a request whose body is held, keeping `head` and `body` for a
-    /// replay: without a body, nothing is copied (and with `raw`, the
-    /// answer's fields may come as they arrived).
-    async fn send_held(
-        &self,
-        head: &http::request::Parts,
-        fields: Option<&RawRequest>,
-        body: &Bytes,
-        raw: bool,
-    ) -> Result<Answer, ProxyError> {
+    /// Sends a request whose body is held, keeping the request and its
+    /// body for a replay: without a body, nothing is copied.
+    async fn send_held(&self, request: &Outgoing, body: &Bytes) -> Result<Answer, ProxyError> {
+        let Outgoing {
+            method,
+            uri,
+            fields,
+        } = request;
         if body.is_empty() {
             return self
-                .send(self.client.request_bodiless(head, fields, raw), None)
+                .send(self.client.request_bodiless(method, uri, fields), None)
                 .await;
         }
-        let mut request = copy_of(head, Either::Right(Full::new(body.clone())));
-        if let Some(fields) = fields {
-            // Not expected: fields as they arrived come without a body.
-            *request.headers_mut() = fields
-                .to_map()
-                .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
-        }
+        let headers = fields
+            .to_map()
+            .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
+        let request = outgoing(
+            method.clone(),
+            uri.clone(),
+            headers,
+            Either::Right(Full::new(body.clone())),
+        );
         Box::pin(self.send(self.client.request(request), None)).await
     }
 
@@ -583,90 +608,32 @@ impl Shared {
     }
 
     fn upstream_error(&self, error: &UpstreamError) -> ProxyError {
-        let (code, message) = describe_upstream_error(error, &self.authority);
+        let (code, message) = crate::upstream::describe_upstream_error(error, &self.authority);
         tracing::warn!(code = code.as_str(), "{message}");
         ProxyError::new(code, message)
     }
 }
 
-/// The documented code and a sentence for a failed upstream request.
-pub fn describe_upstream_error(
-    error: &UpstreamError,
-    authority: &Authority,
-) -> (ErrorCode, String) {
-    let (cause, connecting): (&(dyn std::error::Error + 'static), bool) = match error {
-        UpstreamError::Connect(cause) => (cause.as_ref(), true),
-        UpstreamError::Request(cause) => (cause.as_ref(), false),
-    };
-    let detail = crate::error_chain::chain(cause);
-    if crate::error_chain::find::<ConnectTimeout>(cause).is_some() {
-        (
-            ErrorCode::UpstreamTimeout,
-            format!("{detail} (upstream.connect_timeout)"),
-        )
-    } else if let Some(tls) = crate::tls::describe_failure(cause) {
-        (
-            ErrorCode::UpstreamUnreachable,
-            format!("TLS with the upstream {authority} failed: {tls}"),
-        )
-    } else if let Some(direct::ExchangeError::Invalid(problem)) = crate::error_chain::find(cause) {
-        (
-            ErrorCode::UpstreamUnreachable,
-            format!("the upstream {authority} sent an invalid response: {problem}"),
-        )
-    } else if connecting {
-        (
-            ErrorCode::UpstreamUnreachable,
-            format!("cannot connect to the upstream {authority}: {detail}"),
-        )
-    } else {
-        (
-            ErrorCode::UpstreamUnreachable,
-            format!("the upstream {authority} closed the connection without a response: {detail}"),
-        )
-    }
-}
-
-/// The body sent upstream: the client's stream, or a body held back for replay.
-pub(crate) type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
-
-/// A request for the upstream from its parts (the client's extensions stay behind).
-fn outgoing(
-    method: http::Method,
+/// A request on its way upstream, kept whole for a replay.
+#[derive(Debug)]
+struct Outgoing {
+    method: Method,
     uri: Uri,
-    headers: http::HeaderMap,
-    body: OutBody,
-) -> Request<OutBody> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    request
+    fields: OutFields,
 }
 
-/// Replaces the token that a request carries, in its map or its fields.
-fn set_authorization(
-    head: &mut http::request::Parts,
-    fields: Option<&mut RawRequest>,
-    token: &CurrentToken,
-) {
-    match fields {
-        Some(fields) => fields.added.authorization = token.header.clone(),
-        None => {
-            head.headers.insert(AUTHORIZATION, token.header.clone());
-        }
+/// The answer to a request whose framing the proxy refuses.
+fn framing_error(problem: FramingProblem) -> ProxyError {
+    match problem {
+        FramingProblem::Lookalike => ProxyError::new(
+            ErrorCode::AmbiguousHeader,
+            "a header name is Content-Length or Transfer-Encoding with '_' for '-': servers that read '_' as '-' would frame the request differently, so it is refused; send the real name",
+        ),
+        FramingProblem::Coding => ProxyError::new(
+            ErrorCode::TransferCodingNotSupported,
+            "the request's Transfer-Encoding names a coding other than a single chunked: send the body chunked or with a Content-Length, and name any compression in Content-Encoding",
+        ),
     }
-}
-
-/// A copy of `head` with `body`, for a request that may be sent again
-/// (after a 401, or on HTTP/2 when `head` is only borrowed).
-fn copy_of(head: &http::request::Parts, body: OutBody) -> Request<OutBody> {
-    outgoing(
-        head.method.clone(),
-        head.uri.clone(),
-        head.headers.clone(),
-        body,
-    )
 }
 
 fn bad_target() -> ProxyError {
@@ -697,100 +664,104 @@ async fn mask_token(body: UpstreamBody, token: &CurrentToken) -> Result<Bytes, P
     Ok(mask(&collected.to_bytes(), token.token.secret()))
 }
 
-/// `body` with the token masked: in JSON, every `token` field and every
-/// string holding the token become `"[masked]"`; in anything else, every
-/// copy of the token's bytes.
-pub fn mask(body: &Bytes, secret: &str) -> Bytes {
-    if secret.is_empty() {
-        return body.clone();
-    }
-    let masked_json = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(mut json) => {
-            let changed = mask_json(&mut json, secret);
-            changed.then(|| serde_json::to_vec(&json).ok()).flatten()
-        }
-        Err(_) => None,
-    };
-    let body = masked_json.map_or_else(|| body.clone(), Bytes::from);
-    // Whatever the JSON walk did not reach (a key, a non-JSON body): bytes.
-    replace_bytes(&body, secret.as_bytes())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn replace_bytes(body: &Bytes, secret: &[u8]) -> Bytes {
-    if !body.windows(secret.len()).any(|w| w == secret) {
-        return body.clone();
-    }
-    let mut out = Vec::with_capacity(body.len());
-    let mut rest = &body[..];
-    while let Some(at) = rest.windows(secret.len()).position(|w| w == secret) {
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(TOKEN_MASK.as_bytes());
-        rest = &rest[at + secret.len()..];
-    }
-    out.extend_from_slice(rest);
-    Bytes::from(out)
-}
+    /// A request's fields as they arrived go through the guard, the
+    /// cleaning and the proxy's additions to the same bytes on the wire as
+    /// its header map does: for heads written by hand and thousands
+    /// mangled.
+    #[test]
+    fn raw_request_fields_are_guarded_and_sent_as_a_map() {
+        use crate::config::GuardConfig;
+        use crate::guard::Guard;
+        use crate::http1::{encode_request_head, takes_trailers};
+        use crate::server::lean::{Parsed, parse};
+        use bytes::BytesMut;
+        use headers::{clean_request, clean_request_fields};
 
-/// Masks in place; whether anything changed.
-fn mask_json(value: &mut serde_json::Value, secret: &str) -> bool {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut changed = false;
-            for (key, item) in map.iter_mut() {
-                if key.eq_ignore_ascii_case("token") && item.is_string() {
-                    *item = Value::String(TOKEN_MASK.to_owned());
-                    changed = true;
-                } else {
-                    changed |= mask_json(item, secret);
-                }
+        let seeds: [&[u8]; 5] = [
+            b"GET /a?b=1 HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: curl/8\r\nAccept: */*\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-Proxy-Key: k3y-0123456789abcdef\r\nauthorization: Basic abc\r\nHOST: 127.0.0.1:8080\r\nTE: trailers, gzip\r\nTrailer: x\r\nAUTHORIZATION: Bearer other\r\n\r\n",
+            b"HEAD /x HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Authorization: p\r\nhost: [::1]:8080\r\nUSER-AGENT: a\r\nuser-agent: b\r\nCookie: c=1\r\n\r\n",
+            b"DELETE /y HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://localhost:3000\r\nSec-Fetch-Site: cross-site\r\nContent-Length: 0\r\n\r\n",
+            b"OPTIONS /z HTTP/1.1\r\nHost: localhost:8080\r\nHost: other\r\nOrigin: https://app.example\r\nConnection: close\r\nX-B: 1\r\nProxy-Connection: x\r\nX-B: 2\r\n\r\n",
+        ];
+        let listen = "127.0.0.1:8080".parse().ok();
+        let guards = [
+            Guard::new(&GuardConfig::default(), listen),
+            Guard::new(
+                &GuardConfig {
+                    allowed_hosts: vec!["evil.example".into()],
+                    allowed_origins: vec!["https://app.example".into()],
+                    local_key: Some(crate::secret::LocalKey::new("k3y-0123456789abcdef")),
+                },
+                listen,
+            ),
+        ];
+        let added = |trailers| Added {
+            trailers,
+            host: HeaderValue::from_static("api.example.com"),
+            authorization: HeaderValue::from_static("Bearer token-1"),
+            user_agent: HeaderValue::from_static("bearer-proxy/test"),
+        };
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        let (mut compared, mut refused) = (0, 0);
+        for case in 0..20_000 {
+            let bytes = if case < seeds.len() {
+                seeds[case].to_vec()
+            } else {
+                crate::http1::testing::mangled(&mut rng, &seeds)
+            };
+            let Parsed::Complete(head) = parse(&mut BytesMut::from(&bytes[..])) else {
+                continue;
+            };
+            let trailers = head.trailers;
+            let request = head.request;
+            let Fields::Raw(raw) = &request.fields else {
+                panic!("a small head came without its fields");
+            };
+            // What `http` makes of the bytes that httparse accepted.
+            let mut map = match raw.to_map(4) {
+                Ok(map) => map,
+                Err(message) => panic!("{message}: {}", String::from_utf8_lossy(&bytes)),
+            };
+            assert_eq!(trailers, takes_trailers(&map));
+            let mut with_map = Request::new(());
+            *with_map.method_mut() = request.method.clone();
+            *with_map.uri_mut() = request.uri.clone();
+            *with_map.headers_mut() = map.clone();
+            for guard in &guards {
+                let by_fields = guard.check_head(&request).err().map(|e| e.code);
+                let by_map = guard.check(&with_map).err().map(|e| e.code);
+                assert_eq!(by_fields, by_map, "{}", String::from_utf8_lossy(&bytes));
+                refused += usize::from(by_map.is_some());
             }
-            changed
+            let Fields::Raw(mut raw) = request.fields else {
+                continue;
+            };
+            clean_request(&mut map);
+            added(trailers).apply(&mut map);
+            clean_request_fields(&mut raw);
+            let raw = RawRequest {
+                fields: raw,
+                added: added(trailers),
+            };
+            let target = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let (mut by_map, mut by_fields) = (BytesMut::new(), BytesMut::new());
+            encode_request_head(&mut by_map, &request.method, target, &map);
+            encode_request_head(&mut by_fields, &request.method, target, &raw);
+            assert_eq!(
+                String::from_utf8_lossy(&by_fields),
+                String::from_utf8_lossy(&by_map),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+            assert_eq!(raw.to_map().ok(), Some(map));
+            compared += 1;
         }
-        Value::Array(items) => items
-            .iter_mut()
-            .fold(false, |changed, item| mask_json(item, secret) | changed),
-        Value::String(text) if text.contains(secret) => {
-            *text = text.replace(secret, TOKEN_MASK);
-            true
-        }
-        _ => false,
+        // Enough heads were whole, and enough of them refused, to count.
+        assert!(compared > 3_000 && refused > 1_000, "{compared} {refused}");
     }
-}
-
-/// A path as compared with `proxy.mask_token_in`: percent-escapes decoded,
-/// repeated slashes collapsed, ASCII lower-cased and a trailing slash
-/// dropped, so `/api//status`, `/api/%73tatus`, `/API/Status` and
-/// `/api/status/` all match (servers that route them alike would echo the
-/// token for each).
-pub fn normalize_path(path: &str) -> Vec<u8> {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (
-                bytes.get(i + 1).and_then(|b| hex(*b)),
-                bytes.get(i + 2).and_then(|b| hex(*b)),
-            )
-        {
-            decoded.push((hi * 16 + lo) as u8);
-            i += 3;
-            continue;
-        }
-        decoded.push(bytes[i]);
-        i += 1;
-    }
-    let mut out = Vec::with_capacity(decoded.len());
-    for byte in decoded {
-        if byte == b'/' && out.last() == Some(&b'/') {
-            continue;
-        }
-        out.push(byte.to_ascii_lowercase());
-    }
-    if out.len() > 1 && out.last() == Some(&b'/') {
-        out.pop();
-    }
-    out
 }

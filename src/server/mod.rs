@@ -1,5 +1,9 @@
-//! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and
-//! HTTP/2 with prior knowledge on one port, graceful drain on shutdown.
+//! Serving: the accept loop shared by the proxy and admin listeners
+//! (HTTP/1.1 and HTTP/2 with prior knowledge on one port), the proxy's
+//! worker threads, graceful drain on shutdown, and the lean HTTP/1.1
+//! driver ([`lean`]) that serves requests without a body without hyper's
+//! server. What a service does with a request is not known here: only
+//! the [`HttpService`] and [`Bodiless`] traits.
 
 use std::future::Future;
 use std::io;
@@ -15,73 +19,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::either::Either;
 
-use crate::lean;
+use crate::http1::H2_PREFACE;
 use crate::listen::{Connection, ProxyListener};
-use crate::proxy::direct::RawFields;
 use bytes::Bytes;
-use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) mod lean;
+pub mod service;
 
-/// What the listeners serve: a hyper service whose futures and bodies can
-/// move between tasks. Implemented for every such service.
-pub trait HttpService:
-    hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<Self::Body>,
-        Future: Send + 'static,
-        Error: Into<BoxError>,
-    > + Clone
-    + Send
-    + Sync
-    + 'static
-{
-    /// The response body.
-    type Body: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
-}
-
-impl<S, B> HttpService for S
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    type Body = B;
-}
-
-/// A service that can also answer a request without a body from its head
-/// alone: what the proxy's workers serve, on their lean HTTP/1.1 path.
-pub trait Bodiless: HttpService<Body: http_body::Body<Data = Bytes, Error: Send>> {
-    /// The answer to `request`, which has no body. With `fields`, its
-    /// header fields are those, as they arrived (its map is empty). The
-    /// answer's header fields may come apart, as the upstream sent them
-    /// (the response has none then).
-    fn call_bodiless(
-        &self,
-        request: Request<()>,
-        fields: Option<RawFields>,
-    ) -> impl Future<Output = (Response<Self::Body>, Option<RawFields>)> + Send + '_;
-}
+pub use service::{Bodiless, BoxError, HttpService};
 
 /// HTTP/2 connections are pinged this often, and closed when a ping goes
 /// unanswered this long.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
-
-/// The HTTP/2 connection preface: until a connection has shown whether it
-/// speaks HTTP/1 or HTTP/2, no server-library timer runs.
-pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A connection that must show, within a deadline, that it speaks HTTP/1
 /// (its first byte departs from the HTTP/2 preface; hyper's header timer

@@ -1,7 +1,8 @@
-//! The upstream client: a pool of connections over rustls, HTTP/2 by ALPN,
-//! with one deadline around the whole connect (TCP and TLS handshake).
-//! Requests without a body go over HTTP/1.1 by `direct`; the others, and
-//! every request on HTTP/2, by hyper's client.
+//! The upstream: its client, a pool of connections over rustls, HTTP/2 by
+//! ALPN, with one deadline around the whole connect (TCP and TLS
+//! handshake). Requests without a body go over HTTP/1.1 by [`conn`]; the
+//! others, and every request on HTTP/2, by hyper's client. Its failures
+//! are put in words here ([`describe_upstream_error`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -20,8 +21,18 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::OutBody;
-use super::direct::{self, Conn, DirectBody, Outgoing, RawFields, RawRequest};
+use bytes::Bytes;
+use http::uri::Authority;
+use http_body_util::Full;
+
+use crate::http1::{ResponseHead, WriteFields};
+use crate::reply::ErrorCode;
+
+pub mod body;
+pub mod conn;
+
+use body::TrackedBody;
+use conn::{Conn, DirectBody, ExchangeError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -73,31 +84,33 @@ where
 /// The connector type of the upstream client.
 pub type Connector = TimeoutConnector<HttpsConnector<crate::egress::EgressConnector>>;
 
-/// A connection to the upstream, as `direct` reads and writes it.
+/// A connection to the upstream, as `conn` reads and writes it.
 pub type Io = TokioIo<<Connector as tower::Service<Uri>>::Response>;
 
 /// An upstream answer's body: from hyper's client, or read directly.
 pub type UpstreamBody = Either<Incoming, DirectBody<Io>>;
 
+/// The body sent upstream: the client's stream, or a body held back for replay.
+pub type OutBody = Either<TrackedBody<Incoming>, Full<Bytes>>;
+
 /// What the upstream answered.
 #[derive(Debug)]
 pub struct Answer {
-    /// The response; without header fields when `fields` holds them.
-    pub response: Response<UpstreamBody>,
+    /// Its head: over HTTP/1.1 without a body, the fields as they arrived.
+    pub head: ResponseHead,
+    pub body: UpstreamBody,
     /// For HTTP/1.1 over hyper's client, the connection: given back when
     /// the body is done with.
     pub connection: Checkout<OutBody>,
-    /// The header fields as they arrived, for a caller that writes them out
-    /// again itself (see `request_bodiless`).
-    pub fields: Option<RawFields>,
 }
 
 impl Answer {
-    fn new(response: Response<UpstreamBody>, connection: Checkout<OutBody>) -> Self {
+    fn hyper(response: Response<Incoming>, connection: Checkout<OutBody>) -> Self {
+        let (parts, body) = response.into_parts();
         Self {
-            response,
+            head: ResponseHead::from_parts(parts),
+            body: Either::Left(body),
             connection,
-            fields: None,
         }
     }
 }
@@ -113,8 +126,8 @@ pub struct Upstream {
     /// `scheme://authority/`: what the connector dials.
     origin: Uri,
     pool: Arc<Mutex<Pool<OutBody>>>,
-    /// Idle HTTP/1.1 connections for `direct` (requests without a body).
-    direct: Arc<direct::Idle<Io>>,
+    /// Idle HTTP/1.1 connections for `conn` (requests without a body).
+    direct: Arc<conn::Idle<Io>>,
 }
 
 #[derive(Debug)]
@@ -200,8 +213,8 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// An answer whose header fields a header map refuses.
-    pub(crate) fn invalid_answer(message: String) -> Self {
-        Self::Request(direct::ExchangeError::Invalid(message).into())
+    pub fn invalid_answer(message: String) -> Self {
+        Self::Request(ExchangeError::Invalid(message).into())
     }
 }
 
@@ -265,12 +278,14 @@ impl Upstream {
     /// Sends `request` (its URI absolute, its Host header set) on a pooled
     /// connection or a new one. A request that a reused connection closed
     /// before taking is sent once more on a new connection. Returns the
-    /// response and, for HTTP/1.1, the connection to hand back when the
+    /// answer and, for HTTP/1.1, the connection to hand back when the
     /// response body is done with.
     pub async fn request(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
         if request.body().is_end_stream() && !self.speaks_h2() {
             let (head, _) = request.into_parts();
-            return self.request_direct(&head, None, false).await;
+            return self
+                .request_direct(&head.method, &head.uri, &head.headers)
+                .await;
         }
         self.via_hyper(request).await
     }
@@ -279,7 +294,7 @@ impl Upstream {
     /// request without a body would otherwise carry their size.
     async fn via_hyper(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
         let (response, checkout) = Box::pin(self.request_hyper(request)).await?;
-        Ok(Answer::new(response.map(Either::Left), checkout))
+        Ok(Answer::hyper(response, checkout))
     }
 
     /// Whether the upstream has an HTTP/2 connection open, which every
@@ -289,60 +304,55 @@ impl Upstream {
     }
 
     /// Sends a request without a body, borrowing its head (its URI
-    /// absolute, its Host header set, in `fields` if there are), so that it can be sent again (after
-    /// a 401) without a copy. With `raw`, an answer over HTTP/1.1 comes
-    /// with its header fields as they arrived, in `Answer::fields`, and
-    /// no header map is built for them. With `fields`, the request's header
-    /// fields are those, not `head`'s.
+    /// absolute, its Host among `fields`), so that it can be sent again
+    /// (after a 401) without a copy. An answer over HTTP/1.1 comes with its
+    /// header fields as they arrived: no header map is built for them.
     pub async fn request_bodiless(
         &self,
-        head: &http::request::Parts,
-        fields: Option<&RawRequest>,
-        raw: bool,
+        method: &Method,
+        uri: &Uri,
+        fields: &impl WriteFields,
     ) -> Result<Answer, UpstreamError> {
         if self.speaks_h2() {
-            return self.via_hyper(empty_copy(head, fields)?).await;
+            return self.via_hyper(empty_request(method, uri, fields)?).await;
         }
-        self.request_direct(head, fields, raw).await
+        self.request_direct(method, uri, fields).await
     }
 
-    /// A request without a body over HTTP/1.1 by `direct`, on the most
+    /// A request without a body over HTTP/1.1 by `conn`, on the most
     /// recent idle connection or a new one. A reused connection that
     /// turns out closed gets the request sent once more on a new one (see
     /// `ExchangeError::may_retry`).
     async fn request_direct(
         &self,
-        parts: &http::request::Parts,
-        fields: Option<&RawRequest>,
-        raw: bool,
+        method: &Method,
+        uri: &Uri,
+        fields: &impl WriteFields,
     ) -> Result<Answer, UpstreamError> {
-        let outgoing = fields.map_or(Outgoing::Map(&parts.headers), Outgoing::Raw);
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut fresh = false;
         loop {
             let (mut conn, reused) = match self.checkout_direct(fresh).await? {
                 (Connected::H1(conn), reused) => (conn, reused),
                 (Connected::H2(mut sender), _) => {
                     // The upstream chose HTTP/2 for this new connection.
-                    let response = Box::pin(sender.send_request(empty_copy(parts, fields)?))
-                        .await
-                        .map_err(|e| UpstreamError::Request(e.into()))?;
-                    return Ok(Answer::new(response.map(Either::Left), Checkout::none()));
+                    let response =
+                        Box::pin(sender.send_request(empty_request(method, uri, fields)?))
+                            .await
+                            .map_err(|e| UpstreamError::Request(e.into()))?;
+                    return Ok(Answer::hyper(response, Checkout::none()));
                 }
             };
-            match conn.exchange(&parts.method, target, outgoing).await {
-                Ok(head) => {
-                    let (response, fields) = head.into_response(conn, &self.direct);
-                    let mut answer = Answer::new(response.map(Either::Right), Checkout::none());
-                    if raw {
-                        answer.fields = Some(fields);
-                    } else {
-                        *answer.response.headers_mut() =
-                            fields.into_map().map_err(UpstreamError::invalid_answer)?;
-                    }
-                    return Ok(answer);
+            match conn.exchange(method, target, fields).await {
+                Ok(answer) => {
+                    let (head, body) = DirectBody::new(answer, conn, &self.direct);
+                    return Ok(Answer {
+                        head,
+                        body: Either::Right(body),
+                        connection: Checkout::none(),
+                    });
                 }
-                Err(error) if reused && !fresh && error.may_retry(&parts.method) => {
+                Err(error) if reused && !fresh && error.may_retry(method) => {
                     tracing::debug!(%error, "a pooled upstream connection had closed: sending the request on a new one");
                     fresh = true;
                 }
@@ -351,7 +361,7 @@ impl Upstream {
         }
     }
 
-    /// For `direct`: the most recent idle connection that is still open,
+    /// For `conn`: the most recent idle connection that is still open,
     /// or (always when `fresh`) a new one. Whether it was reused.
     async fn checkout_direct(
         &self,
@@ -535,26 +545,81 @@ impl Upstream {
     }
 }
 
-/// Whether an idle connection for `direct` may carry a request: not idle
+/// Whether an idle connection for `conn` may carry a request: not idle
 /// for `POOL_IDLE_TIMEOUT`, and neither closed by the upstream nor sent
 /// anything unasked since.
 fn keepable(conn: &mut Conn<Io>, since: Instant, now: Instant) -> bool {
     now - since < POOL_IDLE_TIMEOUT && conn.is_usable()
 }
 
-/// A copy of a bodiless request's head, for hyper's client.
-fn empty_copy(
-    head: &http::request::Parts,
-    fields: Option<&RawRequest>,
+/// A bodiless request for hyper's client.
+fn empty_request(
+    method: &Method,
+    uri: &Uri,
+    fields: &impl WriteFields,
 ) -> Result<Request<OutBody>, UpstreamError> {
-    let mut request = super::copy_of(head, Either::Right(http_body_util::Full::default()));
-    if let Some(fields) = fields {
-        // httparse and `http` accept the same bytes: not expected.
-        *request.headers_mut() = fields.to_map().map_err(|message| {
-            UpstreamError::Request(format!("the request's header fields: {message}").into())
-        })?;
+    // httparse and `http` accept the same bytes: not expected.
+    let headers = fields.to_map().map_err(|message| {
+        UpstreamError::Request(format!("the request's header fields: {message}").into())
+    })?;
+    Ok(outgoing(
+        method.clone(),
+        uri.clone(),
+        headers,
+        Either::Right(Full::default()),
+    ))
+}
+
+/// A request for the upstream from its parts (the client's extensions stay behind).
+pub fn outgoing(
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: OutBody,
+) -> Request<OutBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// The documented code and a sentence for a failed upstream request.
+pub fn describe_upstream_error(
+    error: &UpstreamError,
+    authority: &Authority,
+) -> (ErrorCode, String) {
+    let (cause, connecting): (&(dyn std::error::Error + 'static), bool) = match error {
+        UpstreamError::Connect(cause) => (cause.as_ref(), true),
+        UpstreamError::Request(cause) => (cause.as_ref(), false),
+    };
+    let detail = crate::error_chain::chain(cause);
+    if crate::error_chain::find::<ConnectTimeout>(cause).is_some() {
+        (
+            ErrorCode::UpstreamTimeout,
+            format!("{detail} (upstream.connect_timeout)"),
+        )
+    } else if let Some(tls) = crate::tls::describe_failure(cause) {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("TLS with the upstream {authority} failed: {tls}"),
+        )
+    } else if let Some(ExchangeError::Invalid(problem)) = crate::error_chain::find(cause) {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("the upstream {authority} sent an invalid response: {problem}"),
+        )
+    } else if connecting {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("cannot connect to the upstream {authority}: {detail}"),
+        )
+    } else {
+        (
+            ErrorCode::UpstreamUnreachable,
+            format!("the upstream {authority} closed the connection without a response: {detail}"),
+        )
     }
-    Ok(request)
 }
 
 /// The path and query of an absolute URI, as an HTTP/1.1 request target.

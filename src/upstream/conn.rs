@@ -1,0 +1,663 @@
+//! HTTP/1.1 to the upstream without a connection task, for requests that
+//! have no body (most API calls). The request's own task writes the head
+//! and reads the answer's head; the client's connection then reads the
+//! answer's body straight from the upstream socket as it passes it on. No
+//! channel, no second task, no wake-up between them. The bytes on the
+//! wire are `http1`'s; what is here is the connection: its buffer, its
+//! reuse, and when a request may be sent again.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::Method;
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::http1::{self, Answer, Answered, Decoded, Decoder, ResponseHead, WriteFields};
+
+/// The largest answer head (hyper's default buffer limit).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// The first read asks for this much; the size doubles while reads fill
+/// it, up to `MAX_READ`, so large bodies move in large pieces.
+const MIN_READ: usize = 8192;
+const MAX_READ: usize = 256 * 1024;
+
+/// Idle connections, the most recently used last.
+pub type Idle<T> = Mutex<Vec<(Box<Conn<T>>, Instant)>>;
+
+/// One HTTP/1.1 connection to the upstream and what has been read from it
+/// but not yet used. Always boxed: a TLS connection's state is large, and
+/// a connection moves from the pool to a request to a response body.
+#[derive(Debug)]
+pub struct Conn<T> {
+    io: T,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Writing the request head failed.
+    #[error("sending the request failed: {0}")]
+    Write(#[source] io::Error),
+    /// Reading the answer's head failed, or the connection closed first.
+    #[error("reading the response failed: {source}")]
+    Read {
+        /// Whether any byte of an answer had arrived.
+        received: bool,
+        #[source]
+        source: io::Error,
+    },
+    /// The answer is not HTTP/1.1 that can be passed on.
+    #[error("it sent an invalid response: {0}")]
+    Invalid(String),
+}
+
+impl ExchangeError {
+    /// Whether the request may be sent again on a new connection after a
+    /// reused one failed: when writing failed (the head did not all reach
+    /// the upstream), and when the connection closed without a byte of
+    /// answer if the method is safe (RFC 9110, 9.2.1): the upstream may
+    /// have acted on it, and only a safe request can be repeated without
+    /// a second effect. (RFC 9110 would allow PUT and DELETE too; a
+    /// second DELETE answering 404 would hide the first one's success.)
+    pub fn may_retry(&self, method: &Method) -> bool {
+        match self {
+            Self::Write(_) => true,
+            Self::Read { received, .. } => !received && method.is_safe(),
+            Self::Invalid(_) => false,
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
+    pub fn new(io: T) -> Box<Self> {
+        Box::new(Self {
+            io,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+        })
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has
+    /// neither closed it nor sent anything unasked. Never waits.
+    pub fn is_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        self.buf.is_empty()
+            && Pin::new(&mut self.io)
+                .poll_read(&mut cx, &mut probe)
+                .is_pending()
+    }
+
+    /// Writes a request that has no body and reads the answer's head
+    /// (1xx answers are skipped, as hyper's client does).
+    pub async fn exchange(
+        &mut self,
+        method: &Method,
+        target: &str,
+        fields: &impl WriteFields,
+    ) -> Result<Answer, ExchangeError> {
+        self.buf.clear();
+        http1::encode_request_head(&mut self.buf, method, target, fields);
+        let written = self.io.write_all(&self.buf).await;
+        self.buf.clear();
+        written.map_err(ExchangeError::Write)?;
+        self.io.flush().await.map_err(ExchangeError::Write)?;
+        let mut received = false;
+        loop {
+            if !self.buf.is_empty() {
+                match http1::parse_response(&mut self.buf, method)
+                    .map_err(ExchangeError::Invalid)?
+                {
+                    Answered::Complete(answer) => return Ok(answer),
+                    Answered::Informational => continue,
+                    Answered::Partial => {}
+                }
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(ExchangeError::Invalid(format!(
+                    "its response head is larger than {MAX_HEAD} bytes"
+                )));
+            }
+            self.buf.reserve(self.read_size);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    return Err(ExchangeError::Read {
+                        received,
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the connection closed before a complete response head",
+                        ),
+                    });
+                }
+                Ok(_) => received = true,
+                Err(source) => return Err(ExchangeError::Read { received, source }),
+            }
+        }
+    }
+
+    /// Reads more into the buffer; 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if read >= self.read_size && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(read))
+    }
+}
+
+/// An answer's body, read from the upstream connection as it is polled.
+#[derive(Debug)]
+pub struct DirectBody<T> {
+    /// `None` once the body has ended or failed.
+    conn: Option<Box<Conn<T>>>,
+    decoder: Decoder,
+    /// Where the connection goes when the body ends; `None` if it is not
+    /// to be kept.
+    idle: Option<Arc<Idle<T>>>,
+    /// A failure, reported on the poll after it was met (see `failed`).
+    error: Option<io::Error>,
+    failed: bool,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> DirectBody<T> {
+    /// The answer's head, and its body read from `conn`, which goes back
+    /// to `idle` once the body has been read to its end (if the upstream
+    /// keeps it open and sent nothing more).
+    pub fn new(answer: Answer, conn: Box<Conn<T>>, idle: &Arc<Idle<T>>) -> (ResponseHead, Self) {
+        let mut body = DirectBody {
+            conn: Some(conn),
+            decoder: Decoder::new(answer.framing),
+            idle: answer.keep_alive.then(|| Arc::clone(idle)),
+            error: None,
+            failed: false,
+        };
+        if body.decoder.is_done() {
+            body.finish();
+        }
+        (answer.head, body)
+    }
+}
+
+impl<T> DirectBody<T> {
+    /// The body has been read whole: the connection goes back to the pool
+    /// if it may be kept and nothing unasked followed the body.
+    fn finish(&mut self) {
+        if let (Some(mut conn), Some(idle)) = (self.conn.take(), self.idle.take())
+            && conn.buf.is_empty()
+        {
+            if conn.read_size > MIN_READ {
+                // A large download's buffer (which `capacity` may not show:
+                // it counts only what is left past the last split) is not
+                // kept for an idle connection.
+                conn.buf = BytesMut::new();
+                conn.read_size = MIN_READ;
+            }
+            if let Ok(mut idle) = idle.lock() {
+                idle.push((conn, Instant::now()));
+            }
+        }
+    }
+
+    /// The body breaks off. The error is reported on the next poll, not
+    /// this one, so that the client's connection first sends what it has
+    /// (the head, the bytes that came): the client then sees a response
+    /// cut short rather than a connection closed without one.
+    fn failed(
+        &mut self,
+        cx: &Context<'_>,
+        error: io::Error,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.failed = true;
+        self.conn = None;
+        self.error = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if let Some(error) = this.error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.buf) {
+                Decoded::Data(data) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decoded::Trailers(trailers) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Decoded::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Decoded::Invalid(message) => {
+                    let error = io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the upstream {message}"),
+                    );
+                    return this.failed(cx, error);
+                }
+                Decoded::More => {}
+            }
+            // Nothing usable is buffered: read more.
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => match this.decoder.closed() {
+                    Ok(()) => {
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    Err(message) => {
+                        let error = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the upstream {message}"),
+                        );
+                        return this.failed(cx, error);
+                    }
+                },
+                Ok(_) => {}
+                Err(error) => return this.failed(cx, error),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.failed && self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(remaining) if !self.failed => SizeHint::with_exact(remaining),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::HOST;
+    use http::{HeaderMap, HeaderValue};
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{DuplexStream, duplex};
+
+    type Upstream = tokio::task::JoinHandle<(Vec<u8>, Option<DuplexStream>)>;
+
+    /// Sends `method` on a new connection to an upstream that answers
+    /// `reply` through a pipe of `pipe` bytes (1: every read gets one
+    /// byte), then closes if `close`, else stays open.
+    async fn send(
+        method: Method,
+        reply: &[u8],
+        pipe: usize,
+        close: bool,
+    ) -> (
+        Result<http::Response<DirectBody<DuplexStream>>, ExchangeError>,
+        Arc<Idle<DuplexStream>>,
+        Upstream,
+    ) {
+        let (ours, mut theirs) = duplex(pipe);
+        let reply = reply.to_vec();
+        let upstream = tokio::spawn(async move {
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                match theirs.read(&mut byte).await {
+                    Ok(1) => request.push(byte[0]),
+                    _ => return (request, None),
+                }
+            }
+            let _ = theirs.write_all(&reply).await;
+            (request, (!close).then_some(theirs))
+        });
+        let mut conn = Conn::new(ours);
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("upstream"));
+        headers.append("x-many", HeaderValue::from_static("1"));
+        headers.append("x-many", HeaderValue::from_static("2"));
+        let idle = Arc::new(Idle::default());
+        let response = match conn.exchange(&method, "/a?b=%2F", &headers).await {
+            Ok(answer) => {
+                let (head, body) = DirectBody::new(answer, conn, &idle);
+                let parts = head.into_parts().expect("valid fields");
+                Ok(http::Response::from_parts(parts, body))
+            }
+            Err(error) => Err(error),
+        };
+        (response, idle, upstream)
+    }
+
+    /// The body's data, and its trailers.
+    async fn read(
+        response: http::Response<DirectBody<DuplexStream>>,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), io::Error> {
+        let collected = response.into_body().collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((collected.to_bytes().to_vec(), trailers))
+    }
+
+    fn pooled(idle: &Idle<DuplexStream>) -> usize {
+        idle.lock().map(|idle| idle.len()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_request_head_is_written_as_hyper_writes_it() {
+        let (response, _, upstream) = send(
+            Method::DELETE,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            4096,
+            false,
+        )
+        .await;
+        assert!(response.is_ok());
+        let (request, _) = upstream.await.expect("upstream");
+        assert_eq!(
+            String::from_utf8_lossy(&request),
+            "DELETE /a?b=%2F HTTP/1.1\r\nhost: upstream\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sized_body_is_read_and_the_connection_kept() {
+        for pipe in [1, 4096] {
+            let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world";
+            let (response, idle, _upstream) = send(Method::GET, reply, pipe, false).await;
+            let response = response.expect("a response");
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["x-a"], "1");
+            assert_eq!(response.headers()[http::header::CONTENT_LENGTH], "11");
+            assert!(
+                response
+                    .extensions()
+                    .get::<hyper::ext::ReasonPhrase>()
+                    .is_none()
+            );
+            let (data, _) = read(response).await.expect("the body");
+            assert_eq!(data, b"hello world");
+            assert_eq!(pooled(&idle), 1, "pipe {pipe}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_decoded_with_extensions_and_trailers() {
+        for pipe in [1, 3, 4096] {
+            let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                5;name=value\r\nhello\r\nA\r\n worldwide\r\n0\r\nx-sum: abc\r\n\r\n";
+            let (response, idle, _upstream) = send(Method::GET, reply, pipe, false).await;
+            let (data, trailers) = read(response.expect("a response")).await.expect("the body");
+            assert_eq!(data, b"hello worldwide");
+            assert_eq!(trailers.expect("trailers")["x-sum"], "abc");
+            assert_eq!(pooled(&idle), 1, "pipe {pipe}");
+        }
+        let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let (response, idle, _upstream) = send(Method::GET, reply, 1, false).await;
+        let (data, trailers) = read(response.expect("a response")).await.expect("body");
+        assert_eq!((data.as_slice(), trailers), (&b"abc"[..], None));
+        assert_eq!(pooled(&idle), 1);
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped() {
+        let reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+            HTTP/1.1 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok";
+        let (response, idle, _upstream) = send(Method::GET, reply, 1, false).await;
+        let response = response.expect("a response");
+        assert_eq!(response.status(), 200);
+        assert!(!response.headers().contains_key("link"));
+        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(reason.map(|r| r.as_bytes()), Some(&b"Fine Thanks"[..]));
+        assert_eq!(read(response).await.expect("body").0, b"ok");
+        assert_eq!(pooled(&idle), 1);
+    }
+
+    #[tokio::test]
+    async fn reason_phrases_empty_or_not_ascii_are_fine() {
+        let replies: [(&[u8], Option<&[u8]>); 4] = [
+            (b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok", None),
+            (b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok", None),
+            (
+                b"HTTP/1.1 200 D\xe9j\xe0 vu\r\nContent-Length: 2\r\n\r\nok",
+                None,
+            ),
+            (
+                b"HTTP/1.1 404 Gone Fishing\r\nContent-Length: 2\r\n\r\nok",
+                Some(b"Gone Fishing"),
+            ),
+        ];
+        for (reply, reason) in replies {
+            let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+            let response = response.expect("a response");
+            let got = response.extensions().get::<hyper::ext::ReasonPhrase>();
+            if let Some(reason) = reason {
+                assert_eq!(got.map(|r| r.as_bytes()), Some(reason));
+            }
+            assert_eq!(read(response).await.expect("body").0, b"ok");
+            assert_eq!(pooled(&idle), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_content_length() {
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+        let response = response.expect("a response");
+        assert_eq!(read(response).await.expect("body").0, b"ok");
+        assert_eq!(
+            pooled(&idle),
+            0,
+            "a message with both is not trusted further"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_without_a_body() {
+        let cases: [(Method, &[u8]); 3] = [
+            (
+                Method::HEAD,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n",
+            ),
+            (Method::GET, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ];
+        for (method, reply) in cases {
+            let (response, idle, _upstream) = send(method, reply, 4096, false).await;
+            let response = response.expect("a response");
+            assert!(http_body::Body::is_end_stream(response.body()));
+            assert_eq!(pooled(&idle), 1, "pooled at once");
+            assert!(read(response).await.expect("body").0.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_to_the_close_is_read_whole_and_the_connection_not_kept() {
+        let reply = b"HTTP/1.1 200 OK\r\n\r\nall of it";
+        let (response, idle, _upstream) = send(Method::GET, reply, 1, true).await;
+        assert_eq!(
+            read(response.expect("a response")).await.expect("body").0,
+            b"all of it"
+        );
+        assert_eq!(pooled(&idle), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_the_upstream_will_close_are_not_kept() {
+        let replies: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            // Something unasked after the body.
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+        ];
+        for reply in replies {
+            let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+            assert_eq!(
+                read(response.expect("a response")).await.expect("body").0,
+                b"ok"
+            );
+            assert_eq!(pooled(&idle), 0, "{}", String::from_utf8_lossy(reply));
+        }
+        let reply = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok";
+        let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+        assert_eq!(
+            read(response.expect("a response")).await.expect("body").0,
+            b"ok"
+        );
+        assert_eq!(pooled(&idle), 1, "HTTP/1.0 with keep-alive");
+    }
+
+    #[tokio::test]
+    async fn invalid_heads_are_refused() {
+        let replies: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"SMTP ready\r\n\r\n",
+        ];
+        for reply in replies {
+            let (response, _, _upstream) = send(Method::GET, reply, 4096, false).await;
+            assert!(
+                matches!(response, Err(ExchangeError::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+        let (response, _, _upstream) = send(Method::GET, reply, 4096, false).await;
+        assert_eq!(
+            read(response.expect("equal lengths"))
+                .await
+                .expect("body")
+                .0,
+            b"ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_end_in_an_error_and_the_connection_is_dropped() {
+        let long_trailer = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx-long: {}\r\n\r\n",
+            "a".repeat(crate::http1::body::MAX_TRAILERS)
+        );
+        let replies: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x\nzz\r\nok\r\n0\r\n\r\n",
+            long_trailer.as_bytes(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        ];
+        for reply in replies {
+            let (response, idle, _upstream) = send(Method::GET, reply, 1, true).await;
+            assert!(
+                read(response.expect("a response")).await.is_err(),
+                "{}",
+                String::from_utf8_lossy(reply)
+            );
+            assert_eq!(pooled(&idle), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_without_an_answer_may_be_retried_if_safe() {
+        let (response, _, _upstream) = send(Method::GET, b"", 4096, true).await;
+        let error = response.expect_err("no answer");
+        assert!(matches!(
+            error,
+            ExchangeError::Read {
+                received: false,
+                ..
+            }
+        ));
+        assert!(error.may_retry(&Method::GET));
+        assert!(error.may_retry(&Method::HEAD));
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert!(!error.may_retry(&method), "{method}");
+        }
+
+        let (response, _, _upstream) = send(Method::GET, b"HTTP/1.1 200", 4096, true).await;
+        let error = response.expect_err("half an answer");
+        assert!(matches!(error, ExchangeError::Read { received: true, .. }));
+        assert!(!error.may_retry(&Method::GET));
+    }
+
+    /// Valid answers mangled at random (bytes changed, inserted, removed,
+    /// cut, repeated), delivered in pieces of random size: each ends in a
+    /// response or an error, never a panic or a hang.
+    #[tokio::test]
+    async fn mangled_answers_end_in_an_answer_or_an_error() {
+        let seeds: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\nto the end",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nETag: \"x\"\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        for _ in 0..3000 {
+            let bytes = crate::http1::testing::mangled(&mut rng, &seeds);
+            let method = if rng.bool() {
+                Method::GET
+            } else {
+                Method::HEAD
+            };
+            let pipe = [1, 7, 4096][rng.usize(..3)];
+            let exchange = async {
+                let (response, _, _upstream) = send(method, &bytes, pipe, true).await;
+                if let Ok(response) = response {
+                    let _ = read(response).await;
+                }
+            };
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await;
+            assert!(
+                ended.is_ok(),
+                "hung on {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_usable_until_the_upstream_closes_it() {
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (response, idle, upstream) = send(Method::GET, reply, 4096, false).await;
+        read(response.expect("a response")).await.expect("body");
+        let (mut conn, _) = idle.lock().expect("lock").pop().expect("pooled");
+        assert!(conn.is_usable());
+        let (_, theirs) = upstream.await.expect("upstream");
+        drop(theirs);
+        assert!(!conn.is_usable());
+    }
+}
