@@ -1,6 +1,6 @@
 //! Who and what may use the proxy. Whoever reaches its port acts with its
 //! credentials, so the perimeter is tight by default and every refusal says
-//! why. Checks run in DESIGN.md's order: target, Host, Origin, local key,
+//! why. Checks run in README's order: target, Host, Origin, local key,
 //! method (capacity is counted by the proxy, which holds the permit).
 
 use std::net::{IpAddr, SocketAddr};

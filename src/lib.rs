@@ -4,33 +4,37 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the key table, sources (flag > environment > file > default)
-//!   and validation into [`Config`]; every error names the key.
-//! - [`secret`]: `ClientSecret`, `AccessToken`, `LocalKey`, `ProxyUrl`, whose
-//!   `Debug` is redacted.
-//! - [`token`]: the token endpoint client ([`token::endpoint`]), its errors
-//!   ([`token::error`]), the refresher task that alone talks to the endpoint
-//!   ([`token::refresher`]) and the slot the request path reads ([`token::slot`]).
-//! - [`proxy`]: forwarding; header rewriting ([`proxy::headers`]), the
-//!   upstream connection pool ([`proxy::client`]), HTTP/1.1 to the upstream
-//!   without a connection task for requests without a body ([`proxy::direct`]),
-//!   body wrappers ([`proxy::body`]) and the proxy's own error responses
-//!   ([`proxy::error`]).
-//! - [`guard`]: who may use the proxy (target, Host, Origin, local key,
-//!   method), checked before forwarding.
-//! - [`admin`]: `/healthz`, `/readyz`, `/status` on the admin listener.
-//! - [`listen`]: TCP and unix-socket listeners (the socket made safely).
-//! - [`serve`]: HTTP/1.1 and h2c serving with graceful drain: the accepting
-//!   runtime hands each proxied connection to one of `proxy.workers`
-//!   threads, each a single-threaded runtime with its own upstream pool.
-//!   `lean` serves requests without a body there without hyper's server,
-//!   which takes a connection over from the first request that needs it.
-//! - [`check`] and [`healthcheck`]: the operator subcommands.
-//! - [`telemetry`]: the tracing subscriber; [`shutdown`]: signals.
-//! - [`tls`]: the rustls client settings shared by both outgoing clients,
-//!   the reloading client certificate, TLS failures in words.
-//! - [`egress`]: forward proxies (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`)
-//!   and the connector that tunnels through them.
+//! Each module owns one concern and imports only the layers below it;
+//! `tests/layers.rs` checks that, and that no two files import each other.
+//! From the bottom up:
+//!
+//! - Foundations, importing nothing of the crate: [`http1`], the HTTP/1.1
+//!   codec (field tagging, raw fields, heads parsed and written, one
+//!   framing rule for requests and answers, bodies decoded and framed);
+//!   [`reply`], the proxy's own error answers (`ErrorCode`, `ProxyError`);
+//!   [`error_chain`], one walker over an error's causes; [`secret`],
+//!   `ClientSecret`, `AccessToken`, `LocalKey`, `ProxyUrl`, whose `Debug`
+//!   is redacted.
+//! - The way out: [`tls`], the rustls settings shared by both outgoing
+//!   clients, the reloading client certificate, TLS failures in words;
+//!   [`egress`], forward proxies and the connector that tunnels through
+//!   them.
+//! - [`config`]: the key table, sources (flag > environment > file >
+//!   default) and validation into [`Config`]; every error names the key.
+//! - [`token`]: the endpoint client, its errors, the refresher task that
+//!   alone talks to the endpoint, and the slot the request path reads;
+//!   [`listen`], TCP and unix-socket listeners; [`telemetry`], logging;
+//!   [`shutdown`], signals.
+//! - The request path's parts: [`guard`], who may use the proxy;
+//!   [`upstream`], the client (a pool per worker, HTTP/2 by ALPN, hyper's
+//!   client for bodies, [`upstream::conn`] for requests without one), the
+//!   retry rule and upstream failures in words; [`server`], accepting,
+//!   the worker threads, graceful drain, and the lean HTTP/1.1 driver that
+//!   serves requests without a body without hyper's server.
+//! - [`proxy`]: the policy: what is removed and added on the way, replay
+//!   after a 401, `Location` rewriting, token masking.
+//! - Wiring: [`admin`] (`/healthz`, `/readyz`, `/status`), [`check`] and
+//!   [`healthcheck`] (the operator subcommands), and this file's [`run`].
 //!
 //! `main.rs` parses the command line, loads the config, installs logging and
 //! calls [`run`], which the integration tests in `tests/` call too.

@@ -392,3 +392,54 @@ async fn masking_fails_closed_and_covers_every_spelling() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn framing_another_server_could_read_otherwise_is_refused() -> TestResult {
+    let (_token, upstream, proxy) = ready_proxy(&[]).await;
+    let cases: [(&[u8], u16, &str); 6] = [
+        (
+            b"POST /gz HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            501,
+            "transfer_coding_not_supported",
+        ),
+        (
+            b"POST /cow HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: cow, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            501,
+            "transfer_coding_not_supported",
+        ),
+        (
+            b"POST /two HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            501,
+            "transfer_coding_not_supported",
+        ),
+        (
+            b"GET /u HTTP/1.1\r\nHost: localhost\r\nContent_Length: 5\r\nConnection: close\r\n\r\n",
+            400,
+            "ambiguous_header",
+        ),
+        (
+            b"POST /u HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nTRANSFER_ENCODING: chunked\r\nConnection: close\r\n\r\nabc",
+            400,
+            "ambiguous_header",
+        ),
+        (
+            b"POST /u HTTP/1.1\r\nHost: localhost\r\ntransfer_encoding: chunked\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            400,
+            "ambiguous_header",
+        ),
+    ];
+    for (request, status, code) in cases {
+        refused(&proxy, request, status, code).await?;
+    }
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+
+    // Chunked alone, in any case, is the framing it is.
+    let response = raw(
+        proxy.addr,
+        b"POST /ok HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(response.status, 200);
+    assert_eq!(upstream.last().body, b"abc");
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! Transparency against a real upstream: httpbin (PyPI) under gunicorn.
 //! Each request shape is sent directly and through the proxy (by HTTP/1.1
 //! and by h2c); what httpbin saw and what the client got must be identical
-//! except for DESIGN.md's listed changes (Authorization, User-Agent,
+//! except for the changes README lists (Authorization, User-Agent,
 //! hop-by-hop headers, Expect, a Location under the upstream). Any other
 //! difference fails with a readable diff.
 //!

@@ -213,9 +213,7 @@ pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The one Content-Length rule, for requests and answers alike (hyper's
 /// too): every value, and every item of a comma-separated value, is the
 /// same number of decimal digits. `Ok(None)`: there is no Content-Length.
-pub fn content_length<'a>(
-    values: impl Iterator<Item = &'a [u8]>,
-) -> Result<Option<u64>, Invalid> {
+pub fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, Invalid> {
     let mut length = Ok(None);
     for value in values {
         add_content_length(&mut length, value);

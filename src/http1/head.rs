@@ -9,13 +9,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, Version};
 use hyper::ext::ReasonPhrase;
 
-use super::{Invalid, MAX_HEADERS};
 use super::body::{Encoder, Framing};
 use super::field::{
     Codings, Field, FieldValues, Known, add_content_length, content_length, lists, put_field,
     put_name, tokens, visible_ascii,
 };
 use super::raw::{RawFields, Span, record_spans};
+use super::{Invalid, MAX_HEADERS};
 
 /// A message's header fields: in a header map, or as they arrived.
 #[derive(Debug)]
@@ -419,9 +419,7 @@ fn response_framing(
             Framing::Close
         });
     }
-    let length = signals
-        .length
-        .map_err(|invalid| invalid.to_string())?;
+    let length = signals.length.map_err(|invalid| invalid.to_string())?;
     Ok(length.map_or(Framing::Close, Framing::Length))
 }
 

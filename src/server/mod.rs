@@ -1,7 +1,7 @@
 //! Serving: the accept loop shared by the proxy and admin listeners
 //! (HTTP/1.1 and HTTP/2 with prior knowledge on one port), the proxy's
 //! worker threads, graceful drain on shutdown, and the lean HTTP/1.1
-//! driver ([`lean`]) that serves requests without a body without hyper's
+//! driver (`lean`) that serves requests without a body without hyper's
 //! server. What a service does with a request is not known here: only
 //! the [`HttpService`] and [`Bodiless`] traits.
 

@@ -520,21 +520,26 @@ mod tests {
             // Something unasked after the body.
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
         ];
-        for reply in replies {
+        let kept = |reply: &'static [u8], pooled: usize| async move {
             let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
+            let body = read(response.expect("a response")).await.expect("body").0;
+            assert_eq!(body, b"ok");
             assert_eq!(
-                read(response.expect("a response")).await.expect("body").0,
-                b"ok"
+                self::pooled(&idle),
+                pooled,
+                "{}",
+                String::from_utf8_lossy(reply)
             );
-            assert_eq!(pooled(&idle), 0, "{}", String::from_utf8_lossy(reply));
+        };
+        for reply in replies {
+            kept(reply, 0).await;
         }
-        let reply = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok";
-        let (response, idle, _upstream) = send(Method::GET, reply, 4096, false).await;
-        assert_eq!(
-            read(response.expect("a response")).await.expect("body").0,
-            b"ok"
-        );
-        assert_eq!(pooled(&idle), 1, "HTTP/1.0 with keep-alive");
+        // HTTP/1.0 with keep-alive.
+        kept(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+            1,
+        )
+        .await;
     }
 
     #[tokio::test]
