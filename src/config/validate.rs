@@ -1,0 +1,471 @@
+//! Validation: raw text into the types the engine uses, the one place
+//! where each key is checked. Every error names the key, where its value
+//! came from, and the key table's expected form.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::{HeaderValue, Uri};
+
+use super::keys::{ENV_CLIENT_SECRET, Kind, spec};
+use super::sources::{Environment, Flags, Origin, RawConfig, RawValue};
+use super::types::{
+    AuthMethod, Config, ConfigError, GuardConfig, ListenAddr, LogFormat, ProxyConfig, SecretSource,
+    TlsConfig, TokenConfig, UpstreamConfig, UpstreamUrl,
+};
+
+impl Config {
+    /// Loads and validates the configuration from every source.
+    pub fn load(flags: &Flags, env: &(impl Environment + ?Sized)) -> Result<Self, ConfigError> {
+        Self::from_raw(&RawConfig::load(flags, env)?)
+    }
+
+    /// Validates raw values: the one place where each key is checked.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let user_agent = match raw.get("upstream.user_agent") {
+            Some(v) => parse_with(v, "upstream.user_agent", |s| HeaderValue::from_str(s).ok())?,
+            None => HeaderValue::from_static(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION"))),
+        };
+        let upstream = UpstreamConfig {
+            url: parse_upstream_url(raw.require("upstream.url")?)?,
+            user_agent,
+            status_path: parse_with(
+                raw.require("upstream.status_path")?,
+                "upstream.status_path",
+                |s| (s.starts_with('/') && s.parse::<Uri>().is_ok()).then(|| s.to_owned()),
+            )?,
+            connect_timeout: parse_duration(raw, "upstream.connect_timeout")?,
+            response_timeout: parse_duration(raw, "upstream.response_timeout")?,
+            client_cert: client_cert(raw)?,
+        };
+        let tls = TlsConfig {
+            ca_file: raw.get("tls.ca_file").map(|v| PathBuf::from(&v.value)),
+        };
+        if let (Some(path), Some(v)) = (&tls.ca_file, raw.get("tls.ca_file")) {
+            crate::tls::read_ca_file(path).map_err(|e| {
+                ConfigError::new(format!("{}: {e}", Origin("tls.ca_file", &v.source)))
+            })?;
+        }
+        let token = TokenConfig {
+            url: token_url(raw)?,
+            client_id: client_id(raw)?,
+            secret: secret_source(raw)?,
+            scope: parse_with(raw.require("token.scope")?, "token.scope", |s| {
+                (!s.trim().is_empty()).then(|| s.to_owned())
+            })?,
+            auth_method: parse_with(
+                raw.require("token.auth_method")?,
+                "token.auth_method",
+                |s| match s {
+                    "client_secret_post" => Some(AuthMethod::ClientSecretPost),
+                    "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
+                    _ => None,
+                },
+            )?,
+            timeout: parse_duration(raw, "token.timeout")?,
+            startup_wait: parse_duration(raw, "token.startup_wait")?,
+            refresh_before: match raw.get("token.refresh_before") {
+                Some(_) => Some(parse_duration(raw, "token.refresh_before")?),
+                None => None,
+            },
+            retry_initial: parse_duration(raw, "token.retry_initial")?,
+            retry_max: parse_duration(raw, "token.retry_max")?,
+            min_forced_interval: parse_duration(raw, "token.min_forced_interval")?,
+        };
+        if token.retry_initial > token.retry_max {
+            let v = raw.require("token.retry_max")?;
+            return Err(ConfigError::new(format!(
+                "{}: expected at least token.retry_initial ({}), got {:?}",
+                Origin("token.retry_max", &v.source),
+                humantime::format_duration(token.retry_initial),
+                v.value
+            )));
+        }
+        let proxy = ProxyConfig {
+            replay_buffer: parse_size(raw, "proxy.replay_buffer")?,
+            max_concurrent: parse_with(
+                raw.require("proxy.max_concurrent")?,
+                "proxy.max_concurrent",
+                |s| {
+                    s.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                },
+            )?,
+            workers: parse_with(raw.require("proxy.workers")?, "proxy.workers", |s| {
+                if s.eq_ignore_ascii_case("auto") {
+                    Some(std::thread::available_parallelism().map_or(1, usize::from))
+                } else {
+                    s.parse::<usize>().ok().filter(|n| (1..=256).contains(n))
+                }
+            })?,
+            header_timeout: parse_duration(raw, "proxy.header_timeout")?,
+            mask_token_in: parse_list(raw, "proxy.mask_token_in", |item| {
+                item.starts_with('/').then(|| item.to_owned())
+            })?,
+        };
+        let guard = GuardConfig {
+            allowed_hosts: parse_list(raw, "guard.allowed_hosts", |item| {
+                let valid = item == "*"
+                    || item.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '[' | ']' | '_')
+                    });
+                valid.then(|| item.to_ascii_lowercase())
+            })?,
+            allowed_origins: parse_list(raw, "guard.allowed_origins", |item| {
+                let valid =
+                    item == "*" || item.starts_with("http://") || item.starts_with("https://");
+                valid.then(|| item.trim_end_matches('/').to_ascii_lowercase())
+            })?,
+            local_key: match raw.get("guard.local_key_file") {
+                None => None,
+                Some(v) => Some(read_local_key(v)?),
+            },
+        };
+        Ok(Config {
+            listen: parse_proxy_listen(raw)?,
+            socket_mode: parse_with(raw.require("socket_mode")?, "socket_mode", |s| {
+                u32::from_str_radix(s, 8).ok().filter(|mode| *mode <= 0o777)
+            })?,
+            admin_listen: parse_listen(raw, "admin_listen")?,
+            upstream,
+            tls,
+            token,
+            proxy,
+            guard,
+            proxies: checked_proxies(&raw.proxies)?,
+            shutdown_grace: parse_duration(raw, "shutdown.grace")?,
+            log_format: parse_log_format(raw.require("log.format")?)?,
+        })
+    }
+}
+
+/// The admin address alone: `healthcheck` needs nothing else, so it works
+/// even where the credentials are not set.
+pub fn admin_listen(
+    flags: &Flags,
+    env: &(impl Environment + ?Sized),
+) -> Result<SocketAddr, ConfigError> {
+    parse_listen(&RawConfig::load(flags, env)?, "admin_listen")
+}
+
+fn parse_log_format(v: &RawValue) -> Result<LogFormat, ConfigError> {
+    parse_with(v, "log.format", |s| match s {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        _ => None,
+    })
+}
+
+/// What the key table says a valid value of `key` looks like.
+fn expected(key: &str) -> &'static str {
+    spec(key).map_or("a valid value", |spec| spec.expected)
+}
+
+/// Applies `parse`; on `None`, an error naming the key, its source, the
+/// expected form and the value that was given.
+fn parse_with<T>(
+    v: &RawValue,
+    key: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, ConfigError> {
+    let expected = expected(key);
+    parse(v.value.trim()).ok_or_else(|| {
+        ConfigError::new(format!(
+            "{}: expected {expected}, got {:?}",
+            Origin(key, &v.source),
+            shorten(&v.value)
+        ))
+    })
+}
+
+fn shorten(value: &str) -> String {
+    const MAX: usize = 80;
+    if value.chars().count() <= MAX {
+        value.to_owned()
+    } else {
+        let cut: String = value.chars().take(MAX).collect();
+        format!("{cut}…")
+    }
+}
+
+/// The longest duration any key takes: larger values are typos, and would
+/// overflow the clock's arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration; zero only for keys of [`Kind::DurationOrZero`].
+fn parse_duration(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
+    let zero_allowed = spec(key).is_some_and(|spec| spec.kind == Kind::DurationOrZero);
+    parse_with(raw.require(key)?, key, |s| {
+        humantime::parse_duration(s)
+            .ok()
+            .filter(|d| (zero_allowed || !d.is_zero()) && *d <= MAX_DURATION)
+    })
+}
+
+/// A comma-separated list; each item trimmed, empty items skipped, each
+/// checked by `parse`.
+fn parse_list(
+    raw: &RawConfig,
+    key: &'static str,
+    parse: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, ConfigError> {
+    let expected = expected(key);
+    let Some(v) = raw.get(key) else {
+        return Ok(Vec::new());
+    };
+    v.value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            parse(item).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "{}: expected {expected}, got {:?}",
+                    Origin(key, &v.source),
+                    shorten(item)
+                ))
+            })
+        })
+        .collect()
+}
+
+fn read_local_key(v: &RawValue) -> Result<crate::secret::LocalKey, ConfigError> {
+    let path = PathBuf::from(&v.value);
+    let content = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::new(format!(
+            "{}: cannot read {}: {e}; expected a readable file holding the local key",
+            Origin("guard.local_key_file", &v.source),
+            path.display()
+        ))
+    })?;
+    let key = trim_secret(&content);
+    if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(format!(
+            "{}: the key in {} must be at least 16 printable characters without spaces",
+            Origin("guard.local_key_file", &v.source),
+            path.display()
+        )));
+    }
+    Ok(crate::secret::LocalKey::new(key))
+}
+
+/// The largest size any key takes.
+const MAX_SIZE: u64 = 16 * 1024 * 1024;
+
+/// A size such as `"64KiB"`, `"1MiB"`, `"64KB"` or `"65536"` (bytes).
+fn parse_size(raw: &RawConfig, key: &'static str) -> Result<usize, ConfigError> {
+    let v = raw.require(key)?;
+    parse_with(v, key, |s| {
+        let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(digits);
+        let unit_bytes: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1024,
+            "MiB" => 1024 * 1024,
+            "KB" | "kB" => 1000,
+            "MB" => 1000 * 1000,
+            _ => return None,
+        };
+        let bytes = number.parse::<u64>().ok()?.checked_mul(unit_bytes)?;
+        (bytes <= MAX_SIZE)
+            .then(|| usize::try_from(bytes).ok())
+            .flatten()
+    })
+}
+
+fn parse_proxy_listen(raw: &RawConfig) -> Result<ListenAddr, ConfigError> {
+    let v = raw.require("listen")?;
+    if let Some(path) = v.value.trim().strip_prefix("unix:") {
+        return parse_with(v, "listen", |_| {
+            path.starts_with('/')
+                .then(|| ListenAddr::Unix(PathBuf::from(path)))
+        });
+    }
+    parse_listen(raw, "listen").map(ListenAddr::Tcp)
+}
+
+fn parse_listen(raw: &RawConfig, key: &'static str) -> Result<SocketAddr, ConfigError> {
+    let v = raw.require(key)?;
+    if v.value.starts_with("unix:") {
+        return Err(ConfigError::new(format!(
+            "{}: a unix socket is only supported for listen; expected host:port such as \"127.0.0.1:9090\"",
+            Origin(key, &v.source)
+        )));
+    }
+    parse_with(v, key, |s| {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Some(addr);
+        }
+        let port = s.strip_prefix("localhost:")?.parse::<u16>().ok()?;
+        Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+    })
+}
+
+fn parse_upstream_url(v: &RawValue) -> Result<UpstreamUrl, ConfigError> {
+    reject_credentials(v, "upstream.url")?;
+    parse_with(v, "upstream.url", |s| {
+        let uri: Uri = s.parse().ok()?;
+        let scheme = uri.scheme()?.clone();
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return None;
+        }
+        let authority = uri.authority()?.clone();
+        if authority.as_str().contains('@') || authority.host().is_empty() || uri.query().is_some()
+        {
+            return None;
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Some(UpstreamUrl {
+            scheme,
+            authority,
+            base_path,
+        })
+    })
+}
+
+/// `upstream.client_cert_file` and `upstream.client_key_file`: both or
+/// neither, and a key that belongs to the certificate.
+fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, ConfigError> {
+    let cert = raw.get("upstream.client_cert_file");
+    let key = raw.get("upstream.client_key_file");
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(v), None) | (None, Some(v)) => {
+            return Err(ConfigError::new(format!(
+                "upstream.client_cert_file and upstream.client_key_file must be set together; only one is ({})",
+                Origin(
+                    if cert.is_some() {
+                        "upstream.client_cert_file"
+                    } else {
+                        "upstream.client_key_file"
+                    },
+                    &v.source
+                )
+            )));
+        }
+    };
+    let files = crate::tls::ClientCertFiles {
+        cert: PathBuf::from(&cert.value),
+        key: PathBuf::from(&key.value),
+    };
+    crate::tls::load_client_cert(&files).map_err(|e| {
+        ConfigError::new(format!(
+            "{} and {}: {e}",
+            Origin("upstream.client_cert_file", &cert.source),
+            Origin("upstream.client_key_file", &key.source)
+        ))
+    })?;
+    Ok(Some(files))
+}
+
+/// Proxy URLs normalised as curl reads them (see `egress::normalize`); the
+/// value is never echoed, since it may carry credentials.
+fn checked_proxies(
+    proxies: &crate::egress::Proxies,
+) -> Result<crate::egress::Proxies, ConfigError> {
+    let check = |name: &str, url: &Option<crate::secret::ProxyUrl>| match url {
+        None => Ok(None),
+        Some(url) => crate::egress::normalize(url).map(Some).map_err(|e| {
+            ConfigError::new(format!(
+                "{name} (or its lower-case form): {e} (the value is not shown)"
+            ))
+        }),
+    };
+    Ok(crate::egress::Proxies::new(
+        check("HTTP_PROXY", &proxies.http)?,
+        check("HTTPS_PROXY", &proxies.https)?,
+        proxies.no_proxy.clone(),
+    ))
+}
+
+/// A URL with `user:password` is refused without echoing it: the value holds
+/// a credential, and an error message must not print one.
+fn reject_credentials(v: &RawValue, key: &str) -> Result<(), ConfigError> {
+    let with_credentials = reqwest::Url::parse(v.value.trim())
+        .is_ok_and(|url| !url.username().is_empty() || url.password().is_some());
+    if with_credentials {
+        return Err(ConfigError::new(format!(
+            "{}: expected a URL without user:password; the value is not shown since it holds a credential",
+            Origin(key, &v.source)
+        )));
+    }
+    Ok(())
+}
+
+fn token_url(raw: &RawConfig) -> Result<reqwest::Url, ConfigError> {
+    if let Some(v) = raw.get("token.url") {
+        reject_credentials(v, "token.url")?;
+        return parse_with(v, "token.url", |s| {
+            let url = reqwest::Url::parse(s).ok()?;
+            (matches!(url.scheme(), "http" | "https")
+                && url.host().is_some()
+                && url.fragment().is_none())
+            .then_some(url)
+        });
+    }
+    let tenant = raw.require("token.tenant_id")?;
+    parse_with(tenant, "token.tenant_id", |s| {
+        let valid = !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !valid {
+            return None;
+        }
+        reqwest::Url::parse(&format!(
+            "https://login.microsoftonline.com/{s}/oauth2/v2.0/token"
+        ))
+        .ok()
+    })
+}
+
+fn client_id(raw: &RawConfig) -> Result<String, ConfigError> {
+    match raw.get("token.client_id") {
+        Some(v) => parse_with(v, "token.client_id", |s| {
+            (!s.is_empty()).then(|| s.to_owned())
+        }),
+        None => Err(ConfigError::new(
+            "API_CLIENT_ID is not set: expected the application (client) id that the provider issued \
+             (token.client_id in the config file)",
+        )),
+    }
+}
+
+fn secret_source(raw: &RawConfig) -> Result<SecretSource, ConfigError> {
+    let file = raw.get("token.client_secret_file");
+    match (&raw.client_secret, file) {
+        (Some(_), Some(file)) => Err(ConfigError::new(format!(
+            "{ENV_CLIENT_SECRET} and {} are both set: expected only one source for the client secret",
+            Origin("token.client_secret_file", &file.source)
+        ))),
+        (Some(secret), None) => Ok(SecretSource::Literal(secret.clone())),
+        (None, Some(file)) => {
+            let path = PathBuf::from(&file.value);
+            match std::fs::read_to_string(&path) {
+                Ok(content) if !trim_secret(&content).is_empty() => Ok(SecretSource::File(path)),
+                Ok(_) => Err(ConfigError::new(format!(
+                    "{}: the file {} is empty; expected the client secret's value",
+                    Origin("token.client_secret_file", &file.source),
+                    path.display()
+                ))),
+                Err(e) => Err(ConfigError::new(format!(
+                    "{}: cannot read {}: {e}; expected a readable file holding the client secret",
+                    Origin("token.client_secret_file", &file.source),
+                    path.display()
+                ))),
+            }
+        }
+        (None, None) => Err(ConfigError::new(format!(
+            "no client secret: set {ENV_CLIENT_SECRET} to the secret's value, or API_CLIENT_SECRET_FILE \
+             (token.client_secret_file) to a file holding it"
+        ))),
+    }
+}
+
+/// A secret file's content without its trailing newline.
+pub fn trim_secret(content: &str) -> &str {
+    content.trim_end_matches(['\n', '\r'])
+}
