@@ -637,6 +637,55 @@ async fn upstream_connections_are_kept_alive_and_reused() -> TestResult {
 }
 
 #[tokio::test]
+async fn requests_with_and_without_a_body_share_the_upstream_connections() -> TestResult {
+    let upstream = FakeUpstream::start().await;
+    let (_token, proxy) = proxy_to(&upstream.url(), &[("BEARER_PROXY_PROXY_WORKERS", "1")]).await;
+    let client = http1();
+    // Sized, chunked and empty bodies, and none, one after the other: one
+    // pool, so one upstream connection carries them all.
+    for round in 0..3 {
+        let response = client
+            .post(proxy.url("/sized"))
+            .body(format!("round {round}"))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+        response.bytes().await?;
+        let (body_tx, body_rx) = tokio::sync::mpsc::channel(2);
+        body_tx.send(Ok(b"chunk one ".to_vec())).await?;
+        body_tx.send(Ok(b"chunk two".to_vec())).await?;
+        drop(body_tx);
+        let response = client
+            .put(proxy.url("/chunked"))
+            .body(channel_body(body_rx))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+        response.bytes().await?;
+        let response = client.get(proxy.url("/none")).send().await?;
+        assert_eq!(response.status(), 200);
+        response.bytes().await?;
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 9);
+    let chunked = requests
+        .iter()
+        .find(|r| r.target_str() == "/chunked")
+        .expect("the chunked upload");
+    assert!(chunked.chunked, "{chunked:?}");
+    assert_eq!(chunked.body, b"chunk one chunk two");
+    assert_eq!(chunked.header("content-length"), None);
+    let sized = requests
+        .iter()
+        .find(|r| r.target_str() == "/sized")
+        .expect("the sized upload");
+    assert_eq!(sized.header("content-length"), Some("7"));
+    assert_eq!(sized.body, b"round 0");
+    assert_eq!(upstream.connections(), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult {
     // An upstream that answers one request per connection, then closes it
     // without saying so (no `Connection: close`), as servers with a short

@@ -454,12 +454,14 @@ impl WriteFields for HeaderMap {
 }
 
 /// The request line and header fields, as hyper's client writes them
-/// (names in lower case, in the fields' order).
+/// (names in lower case, in the fields' order); with `chunked`, the body's
+/// framing is announced after them, where hyper's client adds it.
 pub fn encode_request_head(
     out: &mut BytesMut,
     method: &Method,
     target: &str,
     fields: &impl WriteFields,
+    chunked: bool,
 ) {
     out.reserve(method.as_str().len() + target.len() + 13 + fields.size_hint());
     out.extend_from_slice(method.as_str().as_bytes());
@@ -467,6 +469,9 @@ pub fn encode_request_head(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     fields.for_each_field(|name, value| put_field(out, name, value));
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
     out.extend_from_slice(b"\r\n");
 }
 

@@ -9,7 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::upstream::{Checkout, OutBody, UpstreamBody};
+use crate::upstream::UpstreamBody;
 
 /// What the proxy answers with: the upstream's stream or a body of its own,
 /// holding the request's capacity permit, and the upstream connection it
@@ -24,22 +24,15 @@ pub struct ProxyBody {
 #[derive(Debug)]
 struct Held {
     _permit: Option<OwnedSemaphorePermit>,
-    _connection: Option<Checkout<OutBody>>,
 }
 
 impl ProxyBody {
-    /// The upstream's body, streamed from `connection`.
-    pub fn upstream(
-        body: UpstreamBody,
-        permit: Option<OwnedSemaphorePermit>,
-        connection: Checkout<OutBody>,
-    ) -> Self {
+    /// The upstream's body (whose connection goes back to the pool when
+    /// it has been read whole).
+    pub fn upstream(body: UpstreamBody, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             inner: Either::Left(body),
-            held: Some(Held {
-                _permit: permit,
-                _connection: Some(connection),
-            }),
+            held: Some(Held { _permit: permit }),
         }
     }
 
@@ -47,10 +40,7 @@ impl ProxyBody {
     pub fn full(bytes: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             inner: Either::Right(Full::new(bytes)),
-            held: Some(Held {
-                _permit: permit,
-                _connection: None,
-            }),
+            held: Some(Held { _permit: permit }),
         }
     }
 }

@@ -331,11 +331,7 @@ impl Shared {
             }
         };
 
-        let Answer {
-            head,
-            body,
-            connection,
-        } = answer;
+        let Answer { head, body } = answer;
         let ResponseHead {
             status,
             reason,
@@ -359,7 +355,7 @@ impl Shared {
                         reason,
                         fields: Fields::Raw(fields),
                     };
-                    return Ok((head, ProxyBody::upstream(body, permit, connection)));
+                    return Ok((head, ProxyBody::upstream(body, permit)));
                 }
                 // Rare: the map has the rewriting, and no cost grows faster
                 // than the head.
@@ -398,7 +394,6 @@ impl Shared {
             ))
             .await
             .map_err(|_| self.response_timeout_error(None))??;
-            drop(connection);
             headers.remove(CONTENT_LENGTH);
             // The body changed: validators of the old one no longer hold.
             headers.remove(http::header::ETAG);
@@ -406,7 +401,7 @@ impl Shared {
             return Ok((head, ProxyBody::full(body, permit)));
         }
         head.fields = Fields::Map(headers);
-        Ok((head, ProxyBody::upstream(body, permit, connection)))
+        Ok((head, ProxyBody::upstream(body, permit)))
     }
 
     /// A replayable request's body, read whole (at once when it has none:
@@ -750,8 +745,8 @@ mod tests {
             };
             let target = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
             let (mut by_map, mut by_fields) = (BytesMut::new(), BytesMut::new());
-            encode_request_head(&mut by_map, &request.method, target, &map);
-            encode_request_head(&mut by_fields, &request.method, target, &raw);
+            encode_request_head(&mut by_map, &request.method, target, &map, false);
+            encode_request_head(&mut by_fields, &request.method, target, &raw, false);
             assert_eq!(
                 String::from_utf8_lossy(&by_fields),
                 String::from_utf8_lossy(&by_map),

@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use std::future::poll_fn;
+
+use bytes::{Buf, Bytes, BytesMut};
 use http::Method;
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::http1::{self, Answer, Answered, Decoded, Decoder, ResponseHead, WriteFields};
 
@@ -25,6 +27,8 @@ const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// it, up to `MAX_READ`, so large bodies move in large pieces.
 const MIN_READ: usize = 8192;
 const MAX_READ: usize = 256 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Idle connections, the most recently used last.
 pub type Idle<T> = Mutex<Vec<(Box<Conn<T>>, Instant)>>;
@@ -37,6 +41,106 @@ pub struct Conn<T> {
     io: T,
     buf: BytesMut,
     read_size: usize,
+}
+
+/// How a request's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// By its Content-Length, which the fields carry.
+    Length(u64),
+    /// Chunked, announced after the fields.
+    Chunked,
+}
+
+/// What of a request is still to be written: its head (or a chunk line),
+/// a piece of body, and what follows that piece.
+#[derive(Debug)]
+struct Sending {
+    head: BytesMut,
+    data: Bytes,
+    after: &'static [u8],
+    /// Bytes the Content-Length still announces; `None` when chunked.
+    remaining: Option<u64>,
+    /// The whole body is queued.
+    done: bool,
+    /// The whole request has left.
+    flushed: bool,
+}
+
+impl Sending {
+    fn is_pending(&self) -> bool {
+        !self.head.is_empty() || !self.data.is_empty() || !self.after.is_empty()
+    }
+
+    /// Queues a piece of body, framed.
+    fn queue(&mut self, data: Bytes) -> Result<(), ExchangeError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.remaining {
+            Some(remaining) => {
+                let len = data.len() as u64;
+                if len > *remaining {
+                    return Err(ExchangeError::Body(
+                        "the request body is longer than its Content-Length".into(),
+                    ));
+                }
+                *remaining -= len;
+            }
+            None => {
+                let mut line = Vec::with_capacity(10);
+                http1::chunk_line(&mut line, data.len());
+                self.head.extend_from_slice(&line);
+                self.after = b"\r\n";
+            }
+        }
+        self.data = data;
+        Ok(())
+    }
+
+    /// The body has ended: its end is queued.
+    fn finish(&mut self) -> Result<(), ExchangeError> {
+        match self.remaining {
+            Some(0) => {}
+            Some(_) => {
+                return Err(ExchangeError::Body(
+                    "the request body is shorter than its Content-Length".into(),
+                ));
+            }
+            None => {
+                let mut end = Vec::with_capacity(5);
+                http1::end_chunked(&mut end, None);
+                self.head.extend_from_slice(&end);
+            }
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    /// Writes what it can of what is pending, in one vectored write.
+    fn poll_write<T: AsyncWrite>(
+        &mut self,
+        io: Pin<&mut T>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let slices = [
+            io::IoSlice::new(&self.head),
+            io::IoSlice::new(&self.data),
+            io::IoSlice::new(self.after),
+        ];
+        let mut written = ready!(io.poll_write_vectored(cx, &slices))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        let from_head = written.min(self.head.len());
+        self.head.advance(from_head);
+        written -= from_head;
+        let from_data = written.min(self.data.len());
+        self.data.advance(from_data);
+        written -= from_data;
+        self.after = &self.after[written.min(self.after.len())..];
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Why an exchange failed.
@@ -56,6 +160,9 @@ pub enum ExchangeError {
     /// The answer is not HTTP/1.1 that can be passed on.
     #[error("it sent an invalid response: {0}")]
     Invalid(String),
+    /// The request's body could not be read, or did not match its framing.
+    #[error("the request body failed: {0}")]
+    Body(BoxError),
 }
 
 impl ExchangeError {
@@ -70,7 +177,7 @@ impl ExchangeError {
         match self {
             Self::Write(_) => true,
             Self::Read { received, .. } => !received && method.is_safe(),
-            Self::Invalid(_) => false,
+            Self::Invalid(_) | Self::Body(_) => false,
         }
     }
 }
@@ -105,40 +212,134 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         fields: &impl WriteFields,
     ) -> Result<Answer, ExchangeError> {
         self.buf.clear();
-        http1::encode_request_head(&mut self.buf, method, target, fields);
+        http1::encode_request_head(&mut self.buf, method, target, fields, false);
         let written = self.io.write_all(&self.buf).await;
         self.buf.clear();
         written.map_err(ExchangeError::Write)?;
         self.io.flush().await.map_err(ExchangeError::Write)?;
         let mut received = false;
+        poll_fn(|cx| self.poll_answer(cx, method, &mut received)).await
+    }
+
+    /// Writes a request and its body, framed so, and reads the answer's
+    /// head. The answer is read while the body is sent: an upstream may
+    /// answer (and stop reading) before it has the whole body, and its
+    /// answer is then passed on. `touched` says whether any of the body
+    /// was taken (a request whose body was not may be sent again). Returns
+    /// the answer and whether the whole body was sent.
+    pub async fn exchange_with_body<B>(
+        &mut self,
+        method: &Method,
+        target: &str,
+        fields: &impl WriteFields,
+        framing: BodyFraming,
+        body: &mut B,
+        touched: &mut bool,
+    ) -> Result<(Answer, bool), ExchangeError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        self.buf.clear();
+        let mut sending = Sending {
+            head: BytesMut::new(),
+            data: Bytes::new(),
+            after: b"",
+            remaining: match framing {
+                BodyFraming::Length(length) => Some(length),
+                BodyFraming::Chunked => None,
+            },
+            done: false,
+            flushed: false,
+        };
+        let chunked = framing == BodyFraming::Chunked;
+        http1::encode_request_head(&mut sending.head, method, target, fields, chunked);
+        let mut received = false;
+        poll_fn(|cx| {
+            // The answer first: it may come before the whole body.
+            if let Poll::Ready(answer) = self.poll_answer(cx, method, &mut received) {
+                return Poll::Ready(answer.map(|answer| (answer, sending.done)));
+            }
+            if sending.flushed {
+                return Poll::Pending;
+            }
+            loop {
+                if sending.is_pending() {
+                    let written = ready!(sending.poll_write(Pin::new(&mut self.io), cx));
+                    written.map_err(ExchangeError::Write)?;
+                    continue;
+                }
+                if sending.done {
+                    ready!(Pin::new(&mut self.io).poll_flush(cx)).map_err(ExchangeError::Write)?;
+                    sending.flushed = true;
+                    return Poll::Pending;
+                }
+                let frame = match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        // What was written leaves while the body waits.
+                        ready!(Pin::new(&mut self.io).poll_flush(cx))
+                            .map_err(ExchangeError::Write)?;
+                        return Poll::Pending;
+                    }
+                };
+                *touched = true;
+                match frame {
+                    None => sending.finish()?,
+                    Some(Err(error)) => return Poll::Ready(Err(ExchangeError::Body(error.into()))),
+                    Some(Ok(frame)) => {
+                        // Trailers are not sent: the proxy removes the
+                        // Trailer field that would announce them, as
+                        // hyper's client drops them without it.
+                        if let Ok(data) = frame.into_data() {
+                            sending.queue(data)?;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads until the answer's head is whole (1xx answers are skipped).
+    fn poll_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &Method,
+        received: &mut bool,
+    ) -> Poll<Result<Answer, ExchangeError>> {
         loop {
             if !self.buf.is_empty() {
                 match http1::parse_response(&mut self.buf, method)
                     .map_err(ExchangeError::Invalid)?
                 {
-                    Answered::Complete(answer) => return Ok(answer),
+                    Answered::Complete(answer) => return Poll::Ready(Ok(answer)),
                     Answered::Informational => continue,
                     Answered::Partial => {}
                 }
             }
             if self.buf.len() >= MAX_HEAD {
-                return Err(ExchangeError::Invalid(format!(
+                return Poll::Ready(Err(ExchangeError::Invalid(format!(
                     "its response head is larger than {MAX_HEAD} bytes"
-                )));
+                ))));
             }
-            self.buf.reserve(self.read_size);
-            match self.io.read_buf(&mut self.buf).await {
+            match ready!(self.poll_fill(cx)) {
                 Ok(0) => {
-                    return Err(ExchangeError::Read {
-                        received,
+                    return Poll::Ready(Err(ExchangeError::Read {
+                        received: *received,
                         source: io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "the connection closed before a complete response head",
                         ),
-                    });
+                    }));
                 }
-                Ok(_) => received = true,
-                Err(source) => return Err(ExchangeError::Read { received, source }),
+                Ok(_) => *received = true,
+                Err(source) => {
+                    return Poll::Ready(Err(ExchangeError::Read {
+                        received: *received,
+                        source,
+                    }));
+                }
             }
         }
     }
@@ -176,11 +377,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> DirectBody<T> {
     /// The answer's head, and its body read from `conn`, which goes back
     /// to `idle` once the body has been read to its end (if the upstream
     /// keeps it open and sent nothing more).
-    pub fn new(answer: Answer, conn: Box<Conn<T>>, idle: &Arc<Idle<T>>) -> (ResponseHead, Self) {
+    /// `sent`: the request was sent whole (an answer that came before the
+    /// whole body leaves the connection unusable).
+    pub fn new(
+        answer: Answer,
+        sent: bool,
+        conn: Box<Conn<T>>,
+        idle: &Arc<Idle<T>>,
+    ) -> (ResponseHead, Self) {
         let mut body = DirectBody {
             conn: Some(conn),
             decoder: Decoder::new(answer.framing),
-            idle: answer.keep_alive.then(|| Arc::clone(idle)),
+            idle: (answer.keep_alive && sent).then(|| Arc::clone(idle)),
             error: None,
             failed: false,
         };
@@ -347,7 +555,7 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let response = match conn.exchange(&method, "/a?b=%2F", &headers).await {
             Ok(answer) => {
-                let (head, body) = DirectBody::new(answer, conn, &idle);
+                let (head, body) = DirectBody::new(answer, true, conn, &idle);
                 let parts = head.into_parts().expect("valid fields");
                 Ok(http::Response::from_parts(parts, body))
             }
@@ -367,6 +575,142 @@ mod tests {
 
     fn pooled(idle: &Idle<DuplexStream>) -> usize {
         idle.lock().map(|idle| idle.len()).unwrap_or_default()
+    }
+
+    /// A body of pieces, one frame each, then its end.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Pieces {
+        type Data = Bytes;
+        type Error = io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|piece| Ok(Frame::data(piece))))
+        }
+    }
+
+    fn pieces(pieces: &[&'static [u8]]) -> Pieces {
+        Pieces(
+            pieces
+                .iter()
+                .map(|piece| Bytes::from_static(piece))
+                .collect(),
+        )
+    }
+
+    /// Sends a POST with `body`, framed so, to an upstream that reads
+    /// `wanted` bytes of request (all of it, or fewer to answer early),
+    /// then answers `reply` and stays open. The request as the upstream
+    /// read it, the answer's body, whether the whole body was sent, and
+    /// how many connections went back to the pool.
+    async fn send_body<B>(
+        framing: BodyFraming,
+        mut body: B,
+        wanted: usize,
+        reply: &'static [u8],
+    ) -> Result<(String, Vec<u8>, bool, usize), ExchangeError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let (ours, mut theirs) = duplex(64);
+        let upstream = tokio::spawn(async move {
+            let mut request = vec![0u8; wanted];
+            let _ = theirs.read_exact(&mut request).await;
+            let _ = theirs.write_all(reply).await;
+            (request, theirs)
+        });
+        let mut conn = Conn::new(ours);
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("upstream"));
+        if let BodyFraming::Length(length) = framing {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        let idle = Arc::new(Idle::default());
+        let mut touched = false;
+        let (answer, sent) = conn
+            .exchange_with_body(
+                &Method::POST,
+                "/up",
+                &headers,
+                framing,
+                &mut body,
+                &mut touched,
+            )
+            .await?;
+        assert!(touched);
+        let (head, body) = DirectBody::new(answer, sent, conn, &idle);
+        let parts = head.into_parts().expect("valid fields");
+        let (data, _) = read(http::Response::from_parts(parts, body))
+            .await
+            .expect("the answer's body");
+        let (request, _theirs) = upstream.await.expect("upstream");
+        Ok((
+            String::from_utf8_lossy(&request).into_owned(),
+            data,
+            sent,
+            pooled(&idle),
+        ))
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_body_is_sent_by_its_length_or_chunked() {
+        let head = "POST /up HTTP/1.1\r\nhost: upstream\r\n";
+        let sized = format!("{head}content-length: 11\r\n\r\nhello world");
+        let (request, data, sent, pooled) = send_body(
+            BodyFraming::Length(11),
+            pieces(&[b"hello", b"", b" world"]),
+            sized.len(),
+            OK,
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(
+            (request, data, sent, pooled),
+            (sized, b"ok".to_vec(), true, 1)
+        );
+
+        let chunked = format!(
+            "{head}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        );
+        let (request, _, sent, pooled) = send_body(
+            BodyFraming::Chunked,
+            pieces(&[b"hello", b" world"]),
+            chunked.len(),
+            OK,
+        )
+        .await
+        .expect("an answer");
+        assert_eq!((request, sent, pooled), (chunked, true, 1));
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_is_passed_on_and_the_connection_dropped() {
+        // The upstream reads the head only, answers, and reads no more: a
+        // body larger than the pipe cannot all be written.
+        let big: &'static [u8] = Box::leak(vec![b'x'; 64 * 1024].into_boxed_slice());
+        let (_, data, sent, pooled) = send_body(
+            BodyFraming::Length(big.len() as u64),
+            pieces(&[big]),
+            20,
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\nno",
+        )
+        .await
+        .expect("the early answer");
+        assert_eq!((data.as_slice(), sent, pooled), (&b"no"[..], false, 0));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_its_length_fails() {
+        for (length, body) in [(3, &[&b"abcd"[..]][..]), (5, &[b"abc"])] {
+            let result = send_body(BodyFraming::Length(length), pieces(body), 1_000, OK).await;
+            assert!(matches!(result, Err(ExchangeError::Body(_))), "{length}");
+        }
     }
 
     #[tokio::test]

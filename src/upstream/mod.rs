@@ -16,7 +16,7 @@ use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,14 +25,15 @@ use bytes::Bytes;
 use http::uri::Authority;
 use http_body_util::Full;
 
-use crate::http1::{ResponseHead, WriteFields};
+use crate::http1::field::CONTENT_LENGTH;
+use crate::http1::{self, FieldValues, ResponseHead, WriteFields};
 use crate::reply::ErrorCode;
 
 pub mod body;
 pub mod conn;
 
 use body::TrackedBody;
-use conn::{Conn, DirectBody, ExchangeError};
+use conn::{BodyFraming, Conn, DirectBody, ExchangeError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -99,104 +100,40 @@ pub struct Answer {
     /// Its head: over HTTP/1.1 without a body, the fields as they arrived.
     pub head: ResponseHead,
     pub body: UpstreamBody,
-    /// For HTTP/1.1 over hyper's client, the connection: given back when
-    /// the body is done with.
-    pub connection: Checkout<OutBody>,
 }
 
 impl Answer {
-    fn hyper(response: Response<Incoming>, connection: Checkout<OutBody>) -> Self {
+    fn hyper(response: Response<Incoming>) -> Self {
         let (parts, body) = response.into_parts();
         Self {
             head: ResponseHead::from_parts(parts),
             body: Either::Left(body),
-            connection,
         }
     }
 }
 
-/// A worker's connections to the upstream: HTTP/1.1 connections are kept
-/// idle in a stack (the most recently used first, so few stay warm) and
-/// each carries one request at a time; an HTTP/2 connection (by ALPN) is
-/// shared by every request. A connection's task runs on the runtime that
-/// opened it, which is the worker's.
+/// A worker's connections to the upstream: one pool of HTTP/1.1
+/// connections for every request, with a body or without, kept idle in a
+/// stack (the most recently used first, so few stay warm), each carrying
+/// one request at a time; an HTTP/2 connection (by ALPN) is shared by
+/// every request. A connection's task runs on the runtime that opened it,
+/// which is the worker's.
 #[derive(Debug)]
 pub struct Upstream {
     connector: Connector,
     /// `scheme://authority/`: what the connector dials.
     origin: Uri,
-    pool: Arc<Mutex<Pool<OutBody>>>,
-    /// Idle HTTP/1.1 connections for `conn` (requests without a body).
-    direct: Arc<conn::Idle<Io>>,
+    /// The HTTP/2 connection, if the upstream chose HTTP/2.
+    h2: Arc<Mutex<H2>>,
+    /// Idle HTTP/1.1 connections.
+    idle: Arc<conn::Idle<Io>>,
 }
 
-#[derive(Debug)]
-struct Pool<B> {
-    idle: Vec<(http1::SendRequest<B>, Instant)>,
-    h2: Option<http2::SendRequest<B>>,
+#[derive(Debug, Default)]
+struct H2 {
+    sender: Option<http2::SendRequest<OutBody>>,
     /// Whether a task closes connections idle for `POOL_IDLE_TIMEOUT`.
     sweeping: bool,
-}
-
-impl<B> Pool<B> {
-    /// Closes (drops) idle connections that have expired or closed.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        self.idle
-            .retain(|(sender, since)| !sender.is_closed() && now - *since < POOL_IDLE_TIMEOUT);
-        if self.h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-            self.h2 = None;
-        }
-    }
-
-    fn give_back(pool: &Mutex<Self>, sender: http1::SendRequest<B>) {
-        if let Ok(mut pool) = pool.lock() {
-            pool.idle.push((sender, Instant::now()));
-        }
-    }
-}
-
-/// An HTTP/1.1 connection in use: back to the idle stack when dropped (the
-/// proxy drops it when the response body has been passed on) and idle.
-#[derive(Debug)]
-pub struct Checkout<B: Send + 'static> {
-    sender: Option<http1::SendRequest<B>>,
-    pool: Option<Arc<Mutex<Pool<B>>>>,
-}
-
-impl<B: Send + 'static> Checkout<B> {
-    /// Nothing to give back (an HTTP/2 stream).
-    fn none() -> Self {
-        Self {
-            sender: None,
-            pool: None,
-        }
-    }
-}
-
-impl<B: Send + 'static> Drop for Checkout<B> {
-    fn drop(&mut self) {
-        let (Some(mut sender), Some(pool)) = (self.sender.take(), self.pool.take()) else {
-            return;
-        };
-        if sender.is_closed() {
-            return;
-        }
-        if sender.is_ready() {
-            Pool::give_back(&pool, sender);
-            return;
-        }
-        // Still busy: the upstream answered before the request's body was
-        // all sent. Pooled once idle, never before, so that no request
-        // waits behind an upload.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Ok(Ok(())) = tokio::time::timeout(POOL_IDLE_TIMEOUT, sender.ready()).await {
-                    Pool::give_back(&pool, sender);
-                }
-            });
-        }
-    }
 }
 
 /// Why the upstream gave no response.
@@ -216,11 +153,6 @@ impl UpstreamError {
     pub fn invalid_answer(message: String) -> Self {
         Self::Request(ExchangeError::Invalid(message).into())
     }
-}
-
-enum Sender<B> {
-    H1(http1::SendRequest<B>),
-    H2(http2::SendRequest<B>),
 }
 
 /// A new connection: HTTP/2 (handshake done, shared from now on), or a
@@ -266,41 +198,69 @@ impl Upstream {
         Self {
             connector,
             origin,
-            pool: Arc::new(Mutex::new(Pool {
-                idle: Vec::new(),
-                h2: None,
-                sweeping: false,
-            })),
-            direct: Arc::default(),
+            h2: Arc::default(),
+            idle: Arc::default(),
         }
     }
 
     /// Sends `request` (its URI absolute, its Host header set) on a pooled
     /// connection or a new one. A request that a reused connection closed
-    /// before taking is sent once more on a new connection. Returns the
-    /// answer and, for HTTP/1.1, the connection to hand back when the
-    /// response body is done with.
+    /// before taking is sent once more on a new connection.
     pub async fn request(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
-        if request.body().is_end_stream() && !self.speaks_h2() {
-            let (head, _) = request.into_parts();
+        if self.speaks_h2() {
+            return self.via_h2(request).await;
+        }
+        let (head, body) = request.into_parts();
+        if body.is_end_stream() {
             return self
                 .request_direct(&head.method, &head.uri, &head.headers)
                 .await;
         }
-        self.via_hyper(request).await
+        // Boxed: streaming a body is the rarer path, and its future large.
+        Box::pin(self.request_with_body(head, body)).await
     }
 
-    /// `request_hyper`, boxed: hyper's futures are large, and every
-    /// request without a body would otherwise carry their size.
-    async fn via_hyper(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
-        let (response, checkout) = Box::pin(self.request_hyper(request)).await?;
-        Ok(Answer::hyper(response, checkout))
+    /// Over the shared HTTP/2 connection, boxed: hyper's futures are
+    /// large, and every request would otherwise carry their size.
+    async fn via_h2(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
+        let sender = self.h2.lock().ok().and_then(|h2| h2.sender.clone());
+        let Some(mut sender) = sender.filter(|sender| !sender.is_closed()) else {
+            // Closed since: HTTP/1.1 or HTTP/2 again, as a new connection says.
+            if let Ok(mut h2) = self.h2.lock() {
+                h2.sender = None;
+            }
+            return Box::pin(self.request_fresh(request)).await;
+        };
+        match Box::pin(sender.try_send_request(request)).await {
+            Ok(response) => Ok(Answer::hyper(response)),
+            Err(mut error) => match error.take_message() {
+                Some(unsent) => {
+                    tracing::debug!(error = %error.error(), "the shared upstream HTTP/2 connection refused a request before taking it: sending it on a new connection");
+                    if let Ok(mut h2) = self.h2.lock() {
+                        h2.sender = None;
+                    }
+                    Box::pin(self.request_fresh(unsent)).await
+                }
+                None => Err(UpstreamError::Request(error.into_error().into())),
+            },
+        }
+    }
+
+    /// A request on a new connection, whatever it speaks.
+    async fn request_fresh(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
+        let (head, body) = request.into_parts();
+        if body.is_end_stream() {
+            return self
+                .request_direct(&head.method, &head.uri, &head.headers)
+                .await;
+        }
+        self.request_with_body(head, body).await
     }
 
     /// Whether the upstream has an HTTP/2 connection open, which every
     /// request then shares.
     fn speaks_h2(&self) -> bool {
-        self.pool.lock().is_ok_and(|pool| pool.h2.is_some())
+        self.h2.lock().is_ok_and(|h2| h2.sender.is_some())
     }
 
     /// Sends a request without a body, borrowing its head (its URI
@@ -314,7 +274,7 @@ impl Upstream {
         fields: &impl WriteFields,
     ) -> Result<Answer, UpstreamError> {
         if self.speaks_h2() {
-            return self.via_hyper(empty_request(method, uri, fields)?).await;
+            return self.via_h2(empty_request(method, uri, fields)?).await;
         }
         self.request_direct(method, uri, fields).await
     }
@@ -340,16 +300,15 @@ impl Upstream {
                         Box::pin(sender.send_request(empty_request(method, uri, fields)?))
                             .await
                             .map_err(|e| UpstreamError::Request(e.into()))?;
-                    return Ok(Answer::hyper(response, Checkout::none()));
+                    return Ok(Answer::hyper(response));
                 }
             };
             match conn.exchange(method, target, fields).await {
                 Ok(answer) => {
-                    let (head, body) = DirectBody::new(answer, conn, &self.direct);
+                    let (head, body) = DirectBody::new(answer, true, conn, &self.idle);
                     return Ok(Answer {
                         head,
                         body: Either::Right(body),
-                        connection: Checkout::none(),
                     });
                 }
                 Err(error) if reused && !fresh && error.may_retry(method) => {
@@ -369,7 +328,7 @@ impl Upstream {
     ) -> Result<(Connected<OutBody, Box<Conn<Io>>>, bool), UpstreamError> {
         if !fresh {
             while let Some((mut conn, since)) =
-                self.direct.lock().ok().and_then(|mut idle| idle.pop())
+                self.idle.lock().ok().and_then(|mut idle| idle.pop())
             {
                 if keepable(&mut conn, since, Instant::now()) {
                     return Ok((Connected::H1(conn), true));
@@ -386,108 +345,63 @@ impl Upstream {
         Ok((connected, false))
     }
 
-    /// A request over hyper's client: HTTP/2, or HTTP/1.1 for a request
-    /// with a body.
-    async fn request_hyper(
+    /// A request with a body over HTTP/1.1 by `conn`, framed by its
+    /// Content-Length or else chunked. A reused connection that turns out
+    /// closed before any of the body was taken gets the request sent once
+    /// more on a new one.
+    async fn request_with_body(
         &self,
-        mut request: Request<OutBody>,
-    ) -> Result<(Response<Incoming>, Checkout<OutBody>), UpstreamError> {
-        let mut fresh = false;
-        loop {
-            let (sender, reused) = self.checkout(fresh).await?;
-            match sender {
-                Sender::H2(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => return Ok((response, Checkout::none())),
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) if reused && !fresh => {
-                            tracing::debug!(error = %error.error(), "the shared upstream HTTP/2 connection refused a request before taking it: sending it on a new one");
-                            if let Ok(mut pool) = self.pool.lock() {
-                                pool.sweep();
-                            }
-                            request = unsent;
-                            fresh = true;
-                        }
-                        _ => return Err(UpstreamError::Request(error.into_error().into())),
-                    },
-                },
-                Sender::H1(mut sender) => {
-                    // HTTP/1.1 sends the path and query; Host names the authority.
-                    let absolute = std::mem::take(request.uri_mut());
-                    *request.uri_mut() = origin_form(&absolute);
-                    match sender.try_send_request(request).await {
-                        Ok(response) => {
-                            let checkout = Checkout {
-                                sender: Some(sender),
-                                pool: Some(Arc::clone(&self.pool)),
-                            };
-                            return Ok((response, checkout));
-                        }
-                        Err(mut error) => match error.take_message() {
-                            Some(mut unsent) if reused && !fresh => {
-                                tracing::debug!(error = %error.error(), "a pooled upstream connection closed before taking the request: sending it on a new one");
-                                *unsent.uri_mut() = absolute;
-                                request = unsent;
-                                fresh = true;
-                            }
-                            _ => return Err(UpstreamError::Request(error.into_error().into())),
-                        },
-                    }
-                }
-            }
-        }
-    }
-
-    /// A ready connection: the shared HTTP/2 one, the most recent idle
-    /// HTTP/1.1 one, or (always when `fresh`) a new one. Whether it was reused.
-    async fn checkout(&self, fresh: bool) -> Result<(Sender<OutBody>, bool), UpstreamError> {
-        if !fresh {
-            while let Some((sender, since)) = self.take_pooled() {
-                let mut sender = match sender {
-                    Sender::H2(sender) => return Ok((Sender::H2(sender), true)),
-                    Sender::H1(_) if since.elapsed() >= POOL_IDLE_TIMEOUT => continue,
-                    Sender::H1(sender) => sender,
-                };
-                // Ready once the connection has finished the previous
-                // exchange; an error means it has closed.
-                if sender.ready().await.is_ok() {
-                    return Ok((Sender::H1(sender), true));
-                }
-            }
-        }
-        // Boxed: connecting (TCP, TLS, a handshake) makes a large future,
-        // which every request would otherwise carry.
-        let sender = match Box::pin(self.connect()).await? {
-            Connected::H2(sender) => Sender::H2(sender),
-            Connected::H1(io) => {
-                let (sender, connection) = http1::Builder::new()
-                    .handshake(io.into_inner())
-                    .await
-                    .map_err(|e| UpstreamError::Request(e.into()))?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "upstream connection ended with an error");
-                    }
-                });
-                self.start_sweeping();
-                Sender::H1(sender)
+        head: http::request::Parts,
+        mut body: OutBody,
+    ) -> Result<Answer, UpstreamError> {
+        let framing = match http1::content_length(head.headers.values_of(&CONTENT_LENGTH)) {
+            Ok(Some(length)) => BodyFraming::Length(length),
+            Ok(None) => BodyFraming::Chunked,
+            // The server side has already refused such a request.
+            Err(invalid) => {
+                return Err(UpstreamError::Request(
+                    format!("the request {invalid}").into(),
+                ));
             }
         };
-        Ok((sender, false))
-    }
-
-    /// The HTTP/2 connection (shared), else the most recent idle HTTP/1.1
-    /// one (taken) and since when it has been idle.
-    fn take_pooled(&self) -> Option<(Sender<OutBody>, Instant)> {
-        let mut pool = self.pool.lock().ok()?;
-        if let Some(h2) = &pool.h2 {
-            if !h2.is_closed() {
-                return Some((Sender::H2(h2.clone()), Instant::now()));
+        let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut fresh = false;
+        loop {
+            let (mut conn, reused) = match self.checkout_direct(fresh).await? {
+                (Connected::H1(conn), reused) => (conn, reused),
+                (Connected::H2(mut sender), _) => {
+                    // The upstream chose HTTP/2 for this new connection.
+                    let request = outgoing(head.method, head.uri, head.headers, body);
+                    let response = Box::pin(sender.send_request(request))
+                        .await
+                        .map_err(|e| UpstreamError::Request(e.into()))?;
+                    return Ok(Answer::hyper(response));
+                }
+            };
+            let mut touched = false;
+            let exchange = conn.exchange_with_body(
+                &head.method,
+                target,
+                &head.headers,
+                framing,
+                &mut body,
+                &mut touched,
+            );
+            match exchange.await {
+                Ok((answer, sent)) => {
+                    let (head, body) = DirectBody::new(answer, sent, conn, &self.idle);
+                    return Ok(Answer {
+                        head,
+                        body: Either::Right(body),
+                    });
+                }
+                Err(error) if reused && !fresh && !touched && error.may_retry(&head.method) => {
+                    tracing::debug!(%error, "a pooled upstream connection had closed: sending the request on a new one");
+                    fresh = true;
+                }
+                Err(error) => return Err(UpstreamError::Request(error.into())),
             }
-            pool.h2 = None;
         }
-        pool.idle
-            .pop()
-            .map(|(sender, since)| (Sender::H1(sender), since))
     }
 
     /// A new connection: an HTTP/2 one is shared from now on.
@@ -507,8 +421,8 @@ impl Upstream {
                     tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
                 }
             });
-            if let Ok(mut pool) = self.pool.lock() {
-                pool.h2 = Some(sender.clone());
+            if let Ok(mut h2) = self.h2.lock() {
+                h2.sender = Some(sender.clone());
             }
             return Ok(Connected::H2(sender));
         }
@@ -518,24 +432,18 @@ impl Upstream {
     /// Once per pool: a task that closes connections idle too long, so a
     /// burst does not leave its connections open for ever.
     fn start_sweeping(&self) {
-        match self.pool.lock() {
-            Ok(mut pool) if !pool.sweeping => pool.sweeping = true,
+        match self.h2.lock() {
+            Ok(mut h2) if !h2.sweeping => h2.sweeping = true,
             _ => return,
         }
-        let pool = Arc::downgrade(&self.pool);
-        let direct = Arc::downgrade(&self.direct);
+        let idle = Arc::downgrade(&self.idle);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(POOL_SWEEP);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let Some(pool) = pool.upgrade() else { break };
-                if let Ok(mut pool) = pool.lock() {
-                    pool.sweep();
-                }
-                if let Some(direct) = direct.upgrade()
-                    && let Ok(mut idle) = direct.lock()
-                {
+                let Some(idle) = idle.upgrade() else { break };
+                if let Ok(mut idle) = idle.lock() {
                     // Also those the upstream has closed since.
                     let now = Instant::now();
                     idle.retain_mut(|(conn, since)| keepable(conn, *since, now));
@@ -620,15 +528,4 @@ pub fn describe_upstream_error(
             format!("the upstream {authority} closed the connection without a response: {detail}"),
         )
     }
-}
-
-/// The path and query of an absolute URI, as an HTTP/1.1 request target.
-fn origin_form(uri: &Uri) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
