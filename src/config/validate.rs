@@ -31,11 +31,9 @@ impl Config {
         let upstream = UpstreamConfig {
             url: parse_upstream_url(raw.require("upstream.url")?)?,
             user_agent,
-            status_path: parse_with(
-                raw.require("upstream.status_path")?,
-                "upstream.status_path",
-                |s| (s.starts_with('/') && s.parse::<Uri>().is_ok()).then(|| s.to_owned()),
-            )?,
+            status_path: parse_key(raw, "upstream.status_path", |s| {
+                (s.starts_with('/') && s.parse::<Uri>().is_ok()).then(|| s.to_owned())
+            })?,
             connect_timeout: parse_duration(raw, "upstream.connect_timeout")?,
             response_timeout: parse_duration(raw, "upstream.response_timeout")?,
             client_cert: client_cert(raw)?,
@@ -52,18 +50,14 @@ impl Config {
             url: token_url(raw)?,
             client_id: client_id(raw)?,
             secret: secret_source(raw)?,
-            scope: parse_with(raw.require("token.scope")?, "token.scope", |s| {
+            scope: parse_key(raw, "token.scope", |s| {
                 (!s.trim().is_empty()).then(|| s.to_owned())
             })?,
-            auth_method: parse_with(
-                raw.require("token.auth_method")?,
-                "token.auth_method",
-                |s| match s {
-                    "client_secret_post" => Some(AuthMethod::ClientSecretPost),
-                    "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
-                    _ => None,
-                },
-            )?,
+            auth_method: parse_key(raw, "token.auth_method", |s| match s {
+                "client_secret_post" => Some(AuthMethod::ClientSecretPost),
+                "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
+                _ => None,
+            })?,
             timeout: parse_duration(raw, "token.timeout")?,
             startup_wait: parse_duration(raw, "token.startup_wait")?,
             refresh_before: match raw.get("token.refresh_before") {
@@ -85,16 +79,12 @@ impl Config {
         }
         let proxy = ProxyConfig {
             replay_buffer: parse_size(raw, "proxy.replay_buffer")?,
-            max_concurrent: parse_with(
-                raw.require("proxy.max_concurrent")?,
-                "proxy.max_concurrent",
-                |s| {
-                    s.parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=1_000_000).contains(n))
-                },
-            )?,
-            workers: parse_with(raw.require("proxy.workers")?, "proxy.workers", |s| {
+            max_concurrent: parse_key(raw, "proxy.max_concurrent", |s| {
+                s.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+            })?,
+            workers: parse_key(raw, "proxy.workers", |s| {
                 if s.eq_ignore_ascii_case("auto") {
                     Some(std::thread::available_parallelism().map_or(1, usize::from))
                 } else {
@@ -126,7 +116,7 @@ impl Config {
         };
         Ok(Config {
             listen: parse_proxy_listen(raw)?,
-            socket_mode: parse_with(raw.require("socket_mode")?, "socket_mode", |s| {
+            socket_mode: parse_key(raw, "socket_mode", |s| {
                 u32::from_str_radix(s, 8).ok().filter(|mode| *mode <= 0o777)
             })?,
             admin_listen: parse_listen(raw, "admin_listen")?,
@@ -164,6 +154,15 @@ fn expected(key: &str) -> &'static str {
     spec(key).map_or("a valid value", |spec| spec.expected)
 }
 
+/// `key`'s value (which has a default), checked by `parse`.
+fn parse_key<T>(
+    raw: &RawConfig,
+    key: &'static str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, ConfigError> {
+    parse_with(raw.require(key)?, key, parse)
+}
+
 /// Applies `parse`; on `None`, an error naming the key, its source, the
 /// expected form and the value that was given.
 fn parse_with<T>(
@@ -198,7 +197,7 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A duration; zero only for keys of [`Kind::DurationOrZero`].
 fn parse_duration(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
     let zero_allowed = spec(key).is_some_and(|spec| spec.kind == Kind::DurationOrZero);
-    parse_with(raw.require(key)?, key, |s| {
+    parse_key(raw, key, |s| {
         humantime::parse_duration(s)
             .ok()
             .filter(|d| (zero_allowed || !d.is_zero()) && *d <= MAX_DURATION)

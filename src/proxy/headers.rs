@@ -7,6 +7,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::UpstreamUrl;
+use crate::http1::field::tokens;
 use crate::http1::{Known, RawFields, WriteFields, lists};
 
 /// Request headers that the proxy consumes itself: `Expect` (the proxy's
@@ -97,10 +98,7 @@ fn clean_fields(fields: &mut RawFields, extra: &[Known]) {
         match known {
             Known::TransferEncoding => encoded = true,
             Known::Connection => {
-                listing |= value.split(|b| *b == b',').any(|token| {
-                    let token = token.trim_ascii();
-                    !token.is_empty() && Known::of(token) != Known::KeepAlive
-                });
+                listing |= tokens(value).any(|token| Known::of(token) != Known::KeepAlive);
             }
             _ => {}
         }

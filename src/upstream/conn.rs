@@ -1,10 +1,10 @@
-//! HTTP/1.1 to the upstream without a connection task, for requests that
-//! have no body (most API calls). The request's own task writes the head
-//! and reads the answer's head; the client's connection then reads the
-//! answer's body straight from the upstream socket as it passes it on. No
-//! channel, no second task, no wake-up between them. The bytes on the
-//! wire are `http1`'s; what is here is the connection: its buffer, its
-//! reuse, and when a request may be sent again.
+//! HTTP/1.1 to the upstream without a connection task. The request's own
+//! task writes the head (and the body, while it watches for an answer
+//! that may come first) and reads the answer's head; the client's
+//! connection then reads the answer's body straight from the upstream
+//! socket as it passes it on. No channel, no second task, no wake-up
+//! between them. The bytes on the wire are `http1`'s; what is here is the
+//! connection: its buffer, its reuse, and when a request may be sent again.
 
 use std::io;
 use std::pin::Pin;

@@ -1,8 +1,8 @@
-//! The upstream: its client, a pool of connections over rustls, HTTP/2 by
-//! ALPN, with one deadline around the whole connect (TCP and TLS
-//! handshake). Requests without a body go over HTTP/1.1 by [`conn`]; the
-//! others, and every request on HTTP/2, by hyper's client. Its failures
-//! are put in words here ([`describe_upstream_error`]).
+//! The upstream: its client, connections over rustls with one deadline
+//! around the whole connect (TCP and TLS handshake), HTTP/2 by ALPN. Over
+//! HTTP/1.1 every request, with a body or without, goes by [`conn`] on one
+//! pool; over HTTP/2, by hyper's client on one shared connection. Its
+//! failures are put in words here ([`describe_upstream_error`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,7 +88,7 @@ pub type Connector = TimeoutConnector<HttpsConnector<crate::egress::EgressConnec
 /// A connection to the upstream, as `conn` reads and writes it.
 pub type Io = TokioIo<<Connector as tower::Service<Uri>>::Response>;
 
-/// An upstream answer's body: from hyper's client, or read directly.
+/// An upstream answer's body: from hyper's client (HTTP/2), or read by `conn`.
 pub type UpstreamBody = Either<Incoming, DirectBody<Io>>;
 
 /// The body sent upstream: the client's stream, or a body held back for replay.
@@ -460,7 +460,7 @@ fn keepable(conn: &mut Conn<Io>, since: Instant, now: Instant) -> bool {
     now - since < POOL_IDLE_TIMEOUT && conn.is_usable()
 }
 
-/// A bodiless request for hyper's client.
+/// A bodiless request for hyper's client (HTTP/2).
 fn empty_request(
     method: &Method,
     uri: &Uri,
