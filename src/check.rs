@@ -136,7 +136,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     let (head, ()) = request.into_parts();
     let response = match tokio::time::timeout(
         config.upstream.response_timeout,
-        client.request_bodiless(&head.method, &head.uri, &head.headers),
+        client.request_bodiless(&head.method, &head.uri, &head.headers, false),
     )
     .await
     {

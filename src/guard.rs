@@ -9,8 +9,8 @@ use http::header::HeaderName;
 use http::{Method, Request, Uri, Version};
 
 use crate::config::GuardConfig;
-use crate::http1::field::{CONNECTION, HOST, ORIGIN, SEC_FETCH_SITE, UPGRADE};
-use crate::http1::{Field, FieldValues, Known, RequestHead, visible_ascii};
+use crate::http1::field::{HOST, ORIGIN, SEC_FETCH_SITE};
+use crate::http1::{Field, FieldValues, Known, Offer, RequestHead, upgrade_offer, visible_ascii};
 use crate::reply::{ErrorCode, ProxyError};
 use crate::secret::LocalKey;
 
@@ -98,13 +98,26 @@ impl Guard {
                 "TRACE is refused: the upstream would echo the injected token back",
             ));
         }
-        if is_upgrade(fields) {
-            return Err(ProxyError::new(
+        match upgrade_offer(fields) {
+            // An h2c offer is optional: the request is served over HTTP/1.1.
+            Offer::None | Offer::H2c => Ok(()),
+            Offer::WebSocket
+                if *request.method == Method::GET && request.version == Version::HTTP_11 =>
+            {
+                Ok(())
+            }
+            Offer::WebSocket => Err(ProxyError::new(
                 ErrorCode::UpgradeNotSupported,
-                "protocol upgrades (WebSocket) are not supported: send plain HTTP requests",
-            ));
+                "a WebSocket handshake is an HTTP/1.1 GET: send it so",
+            )),
+            Offer::Other(protocol) => Err(ProxyError::new(
+                ErrorCode::UpgradeNotSupported,
+                format!(
+                    "the upgrade to {:?} is not supported: only WebSocket is proxied (an h2c offer is ignored)",
+                    shorten(&protocol)
+                ),
+            )),
         }
-        Ok(())
     }
 
     /// DNS rebinding: a page whose name suddenly resolves to 127.0.0.1 still
@@ -351,10 +364,6 @@ pub fn has_dot_segment(path: &str) -> bool {
     })
 }
 
-fn is_upgrade(fields: &impl FieldValues) -> bool {
-    fields.first(&UPGRADE).is_some() && fields.lists_token(&CONNECTION, "upgrade")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,7 +398,27 @@ mod tests {
         let ws = get("/")
             .header("connection", "keep-alive, Upgrade")
             .header("upgrade", "websocket");
-        assert_eq!(code(&g, ws.body(())?), Some(ErrorCode::UpgradeNotSupported));
+        assert_eq!(code(&g, ws.body(())?), None);
+        let h2c = get("/x")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA");
+        assert_eq!(code(&g, h2c.body(())?), None);
+        let other = get("/x")
+            .header("connection", "upgrade")
+            .header("upgrade", "IRC/6.9");
+        assert_eq!(
+            code(&g, other.body(())?),
+            Some(ErrorCode::UpgradeNotSupported)
+        );
+        let post_ws = get("/x")
+            .method("POST")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket");
+        assert_eq!(
+            code(&g, post_ws.body(())?),
+            Some(ErrorCode::UpgradeNotSupported)
+        );
         assert_eq!(code(&g, get("/x").method("PATCH").body(())?), None);
         assert_eq!(code(&g, get("/x").method("PURGE").body(())?), None);
         Ok(())

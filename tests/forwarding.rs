@@ -162,12 +162,17 @@ async fn refused_methods_get_the_documented_errors() -> TestResult {
         .await?;
     assert_proxy_error(&trace, 405, "method_not_allowed");
 
-    let ws = raw(proxy.addr, b"GET /socket HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;
-    assert_eq!(ws.status, 501);
+    let irc = raw(
+        proxy.addr,
+        b"GET /socket HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: IRC/6.9\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(irc.status, 501);
     assert_eq!(
-        ws.header("x-bearer-proxy-error"),
+        irc.header("x-bearer-proxy-error"),
         Some("upgrade_not_supported")
     );
+    assert!(String::from_utf8_lossy(&irc.body).contains("IRC/6.9"));
 
     let connect = raw(
         proxy.addr,

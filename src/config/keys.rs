@@ -45,6 +45,9 @@ pub const DEFAULT_MAX_CONCURRENT: &str = "1024";
 pub const DEFAULT_WORKERS: &str = "1";
 /// Default time a client has to send a request's headers.
 pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
+/// Default time a tunnel (WebSocket) may stay silent both ways: Envoy's
+/// stream idle timeout.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: &str = "5m";
 /// Default paths whose JSON answers have the token masked.
 pub const DEFAULT_MASK_TOKEN_IN: &str = "/api/status";
 /// Default time in-flight requests get to finish at shutdown.
@@ -315,6 +318,14 @@ pub const KEYS: &[KeySpec] = &[
         flag: None,
         env: &[],
         default: Some(DEFAULT_HEADER_TIMEOUT),
+        kind: Kind::Duration,
+        expected: DURATION,
+    },
+    KeySpec {
+        key: "proxy.tunnel_idle_timeout",
+        flag: None,
+        env: &[],
+        default: Some(DEFAULT_TUNNEL_IDLE_TIMEOUT),
         kind: Kind::Duration,
         expected: DURATION,
     },

@@ -139,6 +139,8 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// Time a client has to send a request's headers.
     pub header_timeout: Duration,
+    /// Time a tunnel (WebSocket) may carry nothing either way.
+    pub tunnel_idle_timeout: Duration,
     /// Paths (as the client sends them) whose JSON answers have the token masked.
     pub mask_token_in: Vec<String>,
 }

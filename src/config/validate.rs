@@ -92,6 +92,7 @@ impl Config {
                 }
             })?,
             header_timeout: parse_duration(raw, "proxy.header_timeout")?,
+            tunnel_idle_timeout: parse_duration(raw, "proxy.tunnel_idle_timeout")?,
             mask_token_in: parse_list(raw, "proxy.mask_token_in", |item| {
                 item.starts_with('/').then(|| item.to_owned())
             })?,

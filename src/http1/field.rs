@@ -27,6 +27,9 @@ pub enum Known {
     Te,
     TransferEncoding,
     Upgrade,
+    /// The settings of an h2c upgrade offer (RFC 9113 §3.2.1 of old):
+    /// connection-specific.
+    Http2Settings,
     ContentLength,
     /// `Content_Length` or `Transfer_Encoding` (any case): a name that a
     /// server reading `_` as `-` (CGI-style stacks do) would take for a
@@ -66,6 +69,7 @@ impl Known {
             13 if is(b"authorization") => Self::Authorization,
             14 if is(b"content-length") => Self::ContentLength,
             14 if is(b"sec-fetch-site") => Self::SecFetchSite,
+            14 if is(b"http2-settings") => Self::Http2Settings,
             14 | 17 if is(b"content_length") || is(b"transfer_encoding") => Self::FramingLookalike,
             16 if is(b"proxy-connection") => Self::ProxyConnection,
             17 if is(b"transfer-encoding") => Self::TransferEncoding,
@@ -76,7 +80,8 @@ impl Known {
     }
 
     /// Describes one connection, not the message (RFC 9110 §7.6.1, plus
-    /// the non-standard `Proxy-Connection` and `Keep-Alive`).
+    /// the non-standard `Proxy-Connection` and `Keep-Alive`, and h2c's
+    /// `HTTP2-Settings`).
     pub fn is_hop_by_hop(self) -> bool {
         matches!(
             self,
@@ -88,6 +93,7 @@ impl Known {
                 | Self::Te
                 | Self::TransferEncoding
                 | Self::Upgrade
+                | Self::Http2Settings
         )
     }
 }
@@ -158,6 +164,42 @@ impl FieldValues for HeaderMap {
 /// Whether the client sent `TE: trailers`: it can take trailers.
 pub fn takes_trailers(fields: &impl FieldValues) -> bool {
     fields.lists_token(&TE, "trailers")
+}
+
+/// What a request offers to upgrade its connection to (RFC 9110 §7.8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// Nothing: no Upgrade field, or one that `Connection` does not name
+    /// (which does not count).
+    None,
+    /// Only h2c: optional, and ignored by a server that stays on HTTP/1.1.
+    H2c,
+    /// WebSocket (RFC 6455).
+    WebSocket,
+    /// Another protocol, named as the client named it.
+    Other(String),
+}
+
+/// What the request's `Upgrade` and `Connection` fields offer.
+pub fn upgrade_offer(fields: &impl FieldValues) -> Offer {
+    if fields.first(&UPGRADE).is_none() || !fields.lists_token(&CONNECTION, "upgrade") {
+        return Offer::None;
+    }
+    let mut offer = Offer::None;
+    for token in fields.values_of(&UPGRADE).flat_map(tokens) {
+        let name = token.split(|b| *b == b'/').next().unwrap_or(token);
+        if name.eq_ignore_ascii_case(b"websocket") {
+            return Offer::WebSocket;
+        }
+        if token.eq_ignore_ascii_case(b"h2c") {
+            if offer == Offer::None {
+                offer = Offer::H2c;
+            }
+        } else if !matches!(offer, Offer::Other(_)) {
+            offer = Offer::Other(String::from_utf8_lossy(token).into_owned());
+        }
+    }
+    offer
 }
 
 /// What makes a request's framing one that an intermediary must not pass
@@ -335,6 +377,7 @@ mod tests {
             let known = Known::of(name.as_bytes());
             assert!(known != Known::Other && !known.is_hop_by_hop(), "{name}");
         }
+        assert!(Known::of(b"HTTP2-Settings").is_hop_by_hop());
         for name in ["Content_Length", "transfer_ENCODING"] {
             assert_eq!(Known::of(name.as_bytes()), Known::FramingLookalike);
         }
@@ -348,6 +391,33 @@ mod tests {
         ] {
             assert_eq!(Known::of(name.as_bytes()), Known::Other, "{name}");
         }
+    }
+
+    #[test]
+    fn upgrade_offers() {
+        let offer = |fields: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in fields {
+                map.append(*name, header::HeaderValue::from_static(value));
+            }
+            upgrade_offer(&map)
+        };
+        let upgrade = ("connection", "keep-alive, Upgrade, HTTP2-Settings");
+        assert_eq!(offer(&[]), Offer::None);
+        assert_eq!(offer(&[("upgrade", "websocket")]), Offer::None);
+        assert_eq!(offer(&[upgrade, ("upgrade", "h2c")]), Offer::H2c);
+        assert_eq!(
+            offer(&[upgrade, ("upgrade", "WebSocket")]),
+            Offer::WebSocket
+        );
+        assert_eq!(
+            offer(&[upgrade, ("upgrade", "h2c, websocket/13")]),
+            Offer::WebSocket
+        );
+        assert_eq!(
+            offer(&[upgrade, ("upgrade", "h2c, TLS/1.0")]),
+            Offer::Other("TLS/1.0".to_owned())
+        );
     }
 
     #[test]

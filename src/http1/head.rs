@@ -155,6 +155,8 @@ pub struct Signals {
     /// `Connection` lists something else (fields to remove, `upgrade`).
     pub connection_other: bool,
     pub upgrade: bool,
+    /// An Upgrade token other than `h2c` (which a server may ignore).
+    pub upgrade_other: bool,
     pub expect: bool,
     /// A name that looks like a framing field's (see [`Known::FramingLookalike`]).
     pub lookalike: bool,
@@ -171,6 +173,7 @@ impl Default for Signals {
             keep_alive: false,
             connection_other: false,
             upgrade: false,
+            upgrade_other: false,
             expect: false,
             lookalike: false,
         }
@@ -200,7 +203,10 @@ impl Signals {
                         }
                     }
                 }
-                Known::Upgrade => signals.upgrade = true,
+                Known::Upgrade => {
+                    signals.upgrade = true;
+                    signals.upgrade_other |= tokens(value).any(|t| !t.eq_ignore_ascii_case(b"h2c"));
+                }
                 Known::Expect => signals.expect = true,
                 Known::FramingLookalike => signals.lookalike = true,
                 _ => {}

@@ -25,11 +25,11 @@ pub mod raw;
 
 pub use body::Framing;
 pub use body::{Decoded, Decoder, Encoder, chunk_line, end_chunked};
-pub use field::FramingProblem;
 pub use field::{
     Codings, Field, FieldValues, Known, content_length, lists, put_field, put_name, takes_trailers,
     visible_ascii,
 };
+pub use field::{FramingProblem, Offer, upgrade_offer};
 pub use head::{
     Answer, Answered, Fields, Parse, RequestHead, RequestLine, ResponseHead, Signals, WriteFields,
     encode_request_head, encode_response_head, has_body, parse_request, parse_response,

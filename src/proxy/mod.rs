@@ -12,17 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, LOCATION};
+use http::header::{
+    ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, LOCATION, UPGRADE,
+};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use tokio::sync::Semaphore;
+use hyper::upgrade::OnUpgrade;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 
 pub mod body;
 pub mod headers;
 pub mod mask;
+pub mod tunnel;
 
 use body::ProxyBody;
 use headers::{Added, LocationRewriter, OutFields, RawRequest};
@@ -31,13 +36,13 @@ use crate::config::Config;
 use crate::guard::Guard;
 use crate::http1::field::{CONTENT_LENGTH as CONTENT_LENGTH_FIELD, EXPECT};
 use crate::http1::{
-    self, FieldValues, Fields, FramingProblem, Known, RequestHead, ResponseHead, WriteFields,
-    visible_ascii,
+    self, FieldValues, Fields, FramingProblem, Known, Offer, RequestHead, ResponseHead,
+    WriteFields, visible_ascii,
 };
 pub use crate::reply::{ErrorCode, ProxyError};
 use crate::token::{CurrentToken, LocalToken, Renewal, TokenSlot};
 use crate::upstream::body::{Activity, TrackedBody};
-use crate::upstream::{Answer, Upstream, UpstreamBody, UpstreamError, outgoing};
+use crate::upstream::{Answer, Switched, Upstream, UpstreamBody, UpstreamError, outgoing};
 pub use mask::{mask, normalize_path};
 
 /// Largest status-path answer that is read whole to mask the token in it.
@@ -72,6 +77,10 @@ struct Shared {
     startup_wait: Duration,
     response_timeout: Duration,
     replay_buffer: usize,
+    /// `proxy.tunnel_idle_timeout`.
+    tunnel_idle: Duration,
+    /// Open tunnels (WebSocket), waited for on shutdown.
+    tunnels: TaskTracker,
     min_forced_interval: Duration,
     /// How long a request refused with 401 waits for the forced renewal.
     renewal_wait: Duration,
@@ -128,6 +137,8 @@ impl Proxy {
                 min_forced_interval: config.token.min_forced_interval,
                 // The forced fetch may take all of token.timeout: wait a little longer.
                 renewal_wait: config.token.timeout + Duration::from_secs(1),
+                tunnel_idle: config.proxy.tunnel_idle_timeout,
+                tunnels: TaskTracker::new(),
             }),
         }
     }
@@ -167,13 +178,17 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let shared = Arc::clone(&self.inner);
+        // The client's side of an upgrade, should the upstream agree to it.
+        let upgrade = request
+            .headers()
+            .contains_key(http::header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut request));
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let (head, body) = shared
-                .answer(RequestHead::from_parts(parts), Some(body))
-                .await;
+            let head = RequestHead::from_parts(parts);
+            let (head, body) = shared.answer(head, Some(body), upgrade).await;
             Ok(match head.into_parts() {
                 Ok(parts) => Response::from_parts(parts, body),
                 // httparse and `http` accept the same bytes: not expected.
@@ -195,7 +210,15 @@ impl crate::server::Bodiless for Proxy {
         &self,
         request: RequestHead,
     ) -> impl Future<Output = (ResponseHead, ProxyBody)> + Send + '_ {
-        self.inner.answer(request, None)
+        self.inner.answer(request, None, None)
+    }
+
+    fn drained(&self) -> impl Future<Output = ()> + Send + 'static {
+        let tunnels = self.inner.tunnels.clone();
+        async move {
+            tunnels.close();
+            tunnels.wait().await;
+        }
     }
 }
 
@@ -208,8 +231,13 @@ fn error_answer(error: &ProxyError) -> (ResponseHead, ProxyBody) {
 impl Shared {
     /// The answer to a request (`body`: `None` when it has none): the
     /// upstream's, or the proxy's error.
-    async fn answer(&self, head: RequestHead, body: Option<Incoming>) -> (ResponseHead, ProxyBody) {
-        match self.forward(head, body).await {
+    async fn answer(
+        &self,
+        head: RequestHead,
+        body: Option<Incoming>,
+        upgrade: Option<OnUpgrade>,
+    ) -> (ResponseHead, ProxyBody) {
+        match self.forward(head, body, upgrade).await {
             Ok(answer) => answer,
             Err(error) => error_answer(&error),
         }
@@ -219,6 +247,7 @@ impl Shared {
         &self,
         head: RequestHead,
         body: Option<Incoming>,
+        upgrade: Option<OnUpgrade>,
     ) -> Result<(ResponseHead, ProxyBody), ProxyError> {
         if let Some(problem) = http1::field::request_problem(&head.fields) {
             return Err(framing_error(problem));
@@ -271,6 +300,17 @@ impl Shared {
             authorization: token.header.clone(),
             user_agent: self.user_agent.clone(),
         };
+        // A WebSocket handshake (the guard has refused other upgrades, and
+        // an h2c offer is ignored): sent on with its upgrade.
+        let upgrade = upgrade.filter(|_| http1::upgrade_offer(&fields) == Offer::WebSocket);
+        let asked = upgrade
+            .is_some()
+            .then(|| {
+                fields
+                    .first(&http1::field::UPGRADE)
+                    .map(Bytes::copy_from_slice)
+            })
+            .flatten();
         // A body that is already over is no body.
         let body = body.filter(|body| !body.is_end_stream());
         let replayable = body.is_none() || self.can_replay(&fields);
@@ -291,6 +331,10 @@ impl Shared {
                 };
                 headers::clean_request(&mut map);
                 added.apply(&mut map);
+                if let Some(protocol) = asked.and_then(|p| HeaderValue::from_maybe_shared(p).ok()) {
+                    map.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    map.insert(UPGRADE, protocol);
+                }
                 if masked {
                     // The answer is read to mask the token in it: ask for it uncompressed.
                     map.remove(ACCEPT_ENCODING);
@@ -326,12 +370,20 @@ impl Shared {
                     method,
                     uri,
                     fields: out,
+                    upgrade: upgrade.is_some(),
                 };
                 self.send_replayable(outgoing, held, held_token).await?
             }
         };
 
-        let Answer { head, body } = answer;
+        let Answer {
+            head,
+            body,
+            switched,
+        } = answer;
+        if let (Some(switched), Some(upgrade)) = (switched, upgrade) {
+            return self.switch(head, switched, upgrade, permit);
+        }
         let ResponseHead {
             status,
             reason,
@@ -461,6 +513,43 @@ impl Shared {
             })
     }
 
+    /// The upstream switched protocols: the client gets the `101` with
+    /// the upstream's fields (its `Upgrade` and `Connection: upgrade` put
+    /// back, since they are this hop's), and a tunnel relays the bytes.
+    fn switch(
+        &self,
+        head: ResponseHead,
+        switched: Switched,
+        upgrade: OnUpgrade,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(ResponseHead, ProxyBody), ProxyError> {
+        let ResponseHead {
+            status,
+            reason,
+            fields,
+            ..
+        } = head;
+        let mut headers = fields
+            .into_map()
+            .map_err(|message| self.upstream_error(&UpstreamError::invalid_answer(message)))?;
+        let protocol = headers.get(UPGRADE).cloned();
+        headers::clean_response(&mut headers);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(protocol) = protocol {
+            headers.insert(UPGRADE, protocol);
+        }
+        let (io, early) = switched.into_parts();
+        self.tunnels
+            .spawn(tunnel::relay(upgrade, io, early, self.tunnel_idle, permit));
+        let head = ResponseHead {
+            status,
+            version: Version::HTTP_11,
+            reason,
+            fields: Fields::Map(headers),
+        };
+        Ok((head, ProxyBody::full(Bytes::new(), None)))
+    }
+
     /// Whether a request with a body can be sent again after an upstream
     /// 401: one small enough to hold back (by its Content-Length) and not
     /// announced with `Expect: 100-continue` (its sender waits to be asked).
@@ -513,11 +602,11 @@ impl Shared {
             method,
             uri,
             fields,
+            upgrade,
         } = request;
         if body.is_empty() {
-            return self
-                .send(self.client.request_bodiless(method, uri, fields), None)
-                .await;
+            let sending = self.client.request_bodiless(method, uri, fields, *upgrade);
+            return self.send(sending, None).await;
         }
         let headers = fields
             .to_map()
@@ -615,6 +704,8 @@ struct Outgoing {
     method: Method,
     uri: Uri,
     fields: OutFields,
+    /// It asks for an upgrade (a WebSocket handshake).
+    upgrade: bool,
 }
 
 /// The answer to a request whose framing the proxy refuses.

@@ -258,14 +258,14 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Parsed {
         return Parsed::Hyper;
     }
     // Only a head without a body, and without anything that changes how
-    // the connection goes on, is served here. Hyper's server keeps one of
-    // repeated Content-Lengths and refuses a list: it has those.
+    // the connection goes on, is served here: an h2c offer does not (it is
+    // ignored), another upgrade does. Hyper's server keeps one of repeated
+    // Content-Lengths and refuses a list: it has those.
     let signals = &line.signals;
     if signals.codings.present
         || signals.expect
-        || signals.upgrade
+        || signals.upgrade_other
         || signals.lookalike
-        || signals.connection_other
         || signals.content_lengths > 1
         || signals.length_list
         || !matches!(signals.length, Ok(None | Some(0)))

@@ -192,7 +192,9 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService,
 {
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades: a WebSocket handshake that the upstream accepts
+    // hands the connection over to the service's tunnel.
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     // The connection first: bytes the lean path already read are a
     // request that hyper must see before it is told to close.
@@ -314,12 +316,17 @@ impl Connections {
 
     /// Lets open connections finish their requests for up to `grace`, then
     /// closes what is left.
-    async fn drain(self, grace: Duration) {
+    /// `beside`: what else must end within the grace (a service's tunnels).
+    async fn drain(self, grace: Duration, beside: impl Future<Output = ()>) {
         let name = self.name;
         self.closing.cancel();
         self.tasks.close();
+        let ended = async {
+            self.tasks.wait().await;
+            beside.await;
+        };
         tokio::select! {
-            () = self.tasks.wait() => tracing::debug!(listener = name, "all connections closed"),
+            () = ended => tracing::debug!(listener = name, "all connections closed"),
             _ = tokio::time::sleep(grace) => {
                 tracing::warn!(listener = name, grace_s = grace.as_secs_f64(), "shutdown grace elapsed: closing the remaining connections");
             }
@@ -351,7 +358,7 @@ pub async fn serve<S: HttpService>(
         connections.spawn(stream, service.clone(), || {});
     }
     drop(listener);
-    connections.drain(grace).await;
+    connections.drain(grace, std::future::ready(())).await;
 }
 
 /// A connection on its way from the accepting runtime to a worker's.
@@ -450,7 +457,7 @@ impl Workers {
                                 }
                             }
                         }
-                        connections.drain(grace).await;
+                        connections.drain(grace, service.drained()).await;
                     });
                     // Dropping the runtime ends whatever the grace left.
                     drop(runtime);

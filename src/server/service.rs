@@ -54,4 +54,11 @@ pub trait Bodiless: HttpService<Body: http_body::Body<Data = Bytes, Error: Send>
         &self,
         request: RequestHead,
     ) -> impl Future<Output = (ResponseHead, Self::Body)> + Send + '_;
+
+    /// Ends when what the service runs beside its connections (tunnels
+    /// after an upgrade) has ended; waited for on shutdown, within the
+    /// grace period, after the connections.
+    fn drained(&self) -> impl Future<Output = ()> + Send + 'static {
+        std::future::ready(())
+    }
 }

@@ -191,6 +191,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         })
     }
 
+    /// The connection and what was read from it but not used.
+    pub fn into_parts(self) -> (T, Bytes) {
+        (self.io, self.buf.freeze())
+    }
+
     /// Whether an idle connection can carry a request: the upstream has
     /// neither closed it nor sent anything unasked. Never waits.
     pub fn is_usable(&mut self) -> bool {
@@ -400,6 +405,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> DirectBody<T> {
 }
 
 impl<T> DirectBody<T> {
+    /// A body with nothing in it (a `101` answer's).
+    pub fn empty() -> Self {
+        Self {
+            conn: None,
+            decoder: Decoder::new(http1::Framing::Empty),
+            idle: None,
+            error: None,
+            failed: false,
+        }
+    }
+
     /// The body has been read whole: the connection goes back to the pool
     /// if it may be kept and nothing unasked followed the body.
     fn finish(&mut self) {

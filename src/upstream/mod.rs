@@ -100,6 +100,9 @@ pub struct Answer {
     /// Its head: over HTTP/1.1 without a body, the fields as they arrived.
     pub head: ResponseHead,
     pub body: UpstreamBody,
+    /// After `101 Switching Protocols` to an upgrade that was asked for:
+    /// the connection, which now speaks the new protocol.
+    pub switched: Option<Switched>,
 }
 
 impl Answer {
@@ -108,8 +111,30 @@ impl Answer {
         Self {
             head: ResponseHead::from_parts(parts),
             body: Either::Left(body),
+            switched: None,
         }
     }
+}
+
+/// An upstream connection that switched protocols.
+#[derive(Debug)]
+pub struct Switched(Box<Conn<Io>>);
+
+impl Switched {
+    /// The connection, and the bytes of the new protocol that came with
+    /// the answer's head.
+    pub fn into_parts(self) -> (Io, Bytes) {
+        let Self(conn) = self;
+        (*conn).into_parts()
+    }
+}
+
+/// An upgrade cannot be asked for over HTTP/2 (RFC 9113 §8.2.2).
+fn no_upgrade_over_h2() -> UpstreamError {
+    UpstreamError::Request(
+        "the upstream speaks HTTP/2, over which a connection cannot be upgraded (WebSocket over HTTP/2, RFC 8441, is not supported)"
+            .into(),
+    )
 }
 
 /// A worker's connections to the upstream: one pool of HTTP/1.1
@@ -213,7 +238,7 @@ impl Upstream {
         let (head, body) = request.into_parts();
         if body.is_end_stream() {
             return self
-                .request_direct(&head.method, &head.uri, &head.headers)
+                .request_direct(&head.method, &head.uri, &head.headers, false)
                 .await;
         }
         // Boxed: streaming a body is the rarer path, and its future large.
@@ -251,7 +276,7 @@ impl Upstream {
         let (head, body) = request.into_parts();
         if body.is_end_stream() {
             return self
-                .request_direct(&head.method, &head.uri, &head.headers)
+                .request_direct(&head.method, &head.uri, &head.headers, false)
                 .await;
         }
         self.request_with_body(head, body).await
@@ -267,16 +292,24 @@ impl Upstream {
     /// absolute, its Host among `fields`), so that it can be sent again
     /// (after a 401) without a copy. An answer over HTTP/1.1 comes with its
     /// header fields as they arrived: no header map is built for them.
+    ///
+    /// With `upgrade` (the fields ask for one, as a WebSocket handshake
+    /// does), a `101 Switching Protocols` answer comes with the connection
+    /// in [`Answer::switched`]; the upgrade needs HTTP/1.1.
     pub async fn request_bodiless(
         &self,
         method: &Method,
         uri: &Uri,
         fields: &impl WriteFields,
+        upgrade: bool,
     ) -> Result<Answer, UpstreamError> {
         if self.speaks_h2() {
+            if upgrade {
+                return Err(no_upgrade_over_h2());
+            }
             return self.via_h2(empty_request(method, uri, fields)?).await;
         }
-        self.request_direct(method, uri, fields).await
+        self.request_direct(method, uri, fields, upgrade).await
     }
 
     /// A request without a body over HTTP/1.1 by `conn`, on the most
@@ -288,12 +321,14 @@ impl Upstream {
         method: &Method,
         uri: &Uri,
         fields: &impl WriteFields,
+        upgrade: bool,
     ) -> Result<Answer, UpstreamError> {
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut fresh = false;
         loop {
             let (mut conn, reused) = match self.checkout_direct(fresh).await? {
                 (Connected::H1(conn), reused) => (conn, reused),
+                (Connected::H2(_), _) if upgrade => return Err(no_upgrade_over_h2()),
                 (Connected::H2(mut sender), _) => {
                     // The upstream chose HTTP/2 for this new connection.
                     let response =
@@ -304,11 +339,21 @@ impl Upstream {
                 }
             };
             match conn.exchange(method, target, fields).await {
+                Ok(answer)
+                    if upgrade && answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    return Ok(Answer {
+                        head: answer.head,
+                        body: Either::Right(DirectBody::empty()),
+                        switched: Some(Switched(conn)),
+                    });
+                }
                 Ok(answer) => {
                     let (head, body) = DirectBody::new(answer, true, conn, &self.idle);
                     return Ok(Answer {
                         head,
                         body: Either::Right(body),
+                        switched: None,
                     });
                 }
                 Err(error) if reused && !fresh && error.may_retry(method) => {
@@ -393,6 +438,7 @@ impl Upstream {
                     return Ok(Answer {
                         head,
                         body: Either::Right(body),
+                        switched: None,
                     });
                 }
                 Err(error) if reused && !fresh && !touched && error.may_retry(&head.method) => {
