@@ -26,13 +26,15 @@
 //!   [`listen`], TCP and unix-socket listeners; [`telemetry`], logging;
 //!   [`shutdown`], signals.
 //! - The request path's parts: [`guard`], who may use the proxy;
-//!   [`upstream`], the client (a pool per worker, HTTP/2 by ALPN, hyper's
-//!   client for bodies, [`upstream::conn`] for requests without one), the
-//!   retry rule and upstream failures in words; [`server`], accepting,
+//!   [`upstream`], the client (one HTTP/1.1 pool per worker for every
+//!   request, by [`upstream::conn`]; hyper's client only when the upstream
+//!   speaks HTTP/2), the retry rule and upstream failures in words;
+//!   [`server`], accepting,
 //!   the worker threads, graceful drain, and the lean HTTP/1.1 driver that
 //!   serves requests without a body without hyper's server.
 //! - [`proxy`]: the policy: what is removed and added on the way, replay
-//!   after a 401, `Location` rewriting, token masking.
+//!   after a 401, `Location` rewriting, token masking, upgrades (h2c
+//!   ignored, WebSocket tunnelled by [`proxy::tunnel`]).
 //! - Wiring: [`admin`] (`/healthz`, `/readyz`, `/status`), [`check`] and
 //!   [`healthcheck`] (the operator subcommands), and this file's [`run`].
 //!

@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn injects_the_token_and_replaces_client_credentials() -> TestResult {
@@ -773,5 +774,53 @@ async fn an_invalid_upstream_answer_is_a_502_that_says_so() -> TestResult {
             "{message}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestResult {
+    // Answers 200 as soon as it has the head, then reads the body to its
+    // Content-Length and reports how much came.
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let (addr, _) = raw_upstream(move |mut stream, head| {
+        let got_tx = got_tx.clone();
+        async move {
+            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let length: usize = text
+                .split("content-length: ")
+                .nth(1)
+                .and_then(|rest| rest.split("\r\n").next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            let end = head
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |at| at + 4);
+            let mut got = head.len() - end;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+                .await;
+            let mut buf = vec![0u8; 65536];
+            while got < length {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            let _ = got_tx.send(got);
+        }
+    })
+    .await?;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{addr}"), &[]).await;
+    let body = vec![b'u'; 1024 * 1024];
+    let response = http1()
+        .post(proxy.url("/early"))
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await?, "early");
+    let got = tokio::time::timeout(Duration::from_secs(10), got_rx.recv()).await?;
+    assert_eq!(got, Some(body.len()));
     Ok(())
 }

@@ -61,42 +61,110 @@ fn modules(src: &Path) -> BTreeMap<String, String> {
     found
 }
 
-/// The text before the file's test module.
+/// The text before the file's test module, without comments, with no
+/// white space around `::`.
 fn production(text: &str) -> String {
-    match text.find("#[cfg(test)]\nmod tests") {
-        Some(at) => text[..at].to_owned(),
-        None => text.to_owned(),
+    let text = match text.find("#[cfg(test)]\nmod tests") {
+        Some(at) => &text[..at],
+        None => text,
+    };
+    // Block comments out.
+    let mut code = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("/*") {
+        code.push_str(&rest[..start]);
+        rest = rest[start..]
+            .find("*/")
+            .map_or("", |end| &rest[start + end + 2..]);
     }
-    .lines()
-    .filter(|line| {
-        let line = line.trim_start();
-        !line.starts_with("//")
-    })
-    .collect::<Vec<_>>()
-    .join("\n")
+    code.push_str(rest);
+    let code = code
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // `crate :: a` is `crate::a`.
+    let mut joined = String::with_capacity(code.len());
+    let mut chars = code.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_whitespace() {
+            let mut spaces = String::from(c);
+            while let Some(&next) = chars.peek() {
+                if !next.is_whitespace() {
+                    break;
+                }
+                spaces.push(next);
+                chars.next();
+            }
+            if chars.peek() == Some(&':') || joined.ends_with("::") {
+                continue;
+            }
+            joined.push_str(&spaces);
+        } else {
+            joined.push(c);
+        }
+    }
+    joined
 }
 
 /// The paths `text` names after `prefix` (`crate::`, `super::`, a child's
 /// `name::`), braces of a `use` expanded one level.
 fn paths_after(text: &str, prefix: &str) -> Vec<String> {
     let mut paths = Vec::new();
-    let mut rest = text;
-    while let Some(at) = rest.find(prefix) {
-        let before = rest[..at].chars().next_back();
-        rest = &rest[at + prefix.len()..];
+    let mut from = 0;
+    while let Some(found) = text[from..].find(prefix) {
+        let at = from + found;
+        from = at + prefix.len();
+        let before = text[..at].chars().next_back();
         if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
             continue;
         }
-        if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
-                paths.push(path_of(item.trim()));
-            }
-        } else {
-            paths.push(path_of(rest));
-        }
+        expand("", &text[from..], &mut paths);
     }
     paths
+}
+
+/// The paths of a use tree at the start of `text`, `{a::b, c::{d, e}}`
+/// included, each after `base`.
+fn expand(base: &str, text: &str, paths: &mut Vec<String>) {
+    let head = path_of(text);
+    let after = &text[head.len()..];
+    let base = match (base.is_empty(), head.is_empty()) {
+        (_, true) => base.to_owned(),
+        (true, false) => head.clone(),
+        (false, false) => format!("{base}::{head}"),
+    };
+    let Some(group) = after
+        .strip_prefix("::{")
+        .or_else(|| (head.is_empty()).then(|| after.strip_prefix('{')).flatten())
+    else {
+        paths.push(base);
+        return;
+    };
+    // The items of the group, split at its top-level commas.
+    let mut depth = 0;
+    let mut start = 0;
+    for (at, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                let item = group[start..at].trim();
+                if !item.is_empty() {
+                    expand(&base, item, paths);
+                }
+                return;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                let item = group[start..at].trim();
+                if !item.is_empty() {
+                    expand(&base, item, paths);
+                }
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
 }
 
 fn path_of(text: &str) -> String {
@@ -150,10 +218,16 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         } else {
             format!("{module}::")
         };
-        let up = parent(module);
         for path in paths_after(text, "super::") {
+            // `super::super::x` climbs once more for each `super`.
+            let mut up = parent(module);
+            let mut path = path.as_str();
+            while let Some(rest) = path.strip_prefix("super::") {
+                up = parent(&up);
+                path = rest;
+            }
             let from = if up == "crate" {
-                path.clone()
+                path.to_owned()
             } else {
                 format!("{up}::{path}")
             };
@@ -270,4 +344,18 @@ fn no_files_import_each_other_in_a_cycle() {
             );
         }
     }
+}
+
+#[test]
+fn the_reader_sees_through_spacing_braces_and_comments() {
+    let text = production(
+        "use crate::{http1::{Known}, proxy::ProxyError};\ntype P = crate :: upstream::Answer;\n/* crate::server */\nuse super::super::token::Slot;",
+    );
+    let mut found = paths_after(&text, "crate::");
+    found.sort();
+    assert_eq!(
+        found,
+        ["http1::Known", "proxy::ProxyError", "upstream::Answer"]
+    );
+    assert_eq!(paths_after(&text, "super::"), ["super::token::Slot"]);
 }

@@ -524,8 +524,9 @@ pub fn encode_response_head(
     }
     let chunkable = has_body(method, status) && !http10;
     // With a body of unknown size, the fields' Content-Length frames it.
+    // A HEAD's answer gives the GET's length: passed on, once.
     let declared = match length {
-        Some(None) => match &head.fields {
+        Some(None) | None => match &head.fields {
             Fields::Map(map) => content_length(map.values_of(&super::field::CONTENT_LENGTH)),
             Fields::Raw(raw) => content_length(raw.values(Known::ContentLength)),
         },
@@ -533,6 +534,7 @@ pub fn encode_response_head(
     };
     let mut encoder = Encoder::Length(0);
     let mut wrote_length = false;
+    let mut wrote_content_length = false;
     let mut wrote_date = false;
     let mut allowed: Option<Vec<HeaderName>> = None;
     // Closing, hyper's server adds `close` to the Connection field unless
@@ -585,26 +587,26 @@ pub fn encode_response_head(
         };
         match known {
             Known::ContentLength => {
-                // One line, the length that frames the body; the fields of
-                // the name come together, so a second group cannot come.
+                // One line, the length that frames the body: later fields
+                // of the name (which `declared` found to agree) are left out.
+                if wrote_content_length {
+                    continue;
+                }
                 let size = match length {
                     Some(Some(size)) => size,
-                    Some(None) => declared?.ok_or(UNFRAMEABLE)?,
                     None if *method != Method::HEAD => continue,
-                    None => {
-                        wrote_length = true;
-                        put_field(dst, name, value);
-                        continue;
-                    }
+                    // A body of unknown size, or a HEAD's answer.
+                    Some(None) | None => declared?.ok_or(UNFRAMEABLE)?,
                 };
                 if wrote_length {
-                    if continued {
-                        continue;
-                    }
+                    // Transfer-Encoding came first.
                     return Err(UNFRAMEABLE);
                 }
-                encoder = Encoder::Length(size);
+                if length.is_some() {
+                    encoder = Encoder::Length(size);
+                }
                 wrote_length = true;
+                wrote_content_length = true;
                 let _ = write!(dst, "content-length: {size}\r\n");
                 continue;
             }
@@ -702,4 +704,61 @@ fn lists_chunked_last(value: &[u8]) -> bool {
     let mut codings = Codings::default();
     codings.add(value);
     codings.chunked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(
+        fields: Fields,
+        method: Method,
+        length: Option<Option<u64>>,
+    ) -> Result<String, Invalid> {
+        let mut head = ResponseHead {
+            status: StatusCode::OK,
+            version: Version::HTTP_11,
+            reason: None,
+            fields,
+        };
+        let mut out = Vec::new();
+        encode_response_head(&mut out, &method, &mut head, length, true, |d| {
+            d.extend_from_slice(b"D")
+        })?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn raw(head: &[u8]) -> Fields {
+        let mut buf = BytesMut::from(head);
+        match parse_response(&mut buf, &Method::GET) {
+            Ok(Answered::Complete(answer)) => answer.head.fields,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn repeated_equal_lengths_are_written_once() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\ncontent-length: 5\r\n\r\n";
+        let expected = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\ndate: D\r\n\r\n";
+        for length in [Some(Some(5)), Some(None)] {
+            assert_eq!(
+                encode(raw(head), Method::GET, length).as_deref(),
+                Ok(expected)
+            );
+            let map = raw(head).into_map().expect("a map");
+            assert_eq!(
+                encode(Fields::Map(map), Method::GET, length).as_deref(),
+                Ok(expected)
+            );
+        }
+        // A HEAD's answer: the GET's length, once.
+        assert_eq!(
+            encode(raw(head), Method::HEAD, None).as_deref(),
+            Ok(expected)
+        );
+        // Lengths that disagree frame nothing.
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        let mut buf = BytesMut::from(&head[..]);
+        assert!(parse_response(&mut buf, &Method::GET).is_err());
+    }
 }

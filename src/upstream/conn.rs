@@ -36,7 +36,6 @@ pub type Idle<T> = Mutex<Vec<(Box<Conn<T>>, Instant)>>;
 /// One HTTP/1.1 connection to the upstream and what has been read from it
 /// but not yet used. Always boxed: a TLS connection's state is large, and
 /// a connection moves from the pool to a request to a response body.
-#[derive(Debug)]
 pub struct Conn<T> {
     io: T,
     buf: BytesMut,
@@ -54,8 +53,7 @@ pub enum BodyFraming {
 
 /// What of a request is still to be written: its head (or a chunk line),
 /// a piece of body, and what follows that piece.
-#[derive(Debug)]
-struct Sending {
+pub struct Sending {
     head: BytesMut,
     data: Bytes,
     after: &'static [u8],
@@ -63,11 +61,110 @@ struct Sending {
     remaining: Option<u64>,
     /// The whole body is queued.
     done: bool,
-    /// The whole request has left.
-    flushed: bool,
+}
+
+impl std::fmt::Debug for Sending {
+    // Not the bytes: the head carries the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sending")
+            .field(
+                "pending",
+                &(self.head.len() + self.data.len() + self.after.len()),
+            )
+            .field("remaining", &self.remaining)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+/// What of a request is left when its answer's head has come.
+#[derive(Debug)]
+pub enum Rest {
+    /// Nothing: it was sent whole.
+    Sent,
+    /// Its body is still being sent: the answer's body sends it on.
+    Unsent(Sending),
+    /// Sending failed: the connection cannot carry another request.
+    Broken,
+}
+
+/// A request's body still being sent while its answer is read.
+pub type UploadBody = Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + Unpin>;
+
+/// The rest of a request: what is queued, and the body it comes from.
+struct Upload {
+    sending: Sending,
+    body: UploadBody,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("sending", &self.sending)
+            .finish()
+    }
 }
 
 impl Sending {
+    fn new(framing: BodyFraming) -> Self {
+        Self {
+            head: BytesMut::new(),
+            data: Bytes::new(),
+            after: b"",
+            remaining: match framing {
+                BodyFraming::Length(length) => Some(length),
+                BodyFraming::Chunked => None,
+            },
+            done: false,
+        }
+    }
+
+    /// Writes what is pending, takes the next piece of body when it is
+    /// all out, and so on until the whole request has left (flushed).
+    fn poll_send<T, B>(
+        &mut self,
+        mut io: Pin<&mut T>,
+        mut body: Pin<&mut B>,
+        cx: &mut Context<'_>,
+        touched: &mut bool,
+    ) -> Poll<Result<(), ExchangeError>>
+    where
+        T: AsyncWrite,
+        B: http_body::Body<Data = Bytes> + ?Sized,
+        B::Error: Into<BoxError>,
+    {
+        loop {
+            if self.is_pending() {
+                ready!(self.poll_write(io.as_mut(), cx)).map_err(ExchangeError::Write)?;
+                continue;
+            }
+            if self.done {
+                return io.as_mut().poll_flush(cx).map_err(ExchangeError::Write);
+            }
+            let frame = match body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    // What was written leaves while the body waits.
+                    ready!(io.as_mut().poll_flush(cx)).map_err(ExchangeError::Write)?;
+                    return Poll::Pending;
+                }
+            };
+            *touched = true;
+            match frame {
+                None => self.finish()?,
+                Some(Err(error)) => return Poll::Ready(Err(ExchangeError::Body(error.into()))),
+                Some(Ok(frame)) => {
+                    // Trailers are not sent: the proxy removes the Trailer
+                    // field that would announce them, as hyper's client
+                    // drops them without it.
+                    if let Ok(data) = frame.into_data() {
+                        self.queue(data)?;
+                    }
+                }
+            }
+        }
+    }
+
     fn is_pending(&self) -> bool {
         !self.head.is_empty() || !self.data.is_empty() || !self.after.is_empty()
     }
@@ -146,7 +243,7 @@ impl Sending {
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    /// Writing the request head failed.
+    /// Writing the request (its head or its body) failed.
     #[error("sending the request failed: {0}")]
     Write(#[source] io::Error),
     /// Reading the answer's head failed, or the connection closed first.
@@ -165,10 +262,20 @@ pub enum ExchangeError {
     Body(BoxError),
 }
 
+impl<T> std::fmt::Debug for Conn<T> {
+    // Not the buffer: it held the request's head, token included.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ExchangeError {
     /// Whether the request may be sent again on a new connection after a
-    /// reused one failed: when writing failed (the head did not all reach
-    /// the upstream), and when the connection closed without a byte of
+    /// reused one failed: when writing failed (the request did not all
+    /// reach the upstream; the caller checks that none of a body was
+    /// taken), and when the connection closed without a byte of
     /// answer if the method is safe (RFC 9110, 9.2.1): the upstream may
     /// have acted on it, and only a safe request can be repeated without
     /// a second effect. (RFC 9110 would allow PUT and DELETE too; a
@@ -228,10 +335,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
 
     /// Writes a request and its body, framed so, and reads the answer's
     /// head. The answer is read while the body is sent: an upstream may
-    /// answer (and stop reading) before it has the whole body, and its
-    /// answer is then passed on. `touched` says whether any of the body
-    /// was taken (a request whose body was not may be sent again). Returns
-    /// the answer and whether the whole body was sent.
+    /// answer before it has the whole body. `touched` says whether any of
+    /// the body was taken (a request whose body was not may be sent
+    /// again). Returns the answer and what of the request is still to be
+    /// sent: the answer's body carries on with it (see [`Rest`]).
     pub async fn exchange_with_body<B>(
         &mut self,
         method: &Method,
@@ -240,67 +347,45 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         framing: BodyFraming,
         body: &mut B,
         touched: &mut bool,
-    ) -> Result<(Answer, bool), ExchangeError>
+    ) -> Result<(Answer, Rest), ExchangeError>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
         self.buf.clear();
-        let mut sending = Sending {
-            head: BytesMut::new(),
-            data: Bytes::new(),
-            after: b"",
-            remaining: match framing {
-                BodyFraming::Length(length) => Some(length),
-                BodyFraming::Chunked => None,
-            },
-            done: false,
-            flushed: false,
-        };
+        let mut sending = Sending::new(framing);
         let chunked = framing == BodyFraming::Chunked;
         http1::encode_request_head(&mut sending.head, method, target, fields, chunked);
         let mut received = false;
+        let mut sent = false;
         poll_fn(|cx| {
             // The answer first: it may come before the whole body.
             if let Poll::Ready(answer) = self.poll_answer(cx, method, &mut received) {
-                return Poll::Ready(answer.map(|answer| (answer, sending.done)));
+                let rest = if sent {
+                    Rest::Sent
+                } else {
+                    Rest::Unsent(std::mem::replace(&mut sending, Sending::new(framing)))
+                };
+                return Poll::Ready(answer.map(|answer| (answer, rest)));
             }
-            if sending.flushed {
+            if sent {
                 return Poll::Pending;
             }
-            loop {
-                if sending.is_pending() {
-                    let written = ready!(sending.poll_write(Pin::new(&mut self.io), cx));
-                    written.map_err(ExchangeError::Write)?;
-                    continue;
+            match sending.poll_send(Pin::new(&mut self.io), Pin::new(&mut *body), cx, touched) {
+                Poll::Ready(Ok(())) => {
+                    sent = true;
+                    Poll::Pending
                 }
-                if sending.done {
-                    ready!(Pin::new(&mut self.io).poll_flush(cx)).map_err(ExchangeError::Write)?;
-                    sending.flushed = true;
-                    return Poll::Pending;
-                }
-                let frame = match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(frame) => frame,
-                    Poll::Pending => {
-                        // What was written leaves while the body waits.
-                        ready!(Pin::new(&mut self.io).poll_flush(cx))
-                            .map_err(ExchangeError::Write)?;
-                        return Poll::Pending;
-                    }
-                };
-                *touched = true;
-                match frame {
-                    None => sending.finish()?,
-                    Some(Err(error)) => return Poll::Ready(Err(ExchangeError::Body(error.into()))),
-                    Some(Ok(frame)) => {
-                        // Trailers are not sent: the proxy removes the
-                        // Trailer field that would announce them, as
-                        // hyper's client drops them without it.
-                        if let Ok(data) = frame.into_data() {
-                            sending.queue(data)?;
-                        }
+                Poll::Ready(Err(ExchangeError::Write(error))) => {
+                    // An upstream that refuses the body may answer, then
+                    // close: its answer, if it came, is what counts.
+                    match self.poll_answer(cx, method, &mut received) {
+                        Poll::Ready(Ok(answer)) => Poll::Ready(Ok((answer, Rest::Broken))),
+                        _ => Poll::Ready(Err(ExchangeError::Write(error))),
                     }
                 }
+                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+                Poll::Pending => Poll::Pending,
             }
         })
         .await
@@ -364,9 +449,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 }
 
+/// How long the rest of a request may take to leave once its answer has
+/// been read whole (an upstream that answered early, then reads on).
+const UPLOAD_AFTER_ANSWER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// An answer's body, read from the upstream connection as it is polled.
 #[derive(Debug)]
-pub struct DirectBody<T> {
+pub struct DirectBody<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     /// `None` once the body has ended or failed.
     conn: Option<Box<Conn<T>>>,
     decoder: Decoder,
@@ -376,35 +465,70 @@ pub struct DirectBody<T> {
     /// A failure, reported on the poll after it was met (see `failed`).
     error: Option<io::Error>,
     failed: bool,
+    /// The rest of the request, sent while the answer is read; the body
+    /// ends (and the connection is pooled) only once it has all left.
+    upload: Option<Upload>,
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> DirectBody<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
     /// The answer's head, and its body read from `conn`, which goes back
     /// to `idle` once the body has been read to its end (if the upstream
     /// keeps it open and sent nothing more).
-    /// `sent`: the request was sent whole (an answer that came before the
-    /// whole body leaves the connection unusable).
+    /// `rest`: what of the request is still to be sent, with its body. An
+    /// upstream that answers early and keeps the connection gets the rest
+    /// of the body while its answer is read (RFC 9112 §9.3: only one that
+    /// closes the connection does not want it).
     pub fn new(
         answer: Answer,
-        sent: bool,
+        rest: (Rest, Option<UploadBody>),
         conn: Box<Conn<T>>,
         idle: &Arc<Idle<T>>,
     ) -> (ResponseHead, Self) {
+        let (usable, upload) = match rest {
+            (Rest::Sent, _) => (true, None),
+            (Rest::Unsent(sending), Some(body)) if answer.keep_alive => {
+                (true, Some(Upload { sending, body }))
+            }
+            _ => (false, None),
+        };
         let mut body = DirectBody {
             conn: Some(conn),
             decoder: Decoder::new(answer.framing),
-            idle: (answer.keep_alive && sent).then(|| Arc::clone(idle)),
+            idle: (answer.keep_alive && usable).then(|| Arc::clone(idle)),
             error: None,
             failed: false,
+            upload,
         };
         if body.decoder.is_done() {
             body.finish();
         }
         (answer.head, body)
     }
+
+    /// Sends on what it can of the rest of the request.
+    fn drive_upload(&mut self, cx: &mut Context<'_>) {
+        let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
+            return;
+        };
+        let mut touched = true;
+        let body = Pin::new(&mut upload.body);
+        match upload
+            .sending
+            .poll_send(Pin::new(&mut conn.io), body, cx, &mut touched)
+        {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) => self.upload = None,
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(%error, "the rest of a request body could not be sent after an early answer");
+                self.upload = None;
+                // The upstream did not get the whole request.
+                self.idle = None;
+            }
+        }
+    }
 }
 
-impl<T> DirectBody<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
     /// A body with nothing in it (a `101` answer's).
     pub fn empty() -> Self {
         Self {
@@ -413,25 +537,22 @@ impl<T> DirectBody<T> {
             idle: None,
             error: None,
             failed: false,
+            upload: None,
         }
     }
 
     /// The body has been read whole: the connection goes back to the pool
-    /// if it may be kept and nothing unasked followed the body.
+    /// if it may be kept and nothing unasked followed the body, once the
+    /// rest of the request, if any, has left (in a task of its own, so
+    /// that the answer's end does not wait for it).
     fn finish(&mut self) {
-        if let (Some(mut conn), Some(idle)) = (self.conn.take(), self.idle.take())
-            && conn.buf.is_empty()
-        {
-            if conn.read_size > MIN_READ {
-                // A large download's buffer (which `capacity` may not show:
-                // it counts only what is left past the last split) is not
-                // kept for an idle connection.
-                conn.buf = BytesMut::new();
-                conn.read_size = MIN_READ;
-            }
-            if let Ok(mut idle) = idle.lock() {
-                idle.push((conn, Instant::now()));
-            }
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let idle = self.idle.take();
+        match self.upload.take() {
+            None => pool(conn, idle),
+            Some(upload) => hand_off(conn, upload, idle),
         }
     }
 
@@ -452,7 +573,66 @@ impl<T> DirectBody<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
+/// Puts `conn` back in `idle`, if it may be kept and nothing unasked
+/// followed the answer.
+fn pool<T>(mut conn: Box<Conn<T>>, idle: Option<Arc<Idle<T>>>) {
+    let Some(idle) = idle else {
+        return;
+    };
+    if !conn.buf.is_empty() {
+        return;
+    }
+    if conn.read_size > MIN_READ {
+        // A large download's buffer (which `capacity` may not show: it
+        // counts only what is left past the last split) is not kept for
+        // an idle connection.
+        conn.buf = BytesMut::new();
+        conn.read_size = MIN_READ;
+    }
+    if let Ok(mut idle) = idle.lock() {
+        idle.push((conn, Instant::now()));
+    }
+}
+
+/// Sends the rest of a request in a task, then pools the connection (when
+/// `idle` says it may be, and the answer was read whole).
+fn hand_off<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut conn: Box<Conn<T>>,
+    mut upload: Upload,
+    idle: Option<Arc<Idle<T>>>,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let sending = poll_fn(|cx| {
+            let body = Pin::new(&mut upload.body);
+            upload
+                .sending
+                .poll_send(Pin::new(&mut conn.io), body, cx, &mut true)
+        });
+        match tokio::time::timeout(UPLOAD_AFTER_ANSWER, sending).await {
+            Ok(Ok(())) => pool(conn, idle),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "the rest of a request body could not be sent after its answer");
+            }
+            Err(_) => tracing::debug!("the upstream did not take the rest of a request body after its answer"),
+        }
+    });
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for DirectBody<T> {
+    fn drop(&mut self) {
+        // Dropped with the answer read whole but the request not yet sent
+        // (the client's side stopped polling at the answer's length): the
+        // rest still goes, so the upstream gets the whole request.
+        if self.upload.is_some() && self.decoder.is_done() && !self.failed {
+            self.finish();
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> http_body::Body for DirectBody<T> {
     type Data = Bytes;
     type Error = io::Error;
 
@@ -464,6 +644,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for DirectBody<T> {
         if let Some(error) = this.error.take() {
             return Poll::Ready(Some(Err(error)));
         }
+        this.drive_upload(cx);
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -571,7 +752,7 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let response = match conn.exchange(&method, "/a?b=%2F", &headers).await {
             Ok(answer) => {
-                let (head, body) = DirectBody::new(answer, true, conn, &idle);
+                let (head, body) = DirectBody::new(answer, (Rest::Sent, None), conn, &idle);
                 let parts = head.into_parts().expect("valid fields");
                 Ok(http::Response::from_parts(parts, body))
             }
@@ -598,12 +779,12 @@ mod tests {
 
     impl http_body::Body for Pieces {
         type Data = Bytes;
-        type Error = io::Error;
+        type Error = BoxError;
 
         fn poll_frame(
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             Poll::Ready(self.0.pop_front().map(|piece| Ok(Frame::data(piece))))
         }
     }
@@ -622,16 +803,12 @@ mod tests {
     /// then answers `reply` and stays open. The request as the upstream
     /// read it, the answer's body, whether the whole body was sent, and
     /// how many connections went back to the pool.
-    async fn send_body<B>(
+    async fn send_body(
         framing: BodyFraming,
-        mut body: B,
+        mut body: Pieces,
         wanted: usize,
         reply: &'static [u8],
-    ) -> Result<(String, Vec<u8>, bool, usize), ExchangeError>
-    where
-        B: http_body::Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<(String, Vec<u8>, bool, usize), ExchangeError> {
         let (ours, mut theirs) = duplex(64);
         let upstream = tokio::spawn(async move {
             let mut request = vec![0u8; wanted];
@@ -647,7 +824,7 @@ mod tests {
         }
         let idle = Arc::new(Idle::default());
         let mut touched = false;
-        let (answer, sent) = conn
+        let (answer, rest) = conn
             .exchange_with_body(
                 &Method::POST,
                 "/up",
@@ -658,7 +835,9 @@ mod tests {
             )
             .await?;
         assert!(touched);
-        let (head, body) = DirectBody::new(answer, sent, conn, &idle);
+        let sent = matches!(rest, Rest::Sent);
+        let upload: UploadBody = Box::new(body);
+        let (head, body) = DirectBody::new(answer, (rest, Some(upload)), conn, &idle);
         let parts = head.into_parts().expect("valid fields");
         let (data, _) = read(http::Response::from_parts(parts, body))
             .await
@@ -719,6 +898,94 @@ mod tests {
         .await
         .expect("the early answer");
         assert_eq!((data.as_slice(), sent, pooled), (&b"no"[..], false, 0));
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_gets_the_rest_of_the_body_then_the_next_request() {
+        for framing in [BodyFraming::Length(65_536), BodyFraming::Chunked] {
+            let (ours, mut theirs) = duplex(1024);
+            // Answers as soon as it has the head, then reads on: the whole
+            // body, then the next request on the same connection.
+            let upstream = tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = theirs.read(&mut buf).await.unwrap_or(0);
+                    assert!(n > 0, "closed before the head");
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let _ = theirs.write_all(OK).await;
+                while !String::from_utf8_lossy(&seen).contains("GET /next") {
+                    let n = theirs.read(&mut buf).await.unwrap_or(0);
+                    assert!(n > 0, "closed before the next request");
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                seen
+            });
+            let big: &'static [u8] = Box::leak(vec![b'x'; 65_536].into_boxed_slice());
+            let mut body = pieces(&[&big[..30_000], &big[30_000..]]);
+            let mut headers = HeaderMap::new();
+            headers.insert(HOST, HeaderValue::from_static("upstream"));
+            if let BodyFraming::Length(length) = framing {
+                headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            let idle = Arc::new(Idle::default());
+            let mut conn = Conn::new(ours);
+            let mut touched = false;
+            let (answer, rest) = conn
+                .exchange_with_body(
+                    &Method::POST,
+                    "/up",
+                    &headers,
+                    framing,
+                    &mut body,
+                    &mut touched,
+                )
+                .await
+                .expect("an answer");
+            assert!(
+                !matches!(rest, Rest::Sent),
+                "answered before the whole body"
+            );
+            let upload: UploadBody = Box::new(body);
+            let (head, body) = DirectBody::new(answer, (rest, Some(upload)), conn, &idle);
+            let parts = head.into_parts().expect("valid fields");
+            let (data, _) = read(http::Response::from_parts(parts, body))
+                .await
+                .expect("body");
+            assert_eq!(data, b"ok");
+            // The rest of the body leaves, then the connection is pooled.
+            let mut waited = 0;
+            while pooled(&idle) == 0 && waited < 500 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                waited += 1;
+            }
+            let (mut conn, _) = idle
+                .lock()
+                .expect("lock")
+                .pop()
+                .expect("pooled after the upload");
+            let _ = conn
+                .exchange(&Method::GET, "/next", &HeaderMap::new())
+                .await;
+            let seen = upstream.await.expect("upstream");
+            let seen = String::from_utf8_lossy(&seen);
+            let (_, after_head) = seen.split_once("\r\n\r\n").expect("a head");
+            let expected_body = match framing {
+                BodyFraming::Length(_) => String::from_utf8_lossy(big).into_owned(),
+                BodyFraming::Chunked => format!(
+                    "7530\r\n{}\r\n{:X}\r\n{}\r\n0\r\n\r\n",
+                    "x".repeat(30_000),
+                    65_536 - 30_000,
+                    "x".repeat(65_536 - 30_000)
+                ),
+            };
+            assert!(after_head.starts_with(&expected_body), "{framing:?}");
+            assert!(
+                after_head[expected_body.len()..].starts_with("GET /next HTTP/1.1\r\n"),
+                "{framing:?}: the next request must follow the body exactly"
+            );
+        }
     }
 
     #[tokio::test]

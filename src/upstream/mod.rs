@@ -33,7 +33,7 @@ pub mod body;
 pub mod conn;
 
 use body::TrackedBody;
-use conn::{BodyFraming, Conn, DirectBody, ExchangeError};
+use conn::{BodyFraming, Conn, DirectBody, ExchangeError, Rest, UploadBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -349,7 +349,8 @@ impl Upstream {
                     });
                 }
                 Ok(answer) => {
-                    let (head, body) = DirectBody::new(answer, true, conn, &self.idle);
+                    let (head, body) =
+                        DirectBody::new(answer, (Rest::Sent, None), conn, &self.idle);
                     return Ok(Answer {
                         head,
                         body: Either::Right(body),
@@ -433,8 +434,10 @@ impl Upstream {
                 &mut touched,
             );
             match exchange.await {
-                Ok((answer, sent)) => {
-                    let (head, body) = DirectBody::new(answer, sent, conn, &self.idle);
+                Ok((answer, rest)) => {
+                    let upload: UploadBody = Box::new(body);
+                    let (head, body) =
+                        DirectBody::new(answer, (rest, Some(upload)), conn, &self.idle);
                     return Ok(Answer {
                         head,
                         body: Either::Right(body),
