@@ -300,3 +300,29 @@ async fn an_idle_tunnel_is_closed_and_frees_its_capacity() -> TestResult {
     assert_ne!(status, 503);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tunnel_is_closed_once_the_shutdown_grace_has_passed() -> TestResult {
+    let (url, _) = echo_upstream(false).await?;
+    let (_token, proxy) = ready_proxy_to(&url, &[("BEARER_PROXY_SHUTDOWN_GRACE", "500ms")]).await;
+    let (head, mut stream, rest) = handshake(&proxy).await?;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_n(&mut stream, rest, 5).await?, b"hello");
+    let started = std::time::Instant::now();
+    proxy.shutdown.cancel();
+    // Still relaying during the grace.
+    stream.write_all(b"still there").await?;
+    assert_eq!(read_n(&mut stream, Vec::new(), 11).await?, b"still there");
+    // Then closed, and the proxy ends.
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await?;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), proxy.task).await?;
+    assert!(ended.is_ok());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    Ok(())
+}
