@@ -158,7 +158,8 @@ pub struct Signals {
     /// An Upgrade token other than `h2c` (which a server may ignore).
     pub upgrade_other: bool,
     pub expect: bool,
-    /// A name that looks like a framing field's (see [`Known::FramingLookalike`]).
+    /// A name that looks like a framing field's (see
+    /// [`Known::ContentLengthLookalike`]).
     pub lookalike: bool,
 }
 
@@ -208,7 +209,9 @@ impl Signals {
                     signals.upgrade_other |= tokens(value).any(|t| !t.eq_ignore_ascii_case(b"h2c"));
                 }
                 Known::Expect => signals.expect = true,
-                Known::FramingLookalike => signals.lookalike = true,
+                Known::ContentLengthLookalike | Known::TransferEncodingLookalike => {
+                    signals.lookalike = true;
+                }
                 _ => {}
             }
         }
@@ -525,12 +528,14 @@ pub fn encode_response_head(
     let chunkable = has_body(method, status) && !http10;
     // With a body of unknown size, the fields' Content-Length frames it.
     // A HEAD's answer gives the GET's length: passed on, once.
-    let declared = match length {
-        Some(None) | None => match &head.fields {
+    let head_answer = length.is_none() && *method == Method::HEAD;
+    let declared = if length == Some(None) || head_answer {
+        match &head.fields {
             Fields::Map(map) => content_length(map.values_of(&super::field::CONTENT_LENGTH)),
             Fields::Raw(raw) => content_length(raw.values(Known::ContentLength)),
-        },
-        _ => Ok(None),
+        }
+    } else {
+        Ok(None)
     };
     let mut encoder = Encoder::Length(0);
     let mut wrote_length = false;

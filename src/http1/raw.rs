@@ -201,10 +201,9 @@ impl<'a> Iterator for Grouped<'a> {
         let spans = fields.spans.as_slice();
         // Known names are told apart by their tag; other names by length
         // first, then by bytes.
-        // (A look-alike tag covers two names: compared by bytes too.)
         let same = |a: &Span, b: &Span| {
             a.known == b.known
-                && (!matches!(a.known, Known::Other | Known::FramingLookalike)
+                && (a.known != Known::Other
                     || (a.name.1 - a.name.0 == b.name.1 - b.name.0
                         && fields.name(*a).eq_ignore_ascii_case(fields.name(*b))))
         };

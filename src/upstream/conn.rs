@@ -467,7 +467,7 @@ pub struct DirectBody<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     failed: bool,
     /// The rest of the request, sent while the answer is read; the body
     /// ends (and the connection is pooled) only once it has all left.
-    upload: Option<Upload>,
+    upload: Option<Box<Upload>>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
@@ -487,7 +487,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
         let (usable, upload) = match rest {
             (Rest::Sent, _) => (true, None),
             (Rest::Unsent(sending), Some(body)) if answer.keep_alive => {
-                (true, Some(Upload { sending, body }))
+                (true, Some(Box::new(Upload { sending, body })))
             }
             _ => (false, None),
         };
@@ -552,7 +552,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
         let idle = self.idle.take();
         match self.upload.take() {
             None => pool(conn, idle),
-            Some(upload) => hand_off(conn, upload, idle),
+            Some(upload) => hand_off(conn, *upload, idle),
         }
     }
 
