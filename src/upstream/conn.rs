@@ -798,6 +798,25 @@ mod tests {
         )
     }
 
+    /// Sends `POST /up` with `body`, framed so, on `conn`.
+    async fn post(
+        conn: &mut Conn<DuplexStream>,
+        framing: BodyFraming,
+        body: &mut Pieces,
+    ) -> Result<(Answer, Rest), ExchangeError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("upstream"));
+        if let BodyFraming::Length(length) = framing {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        let mut touched = false;
+        let sent = conn
+            .exchange_with_body(&Method::POST, "/up", &headers, framing, body, &mut touched)
+            .await;
+        assert!(touched);
+        sent
+    }
+
     /// Sends a POST with `body`, framed so, to an upstream that reads
     /// `wanted` bytes of request (all of it, or fewer to answer early),
     /// then answers `reply` and stays open. The request as the upstream
@@ -817,24 +836,8 @@ mod tests {
             (request, theirs)
         });
         let mut conn = Conn::new(ours);
-        let mut headers = HeaderMap::new();
-        headers.insert(HOST, HeaderValue::from_static("upstream"));
-        if let BodyFraming::Length(length) = framing {
-            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
-        }
         let idle = Arc::new(Idle::default());
-        let mut touched = false;
-        let (answer, rest) = conn
-            .exchange_with_body(
-                &Method::POST,
-                "/up",
-                &headers,
-                framing,
-                &mut body,
-                &mut touched,
-            )
-            .await?;
-        assert!(touched);
+        let (answer, rest) = post(&mut conn, framing, &mut body).await?;
         let sent = matches!(rest, Rest::Sent);
         let upload: UploadBody = Box::new(body);
         let (head, body) = DirectBody::new(answer, (rest, Some(upload)), conn, &idle);
@@ -924,23 +927,9 @@ mod tests {
             });
             let big: &'static [u8] = Box::leak(vec![b'x'; 65_536].into_boxed_slice());
             let mut body = pieces(&[&big[..30_000], &big[30_000..]]);
-            let mut headers = HeaderMap::new();
-            headers.insert(HOST, HeaderValue::from_static("upstream"));
-            if let BodyFraming::Length(length) = framing {
-                headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
-            }
             let idle = Arc::new(Idle::default());
             let mut conn = Conn::new(ours);
-            let mut touched = false;
-            let (answer, rest) = conn
-                .exchange_with_body(
-                    &Method::POST,
-                    "/up",
-                    &headers,
-                    framing,
-                    &mut body,
-                    &mut touched,
-                )
+            let (answer, rest) = post(&mut conn, framing, &mut body)
                 .await
                 .expect("an answer");
             assert!(
