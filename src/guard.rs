@@ -101,6 +101,8 @@ impl Guard {
         match upgrade_offer(fields) {
             // An h2c offer is optional: the request is served over HTTP/1.1.
             Offer::None | Offer::H2c => Ok(()),
+            // HTTP/1.0 has no upgrades: the offer is ignored (RFC 9110 §7.8).
+            _ if request.version == Version::HTTP_10 => Ok(()),
             Offer::WebSocket
                 if *request.method == Method::GET && request.version == Version::HTTP_11 =>
             {

@@ -20,33 +20,67 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The token that the fake provider issues first.
 const TOKEN: &str = "token-1";
 
-/// A TCP relay in front of `to` that counts the connections it accepts:
-/// how a client reused its connection shows here, whatever the client.
-async fn counting_relay(to: SocketAddr) -> std::io::Result<(String, Arc<AtomicUsize>)> {
+/// What a relay saw of a client.
+#[derive(Default)]
+struct Seen {
+    connections: AtomicUsize,
+    /// The client offered h2c (`Upgrade: h2c`) on some request.
+    offered_h2c: AtomicBool,
+}
+
+/// A TCP relay in front of `to` that counts the connections it accepts
+/// (how a client reused its connection shows here, whatever the client)
+/// and notes whether the client offered h2c.
+async fn counting_relay(to: SocketAddr) -> std::io::Result<(String, Arc<Seen>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let count = Arc::new(AtomicUsize::new(0));
-    let counter = count.clone();
+    let seen = Arc::new(Seen::default());
+    let record = seen.clone();
     tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
+        while let Ok((client, _)) = listener.accept().await {
+            record.connections.fetch_add(1, Ordering::SeqCst);
+            let record = record.clone();
             tokio::spawn(async move {
-                if let Ok(mut proxy) = TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut proxy).await;
-                }
+                let Ok(proxy) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_proxy, mut to_proxy) = proxy.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let lower = buf[..n].to_ascii_lowercase();
+                        if lower.windows(13).any(|w| w == b"upgrade: h2c\r") {
+                            record.offered_h2c.store(true, Ordering::SeqCst);
+                        }
+                        if to_proxy.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_proxy.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut from_proxy, &mut to_client).await;
+                    let _ = to_client.shutdown().await;
+                };
+                tokio::join!(up, down);
             });
         }
     });
-    Ok((format!("http://{addr}"), count))
+    Ok((format!("http://{addr}"), seen))
 }
 
 /// One client's run: its name, the checks it passed, what went wrong.
@@ -56,6 +90,10 @@ struct Run {
     failure: Option<String>,
     /// Connections that the 20 sequential requests opened.
     connections: usize,
+    /// Checks it must pass.
+    expected: usize,
+    /// It offered h2c, as it does as it comes (and must have).
+    offered_h2c: Option<bool>,
 }
 
 /// Runs `program args`, whose checks print `ok NAME` lines and `FAILED`
@@ -108,7 +146,7 @@ async fn curl(
     let prior_knowledge = mode.contains(&"--http2-prior-knowledge");
     let run = |args: Vec<String>| async move {
         let output = tokio::process::Command::new("curl")
-            .args(["-sS", "--max-time", "60"])
+            .args(["-sSf", "--max-time", "60"])
             .args(mode)
             .args(&args)
             .output()
@@ -153,6 +191,14 @@ async fn curl(
         echo["args"] == serde_json::json!({"a": ["1", "2"], "q": "/ x"}),
         out
     );
+    if mode.contains(&"--http2") {
+        let headers = &echo["headers"];
+        check!(
+            "h2c offer not forwarded",
+            headers.get("Upgrade").is_none() && headers.get("Http2-Settings").is_none(),
+            out
+        );
+    }
 
     let body = r#"{"name":"bearer","n":[1,2,3]}"#;
     let out = attempt!(
@@ -279,36 +325,63 @@ async fn every_client_in_its_default_configuration() -> TestResult {
     .await;
     let script = |name: &str| scripts.join(name).display().to_string();
 
-    type Client = (&'static str, &'static str, Vec<String>);
+    // Name, program (none: curl), arguments, checks, whether it offers h2c.
+    type Client = (&'static str, &'static str, Vec<String>, usize, Option<bool>);
     let http_clients: Vec<Client> = vec![
-        ("curl (HTTP/1.1)", "", vec![]),
-        ("curl --http2 (h2c offer)", "", vec!["--http2".into()]),
+        ("curl (HTTP/1.1)", "", vec![], 7, Some(false)),
+        (
+            "curl --http2 (h2c offer)",
+            "",
+            vec!["--http2".into()],
+            8,
+            Some(true),
+        ),
         (
             "curl --http2-prior-knowledge",
             "",
             vec!["--http2-prior-knowledge".into()],
+            6,
+            Some(false),
         ),
-        ("curl --http1.0", "", vec!["--http1.0".into()]),
+        (
+            "curl --http1.0",
+            "",
+            vec!["--http1.0".into()],
+            7,
+            Some(false),
+        ),
         (
             "Python requests (Session)",
             "python3",
             vec![script("http_client.py"), "requests".into()],
+            7,
+            Some(false),
         ),
         (
             "Python httpx (Client)",
             "python3",
             vec![script("http_client.py"), "httpx".into()],
+            7,
+            Some(false),
         ),
-        ("Node fetch", "node", vec![script("fetch.mjs")]),
+        (
+            "Node fetch",
+            "node",
+            vec![script("fetch.mjs")],
+            7,
+            Some(false),
+        ),
         (
             "Java HttpClient.newHttpClient()",
             "java",
             vec![script("Client.java")],
+            9,
+            Some(true),
         ),
     ];
     let mut runs = Vec::new();
-    for (client, program, args) in http_clients {
-        let (base, _) = counting_relay(proxy.addr).await?;
+    for (client, program, args, expected, offers_h2c) in http_clients {
+        let (base, seen) = counting_relay(proxy.addr).await?;
         let (reuse, reused) = counting_relay(proxy.addr).await?;
         let (passed, failure) = if program.is_empty() {
             let mode: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -318,16 +391,19 @@ async fn every_client_in_its_default_configuration() -> TestResult {
             args.extend([base, reuse, TOKEN.to_owned(), httpbin.clone()]);
             run_script(program, &args).await
         };
+        let offered = seen.offered_h2c.load(Ordering::SeqCst);
         runs.push(Run {
             client: client.to_owned(),
             passed,
             failure,
-            connections: reused.load(Ordering::SeqCst),
+            connections: reused.connections.load(Ordering::SeqCst),
+            expected,
+            offered_h2c: offers_h2c.map(|wanted| offered == wanted),
         });
     }
 
     let (ws_proxy_token, ws_proxy) = ready_proxy_to(&ws_echo, &[]).await;
-    let (relay, _) = counting_relay(ws_proxy.addr).await?;
+    let (relay, ws_seen) = counting_relay(ws_proxy.addr).await?;
     let url = format!("{}/ws?room=1", relay.replacen("http://", "ws://", 1));
     let (passed, failure) =
         run_script("python3", &[script("ws_client.py"), url, TOKEN.to_owned()]).await;
@@ -335,7 +411,9 @@ async fn every_client_in_its_default_configuration() -> TestResult {
         client: "Python websockets".to_owned(),
         passed,
         failure,
-        connections: 1,
+        connections: ws_seen.connections.load(Ordering::SeqCst),
+        expected: 7,
+        offered_h2c: None,
     });
     drop(ws_proxy_token);
 
@@ -360,9 +438,15 @@ async fn every_client_in_its_default_configuration() -> TestResult {
         };
         let one_connection = run.connections <= allowed && (allowed == 0 || run.connections > 0);
         let result = match (&run.failure, one_connection) {
-            (None, true) => "pass".to_owned(),
-            (None, false) => format!("FAIL: {} connections", run.connections),
             (Some(failure), _) => format!("FAIL: {failure}"),
+            (None, false) => format!("FAIL: {} connections", run.connections),
+            (None, true) if run.passed.len() != run.expected => {
+                format!("FAIL: {} of {} checks ran", run.passed.len(), run.expected)
+            }
+            (None, true) if run.offered_h2c == Some(false) => {
+                "FAIL: it did not offer h2c as expected (or offered it unexpectedly)".to_owned()
+            }
+            (None, true) => "pass".to_owned(),
         };
         println!(
             "| {} | {} | {} | {} |",

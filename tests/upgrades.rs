@@ -326,3 +326,120 @@ async fn a_tunnel_is_closed_once_the_shutdown_grace_has_passed() -> TestResult {
     );
     Ok(())
 }
+
+/// An upstream that switches to `protocol` whatever was asked, then
+/// echoes; records the heads it received.
+async fn switching_upstream(
+    protocol: &'static str,
+) -> std::io::Result<(String, Arc<Mutex<Vec<String>>>)> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let (addr, _) = raw_upstream(move |mut stream, head| {
+        let record = record.clone();
+        async move {
+            record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(String::from_utf8_lossy(&head).into_owned());
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {protocol}\r\nConnection: Upgrade\r\n\r\n"
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await?;
+    Ok((format!("http://{addr}"), seen))
+}
+
+#[tokio::test]
+async fn only_websocket_is_asked_for_and_only_websocket_is_tunnelled() -> TestResult {
+    // A client that names another protocol beside websocket: the upstream
+    // is asked for websocket alone.
+    let (url, seen) = echo_upstream(false).await?;
+    let (_token, proxy) = ready_proxy_to(&url, &[]).await;
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /feed HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: IRC/6.9\r\nUpgrade: h2c, websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await?;
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    let forwarded = seen.lock().unwrap_or_else(|e| e.into_inner())[0].to_ascii_lowercase();
+    assert!(
+        forwarded.contains("\r\nupgrade: websocket\r\n"),
+        "{forwarded}"
+    );
+    assert!(
+        !forwarded.contains("irc") && !forwarded.contains("h2c"),
+        "{forwarded}"
+    );
+
+    // An upstream that switches to something else is not tunnelled to.
+    for protocol in ["h2c", "IRC/6.9"] {
+        let (url, _) = switching_upstream(protocol).await?;
+        let (_token, proxy) = ready_proxy_to(&url, &[]).await;
+        let (head, _, _) = handshake(&proxy).await?;
+        assert!(head.starts_with("HTTP/1.1 502"), "{protocol}: {head}");
+        assert!(head.contains("upstream_unreachable"), "{head}");
+    }
+
+    // Nor is a 101 that nobody asked for passed on.
+    let (url, _) = switching_upstream("websocket").await?;
+    let (_token, proxy) = ready_proxy_to(&url, &[]).await;
+    let plain = raw(
+        proxy.addr,
+        b"GET /plain HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(plain.status, 502);
+    Ok(())
+}
+
+#[tokio::test]
+async fn handshakes_that_cannot_be_tunnelled_are_refused() -> TestResult {
+    let (url, seen) = echo_upstream(false).await?;
+    let (_token, proxy) =
+        ready_proxy_to(&url, &[("BEARER_PROXY_PROXY_MASK_TOKEN_IN", "/status")]).await;
+    let with_body = raw(
+        proxy.addr,
+        b"GET /feed HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await?;
+    assert_eq!(with_body.status, 501);
+    assert_eq!(
+        with_body.header("x-bearer-proxy-error"),
+        Some("upgrade_not_supported")
+    );
+    let masked = raw(
+        proxy.addr,
+        b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(masked.status, 501);
+    // HTTP/1.0 has no upgrades: the offer is ignored, the GET served.
+    let old = raw(
+        proxy.addr,
+        b"GET /old HTTP/1.0\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await?;
+    assert_ne!(
+        old.header("x-bearer-proxy-error"),
+        Some("upgrade_not_supported")
+    );
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        seen.iter()
+            .all(|head| !head.contains("/feed") && !head.contains("/status"))
+    );
+    assert!(
+        seen.iter()
+            .all(|head| !head.to_ascii_lowercase().contains("upgrade:"))
+    );
+    Ok(())
+}

@@ -268,8 +268,8 @@ impl Shared {
         let RequestHead {
             method,
             uri,
+            version,
             fields,
-            ..
         } = head;
         let path_and_query = self.join(uri.path_and_query())?;
         // Masked paths are matched as the client wrote them and as the
@@ -301,18 +301,23 @@ impl Shared {
             user_agent: self.user_agent.clone(),
         };
         // A WebSocket handshake (the guard has refused other upgrades, and
-        // an h2c offer is ignored): sent on with its upgrade.
-        let upgrade = upgrade.filter(|_| http1::upgrade_offer(&fields) == Offer::WebSocket);
-        let asked = upgrade
-            .is_some()
-            .then(|| {
-                fields
-                    .first(&http1::field::UPGRADE)
-                    .map(Bytes::copy_from_slice)
-            })
-            .flatten();
+        // an h2c offer, or any offer over HTTP/1.0, is ignored): sent on
+        // asking for WebSocket alone, whatever else the client offered.
+        let upgrade = upgrade.filter(|_| {
+            version == Version::HTTP_11 && http1::upgrade_offer(&fields) == Offer::WebSocket
+        });
         // A body that is already over is no body.
         let body = body.filter(|body| !body.is_end_stream());
+        if upgrade.is_some() && (body.is_some() || masked) {
+            return Err(ProxyError::new(
+                ErrorCode::UpgradeNotSupported,
+                if masked {
+                    "a path whose answers have the token masked (proxy.mask_token_in) cannot be a WebSocket"
+                } else {
+                    "a WebSocket handshake carries no body: send it without one"
+                },
+            ));
+        }
         let replayable = body.is_none() || self.can_replay(&fields);
         // Fields as they arrived (a request without a body, from the lean
         // server) are written out so, cleaned: no map.
@@ -331,9 +336,9 @@ impl Shared {
                 };
                 headers::clean_request(&mut map);
                 added.apply(&mut map);
-                if let Some(protocol) = asked.and_then(|p| HeaderValue::from_maybe_shared(p).ok()) {
+                if upgrade.is_some() {
                     map.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                    map.insert(UPGRADE, protocol);
+                    map.insert(UPGRADE, HeaderValue::from_static("websocket"));
                 }
                 if masked {
                     // The answer is read to mask the token in it: ask for it uncompressed.
@@ -383,6 +388,12 @@ impl Shared {
         } = answer;
         if let (Some(switched), Some(upgrade)) = (switched, upgrade) {
             return self.switch(head, switched, upgrade, permit);
+        }
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            // Not asked for: no tunnel to pass it on to.
+            return Err(self.upstream_error(&UpstreamError::invalid_answer(
+                "a 101 Switching Protocols that was not asked for".to_owned(),
+            )));
         }
         let ResponseHead {
             status,
@@ -532,6 +543,13 @@ impl Shared {
         let mut headers = fields
             .into_map()
             .map_err(|message| self.upstream_error(&UpstreamError::invalid_answer(message)))?;
+        // Only to what was asked for (RFC 9110 §15.2.2: the 101 names it):
+        // another protocol would carry requests past the guard.
+        if !headers.lists_token(&http1::field::UPGRADE, "websocket") {
+            return Err(self.upstream_error(&UpstreamError::invalid_answer(
+                "its 101 Switching Protocols does not name websocket in Upgrade".to_owned(),
+            )));
+        }
         let protocol = headers.get(UPGRADE).cloned();
         headers::clean_response(&mut headers);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));

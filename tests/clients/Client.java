@@ -30,6 +30,7 @@ public class Client {
             HttpResponse.BodyHandlers.ofString());
         String q = r.body().replaceAll("\\s", "");
         check("query", r.statusCode() == 200 && q.contains("\"a\":[\"1\",\"2\"]") && q.contains("\"q\":\"/x\""), r.body());
+        check("h2c offer not forwarded", !r.body().contains("Http2-Settings") && !r.body().contains("\"Upgrade\""), r.body());
 
         String json = "{\"name\":\"bearer\",\"n\":[1,2,3]}";
         r = plain.send(
