@@ -152,9 +152,6 @@ pub struct Signals {
     pub close: bool,
     /// `Connection` lists `keep-alive`.
     pub keep_alive: bool,
-    /// `Connection` lists something else (fields to remove, `upgrade`).
-    pub connection_other: bool,
-    pub upgrade: bool,
     /// An Upgrade token other than `h2c` (which a server may ignore).
     pub upgrade_other: bool,
     pub expect: bool,
@@ -172,8 +169,6 @@ impl Default for Signals {
             length: Ok(None),
             close: false,
             keep_alive: false,
-            connection_other: false,
-            upgrade: false,
             upgrade_other: false,
             expect: false,
             lookalike: false,
@@ -199,13 +194,10 @@ impl Signals {
                             signals.close = true;
                         } else if token.eq_ignore_ascii_case(b"keep-alive") {
                             signals.keep_alive = true;
-                        } else {
-                            signals.connection_other = true;
                         }
                     }
                 }
                 Known::Upgrade => {
-                    signals.upgrade = true;
                     signals.upgrade_other |= tokens(value).any(|t| !t.eq_ignore_ascii_case(b"h2c"));
                 }
                 Known::Expect => signals.expect = true,
@@ -216,15 +208,6 @@ impl Signals {
             }
         }
         signals
-    }
-
-    /// Reads a header map's fields.
-    pub fn of_map(headers: &HeaderMap) -> Self {
-        Self::read(
-            headers
-                .iter()
-                .map(|(name, value)| (Known::of(name.as_str().as_bytes()), value.as_bytes())),
-        )
     }
 }
 
