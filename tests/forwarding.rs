@@ -824,3 +824,56 @@ async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestRes
     assert_eq!(got, Some(body.len()));
     Ok(())
 }
+
+#[tokio::test]
+async fn an_upload_still_being_sent_after_its_answer_holds_its_capacity() -> TestResult {
+    // Answers at once, then reads the body slowly to its end.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let (addr, _) = raw_upstream(move |mut stream, head| {
+        let done_tx = done_tx.clone();
+        async move {
+            let end = head
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |at| at + 4);
+            let mut got = head.len() - end;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+                .await;
+            if !String::from_utf8_lossy(&head).starts_with("POST") {
+                return;
+            }
+            let mut buf = vec![0u8; 256 * 1024];
+            while got < 16 * 1024 * 1024 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            let _ = done_tx.send(got);
+        }
+    })
+    .await?;
+    let (_token, proxy) = ready_proxy_to(
+        &format!("http://{addr}"),
+        &[("BEARER_PROXY_PROXY_MAX_CONCURRENT", "1")],
+    )
+    .await;
+    let response = http1()
+        .post(proxy.url("/slow"))
+        .body(vec![b'u'; 16 * 1024 * 1024])
+        .send()
+        .await?;
+    assert_eq!(response.text().await?, "early");
+    // The answer is over, the upload is not: the one place is still taken.
+    let busy = raw(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(busy.header("x-bearer-proxy-error"), Some("overloaded"));
+    let got = tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await?;
+    assert_eq!(got, Some(16 * 1024 * 1024));
+    Ok(())
+}

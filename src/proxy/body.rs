@@ -28,8 +28,17 @@ struct Held {
 
 impl ProxyBody {
     /// The upstream's body (whose connection goes back to the pool when
-    /// it has been read whole).
-    pub fn upstream(body: UpstreamBody, permit: Option<OwnedSemaphorePermit>) -> Self {
+    /// it has been read whole). While the rest of the request is still
+    /// being sent (the upstream answered early), the permit stays with the
+    /// sending, which may outlast the answer.
+    pub fn upstream(mut body: UpstreamBody, permit: Option<OwnedSemaphorePermit>) -> Self {
+        let permit = match (&mut body, permit) {
+            (Either::Right(direct), Some(permit)) if direct.is_uploading() => {
+                direct.keep_while_sending(Box::new(permit));
+                None
+            }
+            (_, permit) => permit,
+        };
         Self {
             inner: Either::Left(body),
             held: Some(Held { _permit: permit }),

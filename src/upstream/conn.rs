@@ -95,6 +95,11 @@ pub type UploadBody = Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + 
 struct Upload {
     sending: Sending,
     body: UploadBody,
+    /// The whole request has left.
+    done: bool,
+    /// Kept until then, or until the answer ends if that is later (the
+    /// caller's capacity permit, say).
+    kept: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl std::fmt::Debug for Upload {
@@ -486,9 +491,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
     ) -> (ResponseHead, Self) {
         let (usable, upload) = match rest {
             (Rest::Sent, _) => (true, None),
-            (Rest::Unsent(sending), Some(body)) if answer.keep_alive => {
-                (true, Some(Box::new(Upload { sending, body })))
-            }
+            (Rest::Unsent(sending), Some(body)) if answer.keep_alive => (
+                true,
+                Some(Box::new(Upload {
+                    sending,
+                    body,
+                    done: false,
+                    kept: None,
+                })),
+            ),
             _ => (false, None),
         };
         let mut body = DirectBody {
@@ -510,6 +521,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
         let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
             return;
         };
+        if upload.done {
+            return;
+        }
         let mut touched = true;
         let body = Pin::new(&mut upload.body);
         match upload
@@ -517,7 +531,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
             .poll_send(Pin::new(&mut conn.io), body, cx, &mut touched)
         {
             Poll::Pending => {}
-            Poll::Ready(Ok(())) => self.upload = None,
+            Poll::Ready(Ok(())) => upload.done = true,
             Poll::Ready(Err(error)) => {
                 tracing::debug!(%error, "the rest of a request body could not be sent after an early answer");
                 self.upload = None;
@@ -551,8 +565,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
         };
         let idle = self.idle.take();
         match self.upload.take() {
-            None => pool(conn, idle),
-            Some(upload) => hand_off(conn, *upload, idle),
+            Some(upload) if !upload.done => hand_off(conn, *upload, idle),
+            // Sent whole: what it kept goes now, with the answer's end.
+            _ => pool(conn, idle),
+        }
+    }
+
+    /// Whether the rest of the request is still being sent.
+    pub fn is_uploading(&self) -> bool {
+        self.upload.as_ref().is_some_and(|upload| !upload.done)
+    }
+
+    /// Keeps `kept` until the whole request has left, or the answer has
+    /// ended if that is later (the caller's capacity permit: a request
+    /// still being sent is still in flight). Without an upload going on,
+    /// `kept` is dropped.
+    pub fn keep_while_sending(&mut self, kept: Box<dyn std::any::Any + Send>) {
+        if let Some(upload) = self.upload.as_mut() {
+            upload.kept = Some(kept);
         }
     }
 
@@ -598,13 +628,16 @@ fn pool<T>(mut conn: Box<Conn<T>>, idle: Option<Arc<Idle<T>>>) {
 /// `idle` says it may be, and the answer was read whole).
 fn hand_off<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut conn: Box<Conn<T>>,
-    mut upload: Upload,
+    upload: Upload,
     idle: Option<Arc<Idle<T>>>,
 ) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     runtime.spawn(async move {
+        // The whole upload, what it keeps included (a closure would
+        // capture only the fields it uses, and drop the rest here).
+        let mut upload = upload;
         let sending = poll_fn(|cx| {
             let body = Pin::new(&mut upload.body);
             upload
@@ -626,7 +659,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for DirectBody<T> 
         // Dropped with the answer read whole but the request not yet sent
         // (the client's side stopped polling at the answer's length): the
         // rest still goes, so the upstream gets the whole request.
-        if self.upload.is_some() && self.decoder.is_done() && !self.failed {
+        if self.is_uploading() && self.decoder.is_done() && !self.failed {
             self.finish();
         }
     }
