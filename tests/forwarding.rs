@@ -777,11 +777,16 @@ async fn an_invalid_upstream_answer_is_a_502_that_says_so() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestResult {
-    // Answers 200 as soon as it has the head, then reads the body to its
-    // Content-Length and reports how much came.
-    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+/// An upstream that answers 200 `early` as soon as it has a request's
+/// head, then reads the body to its Content-Length (pausing `pause`
+/// before each read), and reports how much of a body came.
+async fn answering_early(
+    pause: Duration,
+) -> std::io::Result<(
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<usize>,
+)> {
+    let (got_tx, got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
     let (addr, _) = raw_upstream(move |mut stream, head| {
         let got_tx = got_tx.clone();
         async move {
@@ -800,8 +805,12 @@ async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestRes
             let _ = stream
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
                 .await;
-            let mut buf = vec![0u8; 65536];
+            if length == 0 {
+                return;
+            }
+            let mut buf = vec![0u8; 256 * 1024];
             while got < length {
+                tokio::time::sleep(pause).await;
                 match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => got += n,
@@ -811,6 +820,12 @@ async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestRes
         }
     })
     .await?;
+    Ok((addr, got_rx))
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestResult {
+    let (addr, mut got_rx) = answering_early(Duration::ZERO).await?;
     let (_token, proxy) = ready_proxy_to(&format!("http://{addr}"), &[]).await;
     let body = vec![b'u'; 1024 * 1024];
     let response = http1()
@@ -827,34 +842,8 @@ async fn an_upstream_that_answers_early_still_gets_the_whole_upload() -> TestRes
 
 #[tokio::test]
 async fn an_upload_still_being_sent_after_its_answer_holds_its_capacity() -> TestResult {
-    // Answers at once, then reads the body slowly to its end.
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    let (addr, _) = raw_upstream(move |mut stream, head| {
-        let done_tx = done_tx.clone();
-        async move {
-            let end = head
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map_or(0, |at| at + 4);
-            let mut got = head.len() - end;
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
-                .await;
-            if !String::from_utf8_lossy(&head).starts_with("POST") {
-                return;
-            }
-            let mut buf = vec![0u8; 256 * 1024];
-            while got < 16 * 1024 * 1024 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got += n,
-                }
-            }
-            let _ = done_tx.send(got);
-        }
-    })
-    .await?;
+    // Reads the body slowly: it outlasts the answer.
+    let (addr, mut done_rx) = answering_early(Duration::from_millis(20)).await?;
     let (_token, proxy) = ready_proxy_to(
         &format!("http://{addr}"),
         &[("BEARER_PROXY_PROXY_MAX_CONCURRENT", "1")],

@@ -25,21 +25,6 @@ pub enum Fields {
 }
 
 impl Fields {
-    /// The fields in a header map, with room for `more`.
-    pub fn to_map(&self, more: usize) -> Result<HeaderMap, String> {
-        match self {
-            Self::Map(map) => {
-                let mut copy = HeaderMap::with_capacity(map.len() + more);
-                copy.extend(
-                    map.iter()
-                        .map(|(name, value)| (name.clone(), value.clone())),
-                );
-                Ok(copy)
-            }
-            Self::Raw(raw) => raw.to_map(more),
-        }
-    }
-
     /// The fields in a header map.
     pub fn into_map(self) -> Result<HeaderMap, String> {
         match self {
