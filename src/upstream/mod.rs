@@ -12,6 +12,7 @@ use std::time::Duration;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::Either;
@@ -157,6 +158,9 @@ pub struct Upstream {
 #[derive(Debug, Default)]
 struct H2 {
     sender: Option<http2::SendRequest<OutBody>>,
+    /// Counts the connections that have been shared, so that a request
+    /// that failed on one forgets that one, not its successor.
+    generation: u64,
     /// Whether a task closes connections idle for `POOL_IDLE_TIMEOUT`.
     sweeping: bool,
 }
@@ -246,28 +250,70 @@ impl Upstream {
     }
 
     /// Over the shared HTTP/2 connection, boxed: hyper's futures are
-    /// large, and every request would otherwise carry their size.
+    /// large, and every request would otherwise carry their size. A
+    /// request that the connection did not process (see
+    /// [`may_send_again`]) is sent once more: on the shared connection if
+    /// another has taken its place, else on a new one. Only a request
+    /// whose body is held can be: a streamed body has gone.
     async fn via_h2(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
-        let sender = self.h2.lock().ok().and_then(|h2| h2.sender.clone());
-        let Some(mut sender) = sender.filter(|sender| !sender.is_closed()) else {
+        let Some((generation, mut sender)) = self.shared_h2() else {
             // Closed since: HTTP/1.1 or HTTP/2 again, as a new connection says.
-            if let Ok(mut h2) = self.h2.lock() {
-                h2.sender = None;
-            }
             return Box::pin(self.request_fresh(request)).await;
         };
-        match Box::pin(sender.try_send_request(request)).await {
-            Ok(response) => Ok(Answer::hyper(response)),
-            Err(mut error) => match error.take_message() {
-                Some(unsent) => {
-                    tracing::debug!(error = %error.error(), "the shared upstream HTTP/2 connection refused a request before taking it: sending it on a new connection");
-                    if let Ok(mut h2) = self.h2.lock() {
-                        h2.sender = None;
-                    }
-                    Box::pin(self.request_fresh(unsent)).await
-                }
-                None => Err(UpstreamError::Request(error.into_error().into())),
-            },
+        let again = replica(&request);
+        let method = request.method().clone();
+        let mut error = match Box::pin(sender.try_send_request(for_h2(request))).await {
+            Ok(response) => return Ok(Answer::hyper(response)),
+            Err(error) => error,
+        };
+        let unsent = error.take_message();
+        let error = error.into_error();
+        let again = match unsent {
+            Some(mut unsent) => {
+                tracing::debug!(%error, "the shared upstream HTTP/2 connection refused a request before taking it: sending it on a new connection");
+                restore_host(&mut unsent);
+                Some(unsent)
+            }
+            None => again.filter(|_| may_send_again(&error, &method)),
+        };
+        if sender.is_closed()
+            || crate::error_chain::find::<h2::Error>(&error).is_some_and(h2::Error::is_go_away)
+        {
+            self.forget_h2(generation);
+        }
+        let Some(again) = again else {
+            return Err(UpstreamError::Request(error.into()));
+        };
+        tracing::debug!(%error, "the upstream did not process a request on its HTTP/2 connection: sending it again");
+        match self.shared_h2() {
+            Some((_, mut sender)) => Box::pin(sender.send_request(for_h2(again)))
+                .await
+                .map(Answer::hyper)
+                .map_err(|e| UpstreamError::Request(e.into())),
+            None => Box::pin(self.request_fresh(again)).await,
+        }
+    }
+
+    /// The shared HTTP/2 connection, if it is open, with its generation.
+    fn shared_h2(&self) -> Option<(u64, http2::SendRequest<OutBody>)> {
+        let mut h2 = self.h2.lock().ok()?;
+        match &h2.sender {
+            Some(sender) if !sender.is_closed() => Some((h2.generation, sender.clone())),
+            Some(_) => {
+                h2.sender = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// No more requests for the shared HTTP/2 connection of `generation`
+    /// (going away, or closed); one opened since stays.
+    fn forget_h2(&self, generation: u64) {
+        if let Ok(mut h2) = self.h2.lock()
+            && h2.generation == generation
+        {
+            h2.sender = None;
         }
     }
 
@@ -332,7 +378,7 @@ impl Upstream {
                 (Connected::H2(mut sender), _) => {
                     // The upstream chose HTTP/2 for this new connection.
                     let response =
-                        Box::pin(sender.send_request(empty_request(method, uri, fields)?))
+                        Box::pin(sender.send_request(for_h2(empty_request(method, uri, fields)?)))
                             .await
                             .map_err(|e| UpstreamError::Request(e.into()))?;
                     return Ok(Answer::hyper(response));
@@ -418,7 +464,7 @@ impl Upstream {
                 (Connected::H2(mut sender), _) => {
                     // The upstream chose HTTP/2 for this new connection.
                     let request = outgoing(head.method, head.uri, head.headers, body);
-                    let response = Box::pin(sender.send_request(request))
+                    let response = Box::pin(sender.send_request(for_h2(request)))
                         .await
                         .map_err(|e| UpstreamError::Request(e.into()))?;
                     return Ok(Answer::hyper(response));
@@ -472,6 +518,7 @@ impl Upstream {
             });
             if let Ok(mut h2) = self.h2.lock() {
                 h2.sender = Some(sender.clone());
+                h2.generation += 1;
             }
             return Ok(Connected::H2(sender));
         }
@@ -507,6 +554,76 @@ impl Upstream {
 /// anything unasked since.
 fn keepable(conn: &mut Conn<Io>, since: Instant, now: Instant) -> bool {
     now - since < POOL_IDLE_TIMEOUT && conn.is_usable()
+}
+
+/// A request as HTTP/2 carries it: the upstream's authority in
+/// `:authority` alone (from the URI; RFC 9113 §8.3.1), so no Host field,
+/// which strict servers refuse beside it (nginx: "duplicate host header");
+/// and none of the connection-specific fields of §8.2.2, which the proxy
+/// has dropped already as hop-by-hop (hyper would drop them too, warning).
+fn for_h2(mut request: Request<OutBody>) -> Request<OutBody> {
+    let headers = request.headers_mut();
+    headers.remove(HOST);
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.remove(TE);
+    }
+    request
+}
+
+/// A copy of a request whose body is held (or absent), to send again.
+fn replica(request: &Request<OutBody>) -> Option<Request<OutBody>> {
+    let Either::Right(body) = request.body() else {
+        return None;
+    };
+    let mut copy = Request::new(Either::Right(body.clone()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether a request that failed on an HTTP/2 connection without an
+/// answer may be sent again on another.
+/// - Whatever its method, when the protocol says that the server did not
+///   process it: refused (`REFUSED_STREAM`, RFC 9113 §8.7), or beyond
+///   the last stream of a graceful GOAWAY (§6.8: h2 reports a server's
+///   `NO_ERROR` GOAWAY on a stream only for those; the streams the
+///   server kept, if the connection then fails, see the transport fail).
+/// - A safe method (RFC 9110 §9.2.1), as over HTTP/1.1, when the
+///   connection failed under it (a GOAWAY with an error, the transport):
+///   the server may have acted on it.
+/// - Never when the server reset the stream for another reason: that is
+///   its answer.
+fn may_send_again(error: &(dyn std::error::Error + 'static), method: &Method) -> bool {
+    match crate::error_chain::find::<h2::Error>(error) {
+        Some(h2) if h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) => true,
+        Some(h2)
+            if h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR) =>
+        {
+            true
+        }
+        Some(h2) if h2.is_reset() => false,
+        _ => method.is_safe(),
+    }
+}
+
+/// Host once more, from the URI, for a request that [`for_h2`] made ready
+/// for HTTP/2 and that goes out on a new connection, which may speak
+/// HTTP/1.1.
+fn restore_host(request: &mut Request<OutBody>) {
+    let host = request
+        .uri()
+        .authority()
+        .and_then(|authority| http::HeaderValue::from_str(authority.as_str()).ok());
+    if let Some(host) = host {
+        request.headers_mut().insert(HOST, host);
+    }
 }
 
 /// A bodiless request for hyper's client (HTTP/2).

@@ -951,3 +951,31 @@ pub async fn answering(
     })
     .await
 }
+
+/// A server process that a test runs (nginx, hypercorn), in a process
+/// group of its own: dropping it ends the group, its workers too, which
+/// killing the first process alone would leave running.
+pub struct Daemon(std::process::Child);
+
+impl Daemon {
+    pub fn spawn(command: &mut std::process::Command) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        command
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map(Self)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.0.wait();
+    }
+}
