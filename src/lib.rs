@@ -53,6 +53,7 @@ pub mod guard;
 pub mod healthcheck;
 pub mod http1;
 pub mod listen;
+pub mod metrics;
 pub mod proxy;
 pub mod reply;
 pub mod secret;
@@ -117,7 +118,9 @@ pub async fn run(
     let refresher = token::Refresher::new(endpoint, slot.clone(), policy);
     let refresher = tokio::spawn(refresher.run(background.clone()));
 
+    let metrics = metrics::Registry::default();
     let admin_state = admin::AdminState {
+        metrics: metrics.clone(),
         slot: slot.clone(),
         draining: shutdown.clone(),
         started: Instant::now(),
@@ -151,7 +154,7 @@ pub async fn run(
     let guard = guard::Guard::new(&config.guard, listen);
     let upstream_tls = tls::upstream_config(&tls, config.upstream.client_cert.as_ref())
         .map_err(RunError::Setup)?;
-    let proxy = proxy::Proxy::new(&config, upstream_tls, slot, guard);
+    let proxy = proxy::Proxy::new(&config, upstream_tls, slot, guard, &metrics);
     tracing::info!(
         listen = %listeners.proxy.describe(),
         admin_listen = %admin_addr,

@@ -65,12 +65,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    telemetry::init(config.log_format);
-    exit(
-        runtime
-            .block_on(bearer_proxy::run_until_signal(config))
-            .map_err(|e| e.to_string()),
-    )
+    let log = telemetry::init(config.log_format);
+    let result = runtime
+        .block_on(bearer_proxy::run_until_signal(config))
+        .map_err(|e| e.to_string());
+    // What is queued is written before the last words.
+    drop(log);
+    exit(result)
 }
 
 fn exit(result: Result<(), String>) -> ExitCode {

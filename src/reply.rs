@@ -39,6 +39,27 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order of [`index`](Self::index).
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::BadRequestTarget,
+        ErrorCode::HostNotAllowed,
+        ErrorCode::OriginNotAllowed,
+        ErrorCode::LocalKeyRequired,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::AmbiguousHeader,
+        ErrorCode::TransferCodingNotSupported,
+        ErrorCode::UpgradeNotSupported,
+        ErrorCode::Overloaded,
+        ErrorCode::TokenUnavailable,
+        ErrorCode::UpstreamUnreachable,
+        ErrorCode::UpstreamTimeout,
+    ];
+
+    /// Its place in [`ALL`](Self::ALL).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The code as it appears in the body and header.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -472,3 +472,147 @@ async fn large_bodies_stream_through_in_bounded_memory() -> TestResult {
     );
     Ok(())
 }
+
+/// Every stderr line of a JSON-logging run is a JSON object; those of the
+/// access log carry each request's fields.
+#[tokio::test]
+async fn every_request_gets_an_access_log_line() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let mut running = Running::against(&token, &upstream, &[])?;
+    let ready = running.wait_for("listening").await?;
+    let proxy = address(&ready, "listen")?;
+    let client = http1();
+    let response = client
+        .get(format!("http://{proxy}/orders/7?api_key=hidden"))
+        .send()
+        .await?;
+    assert_eq!(response.text().await?, "ok");
+    let response = client
+        .post(format!("http://{proxy}/orders"))
+        .body("hello")
+        .send()
+        .await?;
+    assert_eq!(response.text().await?, "ok");
+    let response = client
+        .get(format!("http://{proxy}/refused"))
+        .header("host", "evil.example")
+        .send()
+        .await?;
+    let refusal = response.bytes().await?.len();
+    let (code, logs) = running.terminate().await?;
+    assert_eq!(code, Some(0));
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("a line that is not JSON ({e}):\n{logs}"))?;
+    let access: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["target"] == "access").collect();
+    assert_eq!(access.len(), 3, "{logs}");
+    let get = access[0];
+    assert_eq!(get["level"], "INFO");
+    assert_eq!(get["method"], "GET");
+    assert_eq!(get["path"], "/orders/7");
+    assert!(get.get("query").is_none(), "the query is left out: {get}");
+    assert!(!logs.contains("hidden"), "the query appears in the log");
+    assert_eq!(get["version"], "HTTP/1.1");
+    assert_eq!(get["status"], 200);
+    assert!(get.get("code").is_none(), "{get}");
+    assert_eq!(get["bytes_in"], 0);
+    assert_eq!(get["bytes_out"], 2);
+    assert_eq!(get["replayed"], false);
+    let total = get["duration_ms"].as_f64().ok_or("duration_ms")?;
+    let upstream_ms = get["upstream_ms"].as_f64().ok_or("upstream_ms")?;
+    assert!(total >= upstream_ms && upstream_ms > 0.0, "{get}");
+    let post = access[1];
+    assert_eq!(
+        (post["method"].as_str(), post["bytes_in"].as_u64()),
+        (Some("POST"), Some(5))
+    );
+    let refused = access[2];
+    assert_eq!(refused["status"], 403);
+    assert_eq!(refused["code"], "host_not_allowed");
+    assert_eq!(refused["bytes_out"], refusal);
+    assert!(refused.get("upstream_ms").is_none(), "{refused}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_text_access_log_is_one_readable_line_and_can_be_turned_off() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    for (on, query) in [("true", "true"), ("false", "false")] {
+        let mut running = Running::against(
+            &token,
+            &upstream,
+            &[
+                ("BEARER_PROXY_LOG_ACCESS", on),
+                ("BEARER_PROXY_LOG_ACCESS_QUERY", query),
+            ],
+        )?;
+        let ready = running.wait_for("listening").await?;
+        let proxy = address(&ready, "listen")?;
+        let response = http1()
+            .get(format!("http://{proxy}/a/b?x=1"))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+        response.bytes().await?;
+        let (_, logs) = running.terminate().await?;
+        let access: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["target"] == "access")
+            .collect();
+        if on == "false" {
+            assert!(access.is_empty(), "{logs}");
+        } else {
+            assert_eq!(access.len(), 1, "{logs}");
+            assert_eq!(access[0]["query"], "x=1");
+        }
+    }
+    // Text: one compact line.
+    let mut env = vec![
+        CREDENTIALS[0],
+        CREDENTIALS[1],
+        ("BEARER_PROXY_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("BEARER_PROXY_LOG_FORMAT", "text"),
+    ];
+    let (token_url, upstream_url) = (token.url(), upstream.url());
+    env.push(("API_TOKEN_URL", token_url.as_str()));
+    env.push(("BEARER_PROXY_UPSTREAM", upstream_url.as_str()));
+    let mut running = Running::start(&env)?;
+    let listening = loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), running.lines.recv())
+            .await?
+            .ok_or("stderr closed")?;
+        if line.contains("listening") {
+            break line;
+        }
+    };
+    let listen = listening
+        .split("listen=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .ok_or("listen=")?
+        .to_owned();
+    let response = http1()
+        .get(format!("http://{listen}/a/b?x=1"))
+        .send()
+        .await?;
+    response.bytes().await?;
+    let (_, logs) = running.terminate().await?;
+    let line = logs
+        .lines()
+        .find(|l| l.contains(" access: "))
+        .ok_or(format!("no access line:\n{logs}"))?;
+    assert!(
+        line.contains(" INFO access: GET /a/b HTTP/1.1 200 "),
+        "{line}"
+    );
+    assert!(line.contains("in=0 out=2"), "{line}");
+    assert!(!line.contains("x=1"), "{line}");
+    Ok(())
+}

@@ -12,7 +12,7 @@ use std::path::Path;
 /// and within its own top-level module, files that do not import it back.
 const LAYERS: &[&[&str]] = &[
     &["secret", "error_chain", "reply", "http1"],
-    &["tls", "egress"],
+    &["tls", "egress", "metrics"],
     &["config"],
     &["token", "listen", "telemetry", "shutdown"],
     &["guard", "upstream", "server"],

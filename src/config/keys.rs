@@ -70,6 +70,8 @@ pub const ENV_PREFIX: &str = "BEARER_PROXY_";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Text,
+    /// `true` or `false`; a TOML boolean is taken too.
+    Bool,
     /// A TOML integer is taken too.
     Count,
     /// A TOML array of strings, or comma-separated text.
@@ -376,6 +378,22 @@ pub const KEYS: &[KeySpec] = &[
         default: Some(DEFAULT_LOG_FORMAT),
         kind: Kind::Text,
         expected: "text or json",
+    },
+    KeySpec {
+        key: "log.access",
+        flag: None,
+        env: &[],
+        default: Some("true"),
+        kind: Kind::Bool,
+        expected: "true or false",
+    },
+    KeySpec {
+        key: "log.access_query",
+        flag: None,
+        env: &[],
+        default: Some("false"),
+        kind: Kind::Bool,
+        expected: "true or false",
     },
 ];
 

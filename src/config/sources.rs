@@ -232,6 +232,7 @@ impl RawConfig {
             let value = match value {
                 toml::Value::String(value) => value,
                 toml::Value::Integer(number) if spec.kind == Kind::Count => number.to_string(),
+                toml::Value::Boolean(flag) if spec.kind == Kind::Bool => flag.to_string(),
                 toml::Value::Array(items) if spec.kind == Kind::List => {
                     let mut list = Vec::new();
                     for item in items {
@@ -248,6 +249,8 @@ impl RawConfig {
                 other => {
                     let expected = if spec.kind == Kind::List {
                         "a list of strings"
+                    } else if spec.kind == Kind::Bool {
+                        "true or false"
                     } else {
                         "a string (quote it)"
                     };

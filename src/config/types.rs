@@ -182,6 +182,17 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// `log.access`, `log.access_query`.
+    pub access_log: AccessLog,
+}
+
+/// The access log: one line per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessLog {
+    /// `log.access`: on (the default) or off.
+    pub on: bool,
+    /// `log.access_query`: the query string too (off: it may carry data).
+    pub query: bool,
 }
 
 /// Where the proxy listens: a TCP address or a unix socket.

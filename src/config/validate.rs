@@ -12,8 +12,8 @@ use http::{HeaderValue, Uri};
 use super::keys::{ENV_CLIENT_SECRET, Kind, spec};
 use super::sources::{Environment, Flags, Origin, RawConfig, RawValue};
 use super::types::{
-    AuthMethod, Config, ConfigError, GuardConfig, ListenAddr, LogFormat, ProxyConfig, SecretSource,
-    TlsConfig, TokenConfig, UpstreamConfig, UpstreamUrl,
+    AccessLog, AuthMethod, Config, ConfigError, GuardConfig, ListenAddr, LogFormat, ProxyConfig,
+    SecretSource, TlsConfig, TokenConfig, UpstreamConfig, UpstreamUrl,
 };
 
 impl Config {
@@ -129,6 +129,10 @@ impl Config {
             proxies: checked_proxies(&raw.proxies)?,
             shutdown_grace: parse_duration(raw, "shutdown.grace")?,
             log_format: parse_log_format(raw.require("log.format")?)?,
+            access_log: AccessLog {
+                on: parse_bool(raw, "log.access")?,
+                query: parse_bool(raw, "log.access_query")?,
+            },
         })
     }
 }
@@ -156,6 +160,14 @@ fn expected(key: &str) -> &'static str {
 }
 
 /// `key`'s value (which has a default), checked by `parse`.
+fn parse_bool(raw: &RawConfig, key: &'static str) -> Result<bool, ConfigError> {
+    parse_key(raw, key, |s| match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    })
+}
+
 fn parse_key<T>(
     raw: &RawConfig,
     key: &'static str,

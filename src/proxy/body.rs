@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::access::Exchange;
 use crate::upstream::UpstreamBody;
 
 /// What the proxy answers with: the upstream's stream or a body of its own,
@@ -24,6 +25,8 @@ pub struct ProxyBody {
 #[derive(Debug)]
 struct Held {
     _permit: Option<OwnedSemaphorePermit>,
+    /// The request's record: counted and logged when released.
+    exchange: Option<Box<Exchange>>,
 }
 
 impl ProxyBody {
@@ -41,7 +44,10 @@ impl ProxyBody {
         };
         Self {
             inner: Either::Left(body),
-            held: Some(Held { _permit: permit }),
+            held: Some(Held {
+                _permit: permit,
+                exchange: None,
+            }),
         }
     }
 
@@ -49,7 +55,20 @@ impl ProxyBody {
     pub fn full(bytes: Bytes, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             inner: Either::Right(Full::new(bytes)),
-            held: Some(Held { _permit: permit }),
+            held: Some(Held {
+                _permit: permit,
+                exchange: None,
+            }),
+        }
+    }
+
+    /// Keeps the request's record until the body ends, counting the
+    /// bytes that go out.
+    pub(crate) fn observe(&mut self, exchange: Box<Exchange>) {
+        match &mut self.held {
+            Some(held) => held.exchange = Some(exchange),
+            // Already over: recorded at once.
+            None => drop(exchange),
         }
     }
 }
@@ -63,6 +82,15 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+            && let Some(Held {
+                exchange: Some(exchange),
+                ..
+            }) = &mut self.held
+        {
+            exchange.sent += data.len() as u64;
+        }
         if frame.is_none() || self.inner.is_end_stream() {
             // The last byte is out: the next request may have the
             // connection and the capacity.

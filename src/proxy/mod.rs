@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
@@ -44,6 +44,10 @@ use crate::token::{CurrentToken, LocalToken, Renewal, TokenSlot};
 use crate::upstream::body::{Activity, TrackedBody};
 use crate::upstream::{Answer, Switched, Upstream, UpstreamBody, UpstreamError, outgoing};
 pub use mask::{mask, normalize_path};
+
+mod access;
+use crate::metrics::{Registry, Replay, Shard, UpstreamFailure};
+use access::{Exchange, Style};
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
@@ -84,11 +88,23 @@ struct Shared {
     min_forced_interval: Duration,
     /// How long a request refused with 401 waits for the forced renewal.
     renewal_wait: Duration,
+    /// Where workers get their metrics shards.
+    registry: Registry,
+    /// This worker's.
+    metrics: Arc<Shard>,
+    /// The access log's style, when it is on.
+    access: Option<Style>,
 }
 
 impl Proxy {
     /// A proxy to the configured upstream, sending the tokens held in `slot`.
-    pub fn new(config: &Config, tls: rustls::ClientConfig, slot: TokenSlot, guard: Guard) -> Self {
+    pub fn new(
+        config: &Config,
+        tls: rustls::ClientConfig,
+        slot: TokenSlot,
+        guard: Guard,
+        registry: &Registry,
+    ) -> Self {
         let upstream = &config.upstream;
         let url = &upstream.url;
         let host = HeaderValue::from_str(url.authority.as_str())
@@ -139,6 +155,9 @@ impl Proxy {
                 renewal_wait: config.token.timeout + Duration::from_secs(1),
                 tunnel_idle: config.proxy.tunnel_idle_timeout,
                 tunnels: TaskTracker::new(),
+                registry: registry.clone(),
+                metrics: registry.shard(),
+                access: Style::new(config.access_log, config.log_format),
             }),
         }
     }
@@ -152,7 +171,8 @@ impl Proxy {
     #[must_use]
     pub fn for_worker(&self) -> Self {
         let mut shared = Shared::clone(&self.inner);
-        shared.client = Arc::new(shared.client.with_own_pool());
+        shared.metrics = shared.registry.shard();
+        shared.client = Arc::new(shared.client.with_own_pool().counted(&shared.metrics));
         // Values cloned into every request get bytes of their own, so
         // that their reference counts are not shared with other workers.
         let own = |value: &HeaderValue| HeaderValue::from_bytes(value.as_bytes()).ok();
@@ -213,6 +233,10 @@ impl crate::server::Bodiless for Proxy {
         self.inner.answer(request, None, None)
     }
 
+    fn connection_opened(&self) -> Option<crate::metrics::Open> {
+        Some(self.inner.metrics.connection())
+    }
+
     fn drained(&self) -> impl Future<Output = ()> + Send + 'static {
         let tunnels = self.inner.tunnels.clone();
         async move {
@@ -237,10 +261,17 @@ impl Shared {
         body: Option<Incoming>,
         upgrade: Option<OnUpgrade>,
     ) -> (ResponseHead, ProxyBody) {
-        match self.forward(head, body, upgrade).await {
+        let mut exchange = Box::new(Exchange::start(&self.metrics, &head, self.access));
+        let (head, mut body) = match self.forward(head, body, upgrade, &mut exchange).await {
             Ok(answer) => answer,
-            Err(error) => error_answer(&error),
-        }
+            Err(error) => {
+                exchange.code = Some(error.code);
+                error_answer(&error)
+            }
+        };
+        exchange.status = head.status.as_u16();
+        body.observe(exchange);
+        (head, body)
     }
 
     async fn forward(
@@ -248,6 +279,7 @@ impl Shared {
         head: RequestHead,
         body: Option<Incoming>,
         upgrade: Option<OnUpgrade>,
+        exchange: &mut Exchange,
     ) -> Result<(ResponseHead, ProxyBody), ProxyError> {
         if let Some(problem) = http1::field::request_problem(&head.fields) {
             return Err(framing_error(problem));
@@ -354,9 +386,12 @@ impl Shared {
                     .to_map()
                     .map_err(|message| ProxyError::new(ErrorCode::BadRequestTarget, message))?;
                 let request = outgoing(method, uri, headers, Either::Left(body));
+                exchange.upload.clone_from(&activity);
+                let sent_at = Instant::now();
                 // Boxed: streaming a body is the rarer path, and the
                 // future of every request is as large as its largest state.
                 let answer = Box::pin(self.send(self.client.request(request), activity)).await?;
+                exchange.upstream = Some(sent_at.elapsed());
                 if answer.head.status == StatusCode::UNAUTHORIZED {
                     // Not replayable, but the next requests should not meet the
                     // same refusal: ask for a new token without waiting for it.
@@ -371,13 +406,20 @@ impl Shared {
                 if !Arc::ptr_eq(&held_token, &token) {
                     out.set_authorization(held_token.header.clone());
                 }
+                exchange.received = held.len() as u64;
                 let outgoing = Outgoing {
                     method,
                     uri,
                     fields: out,
                     upgrade: upgrade.is_some(),
                 };
-                self.send_replayable(outgoing, held, held_token).await?
+                let sent_at = Instant::now();
+                let (answer, sent_with) = self
+                    .send_replayable(outgoing, held, Arc::clone(&held_token))
+                    .await?;
+                exchange.upstream = Some(sent_at.elapsed());
+                exchange.replayed = !Arc::ptr_eq(&sent_with, &held_token);
+                (answer, sent_with)
             }
         };
 
@@ -610,7 +652,13 @@ impl Shared {
             "the upstream answered 401: replaying the request with a new token"
         );
         request.fields.set_authorization(renewed.header.clone());
-        Ok((Box::pin(self.send_held(&request, &body)).await?, renewed))
+        let replayed = Box::pin(self.send_held(&request, &body)).await;
+        self.metrics.replay(match &replayed {
+            Ok(answer) if answer.head.status == StatusCode::UNAUTHORIZED => Replay::RefusedAgain,
+            Ok(_) => Replay::Accepted,
+            Err(_) => Replay::Failed,
+        });
+        Ok((replayed?, renewed))
     }
 
     /// Sends a request whose body is held, keeping the request and its
@@ -706,12 +754,15 @@ impl Shared {
             )
         };
         tracing::warn!(code = ErrorCode::UpstreamTimeout.as_str(), "{message}");
+        self.metrics.upstream_failure(UpstreamFailure::Timeout);
         ProxyError::new(ErrorCode::UpstreamTimeout, message)
     }
 
     fn upstream_error(&self, error: &UpstreamError) -> ProxyError {
         let (code, message) = crate::upstream::describe_upstream_error(error, &self.authority);
         tracing::warn!(code = code.as_str(), "{message}");
+        self.metrics
+            .upstream_failure(crate::upstream::failure_kind(error));
         ProxyError::new(code, message)
     }
 }

@@ -447,8 +447,10 @@ impl Workers {
                             let open = Arc::clone(&worker_open);
                             match stream {
                                 Ok(stream) => {
+                                    let counted = service.connection_opened();
                                     connections.spawn_lean(stream, service.clone(), move || {
                                         open.fetch_sub(1, Ordering::Relaxed);
+                                        drop(counted);
                                     })
                                 }
                                 Err(error) => {

@@ -55,6 +55,12 @@ pub trait Bodiless: HttpService<Body: http_body::Body<Data = Bytes, Error: Send>
         request: RequestHead,
     ) -> impl Future<Output = (ResponseHead, Self::Body)> + Send + '_;
 
+    /// A client connection has opened: counted open until the guard
+    /// returned is dropped, when it closes.
+    fn connection_opened(&self) -> Option<crate::metrics::Open> {
+        None
+    }
+
     /// Ends when what the service runs beside its connections (tunnels
     /// after an upgrade) has ended; waited for on shutdown, within the
     /// grace period, after the connections.

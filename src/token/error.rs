@@ -59,6 +59,21 @@ impl TokenError {
         }
     }
 
+    /// The outcome as the metrics count it: `rejected` (with the
+    /// provider's code), `throttled` (429), `transport_error`,
+    /// `http_error`, `invalid_response`, `secret_unreadable`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            TokenError::Connect(_) | TokenError::Timeout(_) => "transport_error",
+            TokenError::Rejected(p) if p.status == 429 => "throttled",
+            TokenError::Rejected(_) => "rejected",
+            TokenError::Status { status: 429, .. } => "throttled",
+            TokenError::Status { .. } => "http_error",
+            TokenError::InvalidResponse(_) => "invalid_response",
+            TokenError::Secret(_) => "secret_unreadable",
+        }
+    }
+
     /// The provider's own code, such as `AADSTS7000215`.
     pub fn provider_code(&self) -> Option<String> {
         match self {

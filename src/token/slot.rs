@@ -2,6 +2,7 @@
 //! writes it; the request path reads it without ever waiting on the token
 //! endpoint while a valid token is held.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -162,6 +163,26 @@ pub struct TokenState {
     pub last_forced: Option<Instant>,
     /// Forced renewals asked for since start.
     pub forced_renewals: u64,
+    /// Token requests since start by outcome, OAuth2 error and provider
+    /// code (`("rejected", "invalid_client", "AADSTS7000215")`); a
+    /// bounded set: past [`MAX_OUTCOMES`] kinds, new ones count as
+    /// `("other", "", "")`.
+    pub outcomes: BTreeMap<(&'static str, String, String), u64>,
+}
+
+/// The most kinds of token outcome kept apart.
+pub const MAX_OUTCOMES: usize = 32;
+
+fn count_outcome(
+    outcomes: &mut BTreeMap<(&'static str, String, String), u64>,
+    key: (&'static str, String, String),
+) {
+    let key = if outcomes.len() >= MAX_OUTCOMES && !outcomes.contains_key(&key) {
+        ("other", String::new(), String::new())
+    } else {
+        key
+    };
+    *outcomes.entry(key).or_default() += 1;
 }
 
 /// What became of a request to renew a token that the upstream refused.
@@ -227,6 +248,10 @@ impl TokenSlot {
             state.next_attempt = Some(next);
             state.next_attempt_wall = Some(next_wall);
             state.consecutive_failures = 0;
+            count_outcome(
+                &mut state.outcomes,
+                ("obtained", String::new(), String::new()),
+            );
         });
     }
 
@@ -241,6 +266,18 @@ impl TokenSlot {
             state.next_attempt = Some(next);
             state.next_attempt_wall = Some(next_wall);
             state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+            let error_code = match error {
+                TokenError::Rejected(_) => error.code().to_owned(),
+                _ => String::new(),
+            };
+            count_outcome(
+                &mut state.outcomes,
+                (
+                    error.outcome(),
+                    error_code,
+                    error.provider_code().unwrap_or_default(),
+                ),
+            );
             state.last_error = Some(LastError {
                 code: error.code().to_owned(),
                 provider_code: error.provider_code(),

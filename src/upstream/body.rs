@@ -17,6 +17,8 @@ pub struct Activity {
     last_nanos: AtomicU64,
     done: AtomicBool,
     client_failed: AtomicBool,
+    /// Bytes of the body taken from the client so far.
+    bytes: AtomicU64,
 }
 
 impl Activity {
@@ -26,6 +28,7 @@ impl Activity {
             last_nanos: AtomicU64::new(0),
             done: AtomicBool::new(false),
             client_failed: AtomicBool::new(false),
+            bytes: AtomicU64::new(0),
         }
     }
 
@@ -45,6 +48,11 @@ impl Activity {
     /// Whether reading the client's body failed (bad chunk, connection lost).
     pub fn client_failed(&self) -> bool {
         self.client_failed.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the body taken from the client so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Whether the whole body has been sent.
@@ -83,7 +91,7 @@ impl<B: Body> TrackedBody<B> {
     }
 }
 
-impl<B: Body + Unpin> Body for TrackedBody<B> {
+impl<B: Body<Data: bytes::Buf> + Unpin> Body for TrackedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -94,8 +102,15 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
         let this = &mut *self;
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(activity) = &this.activity {
-            if matches!(frame, Some(Err(_))) {
-                activity.client_failed.store(true, Ordering::Relaxed);
+            match &frame {
+                Some(Err(_)) => activity.client_failed.store(true, Ordering::Relaxed),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let len = bytes::Buf::remaining(data) as u64;
+                        activity.bytes.fetch_add(len, Ordering::Relaxed);
+                    }
+                }
+                None => {}
             }
             activity.touch(frame.is_none() || this.inner.is_end_stream());
         }

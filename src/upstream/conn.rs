@@ -40,6 +40,8 @@ pub struct Conn<T> {
     io: T,
     buf: BytesMut,
     read_size: usize,
+    /// Counts the connection open in the metrics until it is dropped.
+    counted: Option<crate::metrics::Open>,
 }
 
 /// How a request's body is delimited on the wire.
@@ -300,7 +302,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             io,
             buf: BytesMut::new(),
             read_size: MIN_READ,
+            counted: None,
         })
+    }
+
+    /// Counted open in the metrics until dropped (or handed over whole).
+    pub fn counted(mut self: Box<Self>, open: Option<crate::metrics::Open>) -> Box<Self> {
+        self.counted = open;
+        self
     }
 
     /// The connection and what was read from it but not used.

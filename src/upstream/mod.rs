@@ -28,6 +28,7 @@ use http_body_util::Full;
 
 use crate::http1::field::CONTENT_LENGTH;
 use crate::http1::{self, FieldValues, ResponseHead, WriteFields};
+use crate::metrics::{Protocol, Shard, UpstreamFailure};
 use crate::reply::ErrorCode;
 
 pub mod body;
@@ -153,6 +154,8 @@ pub struct Upstream {
     h2: Arc<Mutex<H2>>,
     /// Idle HTTP/1.1 connections.
     idle: Arc<conn::Idle<Io>>,
+    /// Where open connections are counted.
+    metrics: Option<Arc<Shard>>,
 }
 
 #[derive(Debug, Default)]
@@ -178,6 +181,13 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What went wrong, under the kind of failure.
+    fn cause(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Self::Connect(cause) | Self::Request(cause) => cause.as_ref(),
+        }
+    }
+
     /// An answer whose header fields a header map refuses.
     pub fn invalid_answer(message: String) -> Self {
         Self::Request(ExchangeError::Invalid(message).into())
@@ -229,7 +239,21 @@ impl Upstream {
             origin,
             h2: Arc::default(),
             idle: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts its open connections, by protocol, in `shard`.
+    #[must_use]
+    pub fn counted(mut self, shard: &Arc<Shard>) -> Self {
+        self.metrics = Some(Arc::clone(shard));
+        self
+    }
+
+    fn count(&self, protocol: Protocol) -> Option<crate::metrics::Open> {
+        self.metrics
+            .as_ref()
+            .map(|shard| shard.upstream_connection(protocol))
     }
 
     /// Sends `request` (its URI absolute, its Host header set) on a pooled
@@ -431,7 +455,7 @@ impl Upstream {
             Connected::H2(sender) => Connected::H2(sender),
             Connected::H1(io) => {
                 self.start_sweeping();
-                Connected::H1(Conn::new(io))
+                Connected::H1(Conn::new(io).counted(self.count(Protocol::Http1)))
             }
         };
         Ok((connected, false))
@@ -511,10 +535,12 @@ impl Upstream {
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Request(e.into()))?;
+            let counted = self.count(Protocol::Http2);
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
                 }
+                drop(counted);
             });
             if let Ok(mut h2) = self.h2.lock() {
                 h2.sender = Some(sender.clone());
@@ -658,40 +684,59 @@ pub fn outgoing(
     request
 }
 
+/// The kind of a failed upstream request, for the metrics: the same
+/// cases as [`describe_upstream_error`] tells apart.
+pub fn failure_kind(error: &UpstreamError) -> UpstreamFailure {
+    let cause = error.cause();
+    let connecting = matches!(error, UpstreamError::Connect(_));
+    if crate::error_chain::find::<ConnectTimeout>(cause).is_some() {
+        UpstreamFailure::Timeout
+    } else if crate::tls::describe_failure(cause).is_some() {
+        UpstreamFailure::Tls
+    } else if let Some(ExchangeError::Invalid(_)) = crate::error_chain::find(cause) {
+        UpstreamFailure::InvalidAnswer
+    } else if connecting {
+        UpstreamFailure::Connect
+    } else {
+        UpstreamFailure::Reset
+    }
+}
+
 /// The documented code and a sentence for a failed upstream request.
 pub fn describe_upstream_error(
     error: &UpstreamError,
     authority: &Authority,
 ) -> (ErrorCode, String) {
-    let (cause, connecting): (&(dyn std::error::Error + 'static), bool) = match error {
-        UpstreamError::Connect(cause) => (cause.as_ref(), true),
-        UpstreamError::Request(cause) => (cause.as_ref(), false),
-    };
+    let cause = error.cause();
     let detail = crate::error_chain::chain(cause);
-    if crate::error_chain::find::<ConnectTimeout>(cause).is_some() {
-        (
+    match failure_kind(error) {
+        UpstreamFailure::Timeout => (
             ErrorCode::UpstreamTimeout,
             format!("{detail} (upstream.connect_timeout)"),
-        )
-    } else if let Some(tls) = crate::tls::describe_failure(cause) {
-        (
+        ),
+        UpstreamFailure::Tls => (
             ErrorCode::UpstreamUnreachable,
-            format!("TLS with the upstream {authority} failed: {tls}"),
-        )
-    } else if let Some(ExchangeError::Invalid(problem)) = crate::error_chain::find(cause) {
-        (
+            format!(
+                "TLS with the upstream {authority} failed: {}",
+                crate::tls::describe_failure(cause).unwrap_or(detail)
+            ),
+        ),
+        UpstreamFailure::InvalidAnswer => (
             ErrorCode::UpstreamUnreachable,
-            format!("the upstream {authority} sent an invalid response: {problem}"),
-        )
-    } else if connecting {
-        (
+            match crate::error_chain::find(cause) {
+                Some(ExchangeError::Invalid(problem)) => {
+                    format!("the upstream {authority} sent an invalid response: {problem}")
+                }
+                _ => format!("the upstream {authority} sent an invalid response: {detail}"),
+            },
+        ),
+        UpstreamFailure::Connect => (
             ErrorCode::UpstreamUnreachable,
             format!("cannot connect to the upstream {authority}: {detail}"),
-        )
-    } else {
-        (
+        ),
+        UpstreamFailure::Reset => (
             ErrorCode::UpstreamUnreachable,
             format!("the upstream {authority} closed the connection without a response: {detail}"),
-        )
+        ),
     }
 }

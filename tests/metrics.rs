@@ -1,0 +1,237 @@
+//! `/metrics` on the admin listener: scraped before and after a known set
+//! of requests, the deltas must be exact.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use support::*;
+
+/// One scrape: each series (`name{labels}`) and its value.
+async fn scrape(
+    proxy: &Proxy,
+) -> Result<BTreeMap<String, f64>, Box<dyn std::error::Error + Send + Sync>> {
+    let response = http1().get(proxy.admin_url("/metrics")).send().await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = response.text().await?;
+    let mut series = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .ok_or(format!("a line without a value: {line}"))?;
+        series.insert(name.to_owned(), value.parse::<f64>()?);
+    }
+    Ok(series)
+}
+
+fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, series: &str) -> f64 {
+    after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn requests_replays_refusals_and_timeouts_are_counted_exactly() -> TestResult {
+    let upstream = FakeUpstream::with(|seen| match seen.target_str().as_str() {
+        "/replay" if seen.bearer() == "token-1" => Reply::status(401),
+        "/hang" => Reply::with_body(Body::Hang),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let (token, proxy) = ready_proxy_to(
+        &upstream.url(),
+        &[("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms")],
+    )
+    .await;
+    let before = scrape(&proxy).await?;
+    let client = http1();
+    let mut received = 0;
+    for _ in 0..3 {
+        let response = client.get(proxy.url("/ok")).send().await?;
+        assert_eq!(response.status(), 200);
+        received += response.bytes().await?.len();
+    }
+    let response = client.post(proxy.url("/ok")).body("hello").send().await?;
+    assert_eq!(response.status(), 200);
+    received += response.bytes().await?.len();
+    let response = client.get(proxy.url("/replay")).send().await?;
+    assert_eq!(response.status(), 200);
+    received += response.bytes().await?.len();
+    let response = client
+        .get(proxy.url("/refused"))
+        .header("host", "evil.example")
+        .send()
+        .await?;
+    assert_proxy_error(&response, 403, "host_not_allowed");
+    received += response.bytes().await?.len();
+    let response = client.get(proxy.url("/hang")).send().await?;
+    assert_proxy_error(&response, 504, "upstream_timeout");
+    received += response.bytes().await?.len();
+
+    let mut after = scrape(&proxy).await?;
+    for _ in 0..100 {
+        if after.get("bearer_proxy_requests_in_flight") == Some(&0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        after = scrape(&proxy).await?;
+    }
+    for (series, expected) in [
+        (
+            "bearer_proxy_requests_total{method=\"GET\",status_class=\"2xx\",code=\"\"}",
+            4.0,
+        ),
+        (
+            "bearer_proxy_requests_total{method=\"POST\",status_class=\"2xx\",code=\"\"}",
+            1.0,
+        ),
+        (
+            "bearer_proxy_requests_total{method=\"GET\",status_class=\"4xx\",code=\"host_not_allowed\"}",
+            1.0,
+        ),
+        (
+            "bearer_proxy_requests_total{method=\"GET\",status_class=\"5xx\",code=\"upstream_timeout\"}",
+            1.0,
+        ),
+        ("bearer_proxy_request_duration_seconds_count", 7.0),
+        ("bearer_proxy_upstream_duration_seconds_count", 5.0),
+        ("bearer_proxy_replays_total{result=\"accepted\"}", 1.0),
+        ("bearer_proxy_replays_total{result=\"refused_again\"}", 0.0),
+        ("bearer_proxy_token_forced_renewals_total", 1.0),
+        (
+            "bearer_proxy_token_requests_total{outcome=\"obtained\",error=\"\",provider_code=\"\"}",
+            1.0,
+        ),
+        (
+            "bearer_proxy_upstream_failures_total{kind=\"timeout\"}",
+            1.0,
+        ),
+        (
+            "bearer_proxy_upstream_failures_total{kind=\"connect\"}",
+            0.0,
+        ),
+        ("bearer_proxy_received_bytes_total", 5.0),
+        ("bearer_proxy_sent_bytes_total", received as f64),
+    ] {
+        assert_eq!(delta(&before, &after, series), expected, "{series}");
+    }
+    assert_eq!(after["bearer_proxy_requests_in_flight"], 0.0);
+    assert_eq!(after["bearer_proxy_ready"], 1.0);
+    assert_eq!(after["bearer_proxy_token_consecutive_failures"], 0.0);
+    assert_eq!(token.count(), 2);
+    assert!(after["bearer_proxy_client_connections"] >= 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let expiry = after["bearer_proxy_token_expiry_timestamp_seconds"];
+    assert!(
+        (now + 3500.0..now + 3600.0).contains(&expiry),
+        "{expiry} vs {now}"
+    );
+    let obtained = after["bearer_proxy_token_obtained_timestamp_seconds"];
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&obtained),
+        "{obtained} vs {now}"
+    );
+    assert_eq!(
+        after[&format!(
+            "bearer_proxy_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )],
+        1.0
+    );
+    // The connection that hung was closed; a new request opens one, which
+    // stays in the pool.
+    assert_eq!(
+        after["bearer_proxy_upstream_connections{protocol=\"http/1.1\"}"],
+        0.0
+    );
+    assert_eq!(client.get(proxy.url("/ok")).send().await?.status(), 200);
+    let pooled = scrape(&proxy).await?;
+    assert_eq!(
+        pooled["bearer_proxy_upstream_connections{protocol=\"http/1.1\"}"],
+        1.0
+    );
+    assert_eq!(
+        pooled["bearer_proxy_upstream_connections{protocol=\"h2\"}"],
+        0.0
+    );
+    // The 300 ms timeout lands in its bucket, the rest well below.
+    assert!(
+        delta(
+            &before,
+            &after,
+            "bearer_proxy_request_duration_seconds_bucket{le=\"0.25\"}"
+        ) >= 6.0
+    );
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            "bearer_proxy_request_duration_seconds_bucket{le=\"+Inf\"}"
+        ),
+        7.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rejected_credentials_and_an_unreachable_upstream_are_counted() -> TestResult {
+    // The provider rejects the secret: no token, 503 for every request.
+    let token = FakeTokenEndpoint::start().await;
+    token.script([TokenReply::invalid_secret()]);
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(
+        &token,
+        &upstream.url(),
+        &[("BEARER_PROXY_TOKEN_STARTUP_WAIT", "1ms")],
+    )
+    .await;
+    support::until(|| token.count() >= 1, "a token request").await?;
+    let response = http1().delete(proxy.url("/x")).send().await?;
+    assert_proxy_error(&response, 503, "token_unavailable");
+    let metrics = scrape(&proxy).await?;
+    for (series, expected) in [
+        (
+            "bearer_proxy_token_requests_total{outcome=\"rejected\",error=\"invalid_client\",provider_code=\"AADSTS7000215\"}",
+            1.0,
+        ),
+        (
+            "bearer_proxy_token_requests_total{outcome=\"obtained\",error=\"\",provider_code=\"\"}",
+            0.0,
+        ),
+        ("bearer_proxy_token_consecutive_failures", 1.0),
+        ("bearer_proxy_token_expiry_timestamp_seconds", 0.0),
+        ("bearer_proxy_ready", 0.0),
+        (
+            "bearer_proxy_requests_total{method=\"DELETE\",status_class=\"5xx\",code=\"token_unavailable\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(metrics.get(series).copied(), Some(expected), "{series}");
+    }
+
+    // An upstream that refuses connections.
+    let (_held, closed) = closed_port()?;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{closed}"), &[]).await;
+    let response = http1().get(proxy.url("/x")).send().await?;
+    assert_proxy_error(&response, 502, "upstream_unreachable");
+    let metrics = scrape(&proxy).await?;
+    assert_eq!(
+        metrics.get("bearer_proxy_upstream_failures_total{kind=\"connect\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        metrics.get("bearer_proxy_requests_total{method=\"GET\",status_class=\"5xx\",code=\"upstream_unreachable\"}"),
+        Some(&1.0)
+    );
+    Ok(())
+}
