@@ -161,7 +161,8 @@ pid {work}/nginx.pid;
 error_log {work}/nginx.err warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  # On, as bearer-proxy's is: one line per request, to a file.
+  access_log {work}/nginx-access.log;
   keepalive_requests 1000000;
   upstream up {{ server 127.0.0.1:{ports['upstream']}; keepalive 256; }}
   server {{
@@ -214,14 +215,18 @@ backend be
         "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
         "BEARER_PROXY_PROXY_MAX_CONCURRENT": "100000",
         "BEARER_PROXY_USER_AGENT": ua,
-        "RUST_LOG": "warn",
+        # info: the access log is on, one line per request, as nginx's.
+        "RUST_LOG": os.environ.get("BP_RUST_LOG", "info"),
     }
     base_env = dict(env)
     if os.environ.get("BP_WORKERS"):
         env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_WORKERS"]
     if os.environ.get("BP_BASELINE_WORKERS"):
         base_env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_BASELINE_WORKERS"]
-    procs["bearer-proxy"] = subprocess.Popen([BINARY], env=env, stderr=subprocess.DEVNULL)
+    # Their logs go to files, as nginx's access log does.
+    def log_file(name):
+        return open(work / f"{name}.log", "wb")
+    procs["bearer-proxy"] = subprocess.Popen([BINARY], env=env, stderr=log_file("bearer-proxy"))
     names = ["upstream", "nginx", "haproxy", "bearer-proxy"]
     admins = ["admin"]
     if MORE_WORKERS:
@@ -229,7 +234,7 @@ backend be
         procs[MORE] = subprocess.Popen([BINARY], env={
             **env, "BEARER_PROXY_PROXY_WORKERS": MORE_WORKERS,
             "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports[MORE]}",
-            "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['more-admin']}"}, stderr=subprocess.DEVNULL)
+            "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['more-admin']}"}, stderr=log_file(MORE))
         names.append(MORE)
         admins.append("more-admin")
     if BASELINE:
@@ -237,7 +242,7 @@ backend be
         ports["baseline"], ports["baseline-admin"] = free_port(), free_port()
         base_env = {**base_env, "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['baseline']}",
                     "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['baseline-admin']}"}
-        procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=subprocess.DEVNULL)
+        procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=log_file("baseline"))
         names.append("baseline")
         admins.append("baseline-admin")
     try:

@@ -90,6 +90,46 @@ pub async fn run_until_signal(config: Config) -> Result<(), RunError> {
     run(config, listeners, shutdown).await
 }
 
+/// How often start-up says what it still waits for.
+const WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Until the first token comes: every few seconds, a line that says what
+/// the proxy waits for and the last error, rather than silence.
+async fn say_what_start_waits_for(
+    slot: token::TokenSlot,
+    token_url: String,
+    stop: CancellationToken,
+) {
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval_at(started + WAITING_EVERY, WAITING_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let state = slot.state();
+        if state.current.is_some() {
+            return;
+        }
+        let waited = started.elapsed().as_secs();
+        match &state.last_error {
+            Some(error) => tracing::warn!(
+                waited_s = waited,
+                attempts = state.consecutive_failures,
+                code = %error.code,
+                provider_code = error.provider_code.as_deref(),
+                next_attempt = state.next_attempt_wall.map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+                "still waiting for a first token from {token_url}: {}",
+                error.message
+            ),
+            None => tracing::warn!(
+                waited_s = waited,
+                "still waiting for a first token from {token_url}: the first token request has not been answered yet"
+            ),
+        }
+    }
+}
+
 /// Runs the proxy until `shutdown` fires, then drains for `shutdown.grace`.
 pub async fn run(
     config: Config,
@@ -117,6 +157,11 @@ pub async fn run(
     };
     let refresher = token::Refresher::new(endpoint, slot.clone(), policy);
     let refresher = tokio::spawn(refresher.run(background.clone()));
+    tokio::spawn(say_what_start_waits_for(
+        slot.clone(),
+        config.token.url.to_string(),
+        background.clone(),
+    ));
 
     let metrics = metrics::Registry::default();
     let admin_state = admin::AdminState {

@@ -616,3 +616,27 @@ async fn the_text_access_log_is_one_readable_line_and_can_be_turned_off() -> Tes
     assert!(!line.contains("x=1"), "{line}");
     Ok(())
 }
+
+#[tokio::test]
+async fn start_up_says_what_it_waits_for() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    token.script([TokenReply::invalid_secret()]);
+    let upstream = FakeUpstream::start().await;
+    let mut running = Running::against(&token, &upstream, &[])?;
+    let waiting = running.wait_for("still waiting for a first token").await?;
+    assert_eq!(waiting["level"], "WARN");
+    assert_eq!(waiting["code"], "invalid_client");
+    assert_eq!(waiting["provider_code"], "AADSTS7000215");
+    assert!(
+        waiting["waited_s"].as_u64().is_some_and(|s| s >= 5),
+        "{waiting}"
+    );
+    let message = waiting["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&token.url()) && message.contains("AADSTS7000215"),
+        "{message}"
+    );
+    let (_, logs) = running.terminate().await?;
+    assert!(!logs.contains(CLIENT_SECRET));
+    Ok(())
+}

@@ -235,3 +235,96 @@ async fn rejected_credentials_and_an_unreachable_upstream_are_counted() -> TestR
     );
     Ok(())
 }
+
+/// Runs `promtool` (Debian's `prometheus`) with `args` and `input` on
+/// stdin; `None` (skipped, with a notice) where it is not installed and
+/// `CI` is not set.
+fn promtool(
+    args: &[&str],
+    input: &str,
+) -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::Write as _;
+    let spawned = std::process::Command::new("promtool")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(_) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: promtool is not installed (apt install prometheus)");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(format!("promtool: {e}; .ci/run installs it (apt prometheus)").into());
+        }
+    };
+    child
+        .stdin
+        .take()
+        .ok_or("stdin")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?}:\n{text}");
+    Ok(Some(text))
+}
+
+#[tokio::test]
+async fn the_scrape_passes_promtool_and_has_every_name_the_dashboard_and_rules_use() -> TestResult {
+    let (_token, _upstream, proxy) = ready_proxy(&[]).await;
+    // Some of everything: an answer, and a refusal.
+    http1().get(proxy.url("/x")).send().await?.bytes().await?;
+    let text = http1()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    if let Some(report) = promtool(&["check", "metrics"], &text)? {
+        assert!(report.trim().is_empty(), "promtool's lint:\n{report}");
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = root.join("examples/prometheus/alerts.yaml");
+    promtool(&["check", "rules", rules.to_str().ok_or("path")?], "")?;
+
+    // Every family, and the series names a histogram has.
+    let mut exported = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split(' ');
+            let (name, kind) = (words.next().ok_or("name")?, words.next().ok_or("kind")?);
+            exported.insert(name.to_owned());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    for file in [
+        "examples/prometheus/alerts.yaml",
+        "examples/grafana/bearer-proxy.json",
+    ] {
+        let source = std::fs::read_to_string(root.join(file))?;
+        let mut used = 0;
+        for (at, _) in source.match_indices("bearer_proxy_") {
+            let name: String = source[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(&name),
+                "{file} uses {name}, which /metrics does not export"
+            );
+            used += 1;
+        }
+        assert!(used >= 5, "{file} uses {used} names");
+    }
+    Ok(())
+}
