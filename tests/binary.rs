@@ -640,3 +640,95 @@ async fn start_up_says_what_it_waits_for() -> TestResult {
     assert!(!logs.contains(CLIENT_SECRET));
     Ok(())
 }
+
+/// One request id, followed from the client to the upstream, to the log
+/// and back in the answer; made by the proxy when the client sent none or
+/// one that is not sane; in the warning about a failed request too.
+#[tokio::test]
+async fn a_request_id_goes_from_client_to_upstream_to_log_to_answer() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(|seen| match seen.target_str().as_str() {
+        "/hang" => Reply::with_body(Body::Hang),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut running = Running::against(
+        &token,
+        &upstream,
+        &[("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms")],
+    )?;
+    let ready = running.wait_for("listening").await?;
+    let proxy = address(&ready, "listen")?;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut ids = Vec::new();
+    for (via, sent) in [
+        ("HTTP/1.1", Some("client-id-1")),
+        ("h2c", Some("client-id-2")),
+        ("HTTP/1.1", None),
+        ("HTTP/1.1", Some("not sane")),
+        ("h2c", None),
+    ] {
+        let client = if via == "h2c" { h2c() } else { http1() };
+        let mut request = client
+            .post(format!("http://{proxy}/id"))
+            .header("traceparent", traceparent)
+            .header("tracestate", "vendor=x")
+            .body("b");
+        if let Some(id) = sent {
+            request = request.header("x-request-id", id);
+        }
+        let response = request.send().await?;
+        let returned = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or("no x-request-id in the answer")?
+            .to_owned();
+        response.bytes().await?;
+        let seen = upstream.last();
+        assert_eq!(
+            seen.header_all("x-request-id"),
+            [returned.as_str()],
+            "{via} {sent:?}"
+        );
+        assert_eq!(seen.header("traceparent"), Some(traceparent));
+        assert_eq!(seen.header("tracestate"), Some("vendor=x"));
+        match sent {
+            Some(id) if !id.contains(' ') => assert_eq!(returned, id),
+            _ => assert!(
+                returned.len() == 32 && returned.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{returned}"
+            ),
+        }
+        ids.push(returned);
+    }
+    let response = http1().get(format!("http://{proxy}/hang")).send().await?;
+    assert_eq!(response.status(), 504);
+    let hang_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no x-request-id on the proxy's own answer")?
+        .to_owned();
+    let warning = running.wait_for("sent no response headers").await?;
+    assert_eq!(warning["request_id"], hang_id.as_str());
+    assert_eq!(warning["level"], "WARN");
+    let (_, logs) = running.terminate().await?;
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "access")
+        .collect();
+    assert_eq!(access.len(), ids.len() + 1, "{logs}");
+    for (line, id) in access.iter().zip(&ids) {
+        assert_eq!(line["request_id"], id.as_str(), "{line}");
+        assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+    assert_eq!(access[ids.len()]["request_id"], hang_id.as_str());
+    assert_eq!(access[ids.len()]["code"], "upstream_timeout");
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ids.len(), "ids are not reused: {ids:?}");
+    Ok(())
+}

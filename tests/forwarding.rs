@@ -229,7 +229,17 @@ async fn hop_by_hop_headers_are_removed_both_ways() -> TestResult {
         .map(|(n, _)| n.as_str())
         .filter(|n| n.starts_with("x-"))
         .collect();
-    assert_eq!(names, ["x-first", "x-repeated", "x-repeated", "x-last"]);
+    // And the request id the proxy made.
+    assert_eq!(
+        names,
+        [
+            "x-first",
+            "x-repeated",
+            "x-repeated",
+            "x-last",
+            "x-request-id"
+        ]
+    );
     assert_eq!(seen.header_all("x-repeated"), ["a", "b"]);
 
     for name in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {

@@ -27,13 +27,15 @@ const USER_AGENT: &str = concat!("bearer-proxy/", env!("CARGO_PKG_VERSION"));
 
 /// nginx as a TLS front with HTTP/2 for `backend`, and a file to download.
 struct Nginx {
-    _process: Daemon,
+    process: Option<Daemon>,
     port: u16,
     dir: PathBuf,
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // Stopped before its directory goes.
+        drop(self.process.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -79,7 +81,7 @@ worker_processes 1;
 pid {d}/nginx.pid;
 events {{ worker_connections 512; }}
 http {{
-    log_format seen '$server_protocol $request_method $request_uri $status host=$http_host';
+    log_format seen '$server_protocol $request_method $request_uri $status host=$http_host connection=$connection';
     access_log {d}/access.log seen;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
@@ -120,7 +122,7 @@ http {{
                 .stdout(Stdio::null()),
         )?;
         let nginx = Nginx {
-            _process: process,
+            process: Some(process),
             port,
             dir,
         };
@@ -144,12 +146,21 @@ http {{
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
-    /// One line per request: protocol, method, URI, status, Host.
+    /// One line per request: protocol, method, URI, status, Host, and the
+    /// connection's serial number.
     fn access_log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.join("access.log"))
             .unwrap_or_default()
             .lines()
             .map(str::to_owned)
+            .collect()
+    }
+
+    /// The distinct connections that carried requests.
+    fn connections(&self) -> std::collections::BTreeSet<String> {
+        self.access_log()
+            .iter()
+            .filter_map(|line| line.split("connection=").nth(1).map(str::to_owned))
             .collect()
     }
 }
@@ -395,6 +406,15 @@ async fn a_goaway_after_some_requests_loses_none() -> TestResult {
         }
     }
     assert_eq!(backend.requests().len(), 12 + 48);
+    // One new connection after each GOAWAY, shared by the requests that
+    // wait for it: 20 would do for 60 requests, 3 to a connection; a
+    // request refused 3 times in a row gets one of its own.
+    let connections = nginx.connections().len();
+    println!("{connections} connections for 60 requests");
+    assert!(
+        connections <= 36,
+        "{connections} connections for 60 requests"
+    );
     Ok(())
 }
 
@@ -414,6 +434,7 @@ async fn a_connection_the_server_closed_when_idle_is_replaced() -> TestResult {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     assert_eq!(backend.requests().len(), 3);
+    assert_eq!(nginx.connections().len(), 3, "{:?}", nginx.access_log());
     Ok(())
 }
 

@@ -172,10 +172,10 @@ async fn both_paths_send_the_same_fields_upstream_also_on_a_replay() -> TestResu
             .iter()
             .filter(|(name, _)| name != "content-length")
             .map(|(name, value)| {
-                let value = if name == "authorization" {
-                    token
-                } else {
-                    value
+                let value = match name.as_str() {
+                    "authorization" => token,
+                    "x-request-id" => "(made by the proxy)",
+                    _ => value,
                 };
                 format!("{name}: {value}")
             })
@@ -191,12 +191,22 @@ async fn both_paths_send_the_same_fields_upstream_also_on_a_replay() -> TestResu
         "x-empty: ".to_owned(),
         "cookie: a=1".to_owned(),
         "te: trailers".to_owned(),
+        "x-request-id: (made by the proxy)".to_owned(),
     ];
     assert_eq!(fields_of(2, "Bearer token-2"), expected);
     assert_eq!(fields_of(1, "Bearer token-2"), expected);
     assert_eq!(fields_of(0, "Bearer token-2"), expected);
     assert_eq!(seen[0].bearer(), "token-1");
     assert_eq!(seen[1].bearer(), "token-2");
+    // The replay is the same request: the same id.
+    assert_eq!(
+        seen[0].header("x-request-id"),
+        seen[1].header("x-request-id")
+    );
+    assert_ne!(
+        seen[1].header("x-request-id"),
+        seen[2].header("x-request-id")
+    );
     Ok(())
 }
 

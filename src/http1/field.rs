@@ -49,6 +49,10 @@ pub enum Known {
     ProxyKey,
     Authorization,
     UserAgent,
+    /// `X-Request-Id`: kept when sane, else set by the proxy.
+    RequestId,
+    /// `traceparent` (W3C Trace Context): passed on, its trace id logged.
+    TraceParent,
 }
 
 impl Known {
@@ -68,6 +72,8 @@ impl Known {
             10 if is(b"keep-alive") => Self::KeepAlive,
             10 if is(b"user-agent") => Self::UserAgent,
             11 if is(b"x-proxy-key") => Self::ProxyKey,
+            11 if is(b"traceparent") => Self::TraceParent,
+            12 if is(b"x-request-id") => Self::RequestId,
             13 if is(b"authorization") => Self::Authorization,
             14 if is(b"content-length") => Self::ContentLength,
             14 if is(b"sec-fetch-site") => Self::SecFetchSite,
@@ -129,6 +135,14 @@ pub const TE: Field = Field::new(header::TE, Known::Te);
 pub const EXPECT: Field = Field::new(header::EXPECT, Known::Expect);
 pub const CONTENT_LENGTH: Field = Field::new(header::CONTENT_LENGTH, Known::ContentLength);
 pub const TRANSFER_ENCODING: Field = Field::new(header::TRANSFER_ENCODING, Known::TransferEncoding);
+pub const X_REQUEST_ID: Field = Field::new(
+    header::HeaderName::from_static("x-request-id"),
+    Known::RequestId,
+);
+pub const TRACEPARENT: Field = Field::new(
+    header::HeaderName::from_static("traceparent"),
+    Known::TraceParent,
+);
 
 /// A message's header fields, in a map or as they arrived: what the layers
 /// above read of them, one rule for both.

@@ -167,6 +167,31 @@ impl RawFields {
         self.head.len() <= RAW_HEAD_LIMIT
     }
 
+    /// Adds `name: value` after the others (the head is copied, with room
+    /// for it). `false`, and nothing added, when the fields are already
+    /// as many as `MAX_HEADERS`.
+    pub fn append(&mut self, name: &[u8], value: &[u8]) -> bool {
+        if self.spans.len() >= MAX_HEADERS {
+            return false;
+        }
+        let mut head = Vec::with_capacity(self.head.len() + name.len() + value.len() + 4);
+        head.extend_from_slice(&self.head);
+        let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let name_at = head.len();
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        let value_at = head.len();
+        head.extend_from_slice(value);
+        self.spans.push(Span {
+            name: (at(name_at), at(name_at + name.len())),
+            value: (at(value_at), at(head.len())),
+            known: Known::of(name),
+        });
+        head.extend_from_slice(b"\r\n");
+        self.head = Bytes::from(head);
+        true
+    }
+
     /// The length of the head the fields lie in: at least theirs.
     pub fn head_len(&self) -> usize {
         self.head.len()

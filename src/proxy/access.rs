@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, Uri, Version};
 
+use super::request_id::{RequestId, trace_id};
 use crate::config::{AccessLog, LogFormat};
 use crate::http1::RequestHead;
 use crate::metrics::{Finished, Shard};
@@ -40,6 +41,10 @@ pub(crate) struct Exchange {
     /// The target as the client sent it, kept for the log line.
     target: Option<Uri>,
     style: Option<Style>,
+    /// The client's, or one the proxy made.
+    pub request_id: RequestId,
+    /// From `traceparent`, for the log line.
+    trace_id: Option<String>,
     pub status: u16,
     /// The proxy's own code, when it answered itself.
     pub code: Option<ErrorCode>,
@@ -65,6 +70,8 @@ impl Exchange {
             version: head.version,
             target: style.map(|_| head.uri.clone()),
             style,
+            request_id: RequestId::of(&head.fields),
+            trace_id: style.and_then(|_| trace_id(&head.fields)),
             status: 0,
             code: None,
             upstream: None,
@@ -73,6 +80,11 @@ impl Exchange {
             upload: None,
             sent: 0,
         }
+    }
+
+    /// The request's id, for log lines about it.
+    pub(crate) fn request_id(&self) -> &str {
+        self.request_id.as_str()
     }
 
     fn log(&self, style: Style, done: &Finished) {
@@ -98,12 +110,16 @@ impl Exchange {
                 bytes_in = done.received_bytes,
                 bytes_out = done.sent_bytes,
                 replayed = self.replayed,
+                request_id = self.request_id(),
+                trace_id = self.trace_id.as_deref(),
                 "access"
             );
             return;
         }
         tracing::info!(
             target: "access",
+            request_id = self.request_id(),
+            trace_id = self.trace_id.as_deref(),
             "{} {path}{}{} {:?} {}{}{} {duration_ms}ms{} in={} out={}{}",
             done.method,
             if query.is_some() { "?" } else { "" },

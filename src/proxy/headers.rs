@@ -7,7 +7,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::UpstreamUrl;
-use crate::http1::field::tokens;
+use crate::http1::field::{X_REQUEST_ID, tokens};
 use crate::http1::{Known, RawFields, WriteFields, lists};
 
 /// Request headers that the proxy consumes itself: `Expect` (the proxy's
@@ -145,6 +145,8 @@ pub struct Added {
     pub host: HeaderValue,
     pub authorization: HeaderValue,
     pub user_agent: HeaderValue,
+    /// `X-Request-Id`, when the client sent none or one that is not sane.
+    pub request_id: Option<HeaderValue>,
 }
 
 impl Added {
@@ -158,6 +160,9 @@ impl Added {
         headers.insert(header::HOST, self.host.clone());
         headers.insert(header::AUTHORIZATION, self.authorization.clone());
         headers.insert(header::USER_AGENT, self.user_agent.clone());
+        if let Some(id) = &self.request_id {
+            headers.insert(X_REQUEST_ID.name, id.clone());
+        }
     }
 }
 
@@ -178,12 +183,13 @@ impl RawRequest {
     /// them.
     fn for_each(&self, put: &mut impl FnMut(&[u8], &[u8])) {
         let added = &self.added;
-        let mut set = [false; 3];
+        let mut set = [false; 4];
         for (known, name, value) in self.fields.grouped() {
             let ours = match known {
                 Known::Host => Some((0, &added.host)),
                 Known::Authorization => Some((1, &added.authorization)),
                 Known::UserAgent => Some((2, &added.user_agent)),
+                Known::RequestId => added.request_id.as_ref().map(|id| (3, id)),
                 _ => None,
             };
             match ours {
@@ -199,10 +205,15 @@ impl RawRequest {
         if added.trailers {
             put(b"te", b"trailers");
         }
-        let names: [&[u8]; 3] = [b"host", b"authorization", b"user-agent"];
-        let values = [&added.host, &added.authorization, &added.user_agent];
+        let names: [&[u8]; 4] = [b"host", b"authorization", b"user-agent", b"x-request-id"];
+        let values = [
+            Some(&added.host),
+            Some(&added.authorization),
+            Some(&added.user_agent),
+            added.request_id.as_ref(),
+        ];
         for ((set, name), value) in set.into_iter().zip(names).zip(values) {
-            if !set {
+            if let (false, Some(value)) = (set, value) {
                 put(name, value.as_bytes());
             }
         }
@@ -216,6 +227,7 @@ impl WriteFields for RawRequest {
             + added.host.len()
             + added.authorization.len()
             + added.user_agent.len()
+            + added.request_id.as_ref().map_or(0, |id| id.len() + 16)
             + 64
     }
 

@@ -34,7 +34,7 @@ use headers::{Added, LocationRewriter, OutFields, RawRequest};
 
 use crate::config::Config;
 use crate::guard::Guard;
-use crate::http1::field::{CONTENT_LENGTH as CONTENT_LENGTH_FIELD, EXPECT};
+use crate::http1::field::{CONTENT_LENGTH as CONTENT_LENGTH_FIELD, EXPECT, X_REQUEST_ID};
 use crate::http1::{
     self, FieldValues, Fields, FramingProblem, Known, Offer, RequestHead, ResponseHead,
     WriteFields, visible_ascii,
@@ -46,6 +46,7 @@ use crate::upstream::{Answer, Switched, Upstream, UpstreamBody, UpstreamError, o
 pub use mask::{mask, normalize_path};
 
 mod access;
+mod request_id;
 use crate::metrics::{Registry, Replay, Shard, UpstreamFailure};
 use access::{Exchange, Style};
 
@@ -214,6 +215,7 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
                 // httparse and `http` accept the same bytes: not expected.
                 Err(message) => {
                     let error = shared.upstream_error(&UpstreamError::invalid_answer(message));
+                    tracing::warn!(code = error.code.as_str(), "{}", error.message);
                     let (parts, body) = error_answer(&error);
                     match parts.into_parts() {
                         Ok(parts) => Response::from_parts(parts, body),
@@ -262,13 +264,41 @@ impl Shared {
         upgrade: Option<OnUpgrade>,
     ) -> (ResponseHead, ProxyBody) {
         let mut exchange = Box::new(Exchange::start(&self.metrics, &head, self.access));
-        let (head, mut body) = match self.forward(head, body, upgrade, &mut exchange).await {
+        let (mut head, mut body) = match self.forward(head, body, upgrade, &mut exchange).await {
             Ok(answer) => answer,
             Err(error) => {
+                if matches!(
+                    error.code,
+                    ErrorCode::UpstreamUnreachable | ErrorCode::UpstreamTimeout
+                ) {
+                    tracing::warn!(
+                        code = error.code.as_str(),
+                        request_id = exchange.request_id(),
+                        "{}",
+                        error.message
+                    );
+                }
                 exchange.code = Some(error.code);
                 error_answer(&error)
             }
         };
+        // The request's id goes back to the client, unless the upstream
+        // gave one of its own.
+        let id = exchange.request_id.value.clone();
+        match &mut head.fields {
+            Fields::Raw(fields) => {
+                if fields.values(Known::RequestId).next().is_none()
+                    && !fields.append(X_REQUEST_ID.name.as_str().as_bytes(), id.as_bytes())
+                    && let Ok(mut map) = fields.to_map(1)
+                {
+                    map.insert(X_REQUEST_ID.name, id);
+                    head.fields = Fields::Map(map);
+                }
+            }
+            Fields::Map(map) => {
+                map.entry(X_REQUEST_ID.name).or_insert(id);
+            }
+        }
         exchange.status = head.status.as_u16();
         body.observe(exchange);
         (head, body)
@@ -331,6 +361,10 @@ impl Shared {
             host: self.host.clone(),
             authorization: token.header.clone(),
             user_agent: self.user_agent.clone(),
+            request_id: exchange
+                .request_id
+                .set_upstream
+                .then(|| exchange.request_id.value.clone()),
         };
         // A WebSocket handshake (the guard has refused other upgrades, and
         // an h2c offer, or any offer over HTTP/1.0, is ignored): sent on
@@ -415,7 +449,12 @@ impl Shared {
                 };
                 let sent_at = Instant::now();
                 let (answer, sent_with) = self
-                    .send_replayable(outgoing, held, Arc::clone(&held_token))
+                    .send_replayable(
+                        outgoing,
+                        held,
+                        Arc::clone(&held_token),
+                        exchange.request_id(),
+                    )
                     .await?;
                 exchange.upstream = Some(sent_at.elapsed());
                 exchange.replayed = !Arc::ptr_eq(&sent_with, &held_token);
@@ -627,6 +666,7 @@ impl Shared {
         mut request: Outgoing,
         body: Bytes,
         token: Arc<CurrentToken>,
+        request_id: &str,
     ) -> Result<(Answer, Arc<CurrentToken>), ProxyError> {
         let answer = self.send_held(&request, &body).await?;
         if answer.head.status != StatusCode::UNAUTHORIZED {
@@ -643,11 +683,15 @@ impl Shared {
             Renewal::Declined => None,
         };
         let Some(renewed) = renewed else {
-            tracing::debug!("the upstream answered 401; no new token now, so the 401 is passed on");
+            tracing::debug!(
+                request_id,
+                "the upstream answered 401; no new token now, so the 401 is passed on"
+            );
             return Ok((answer, token));
         };
         drop(answer);
         tracing::info!(
+            request_id,
             generation = renewed.generation,
             "the upstream answered 401: replaying the request with a new token"
         );
@@ -753,14 +797,12 @@ impl Shared {
                 self.authority
             )
         };
-        tracing::warn!(code = ErrorCode::UpstreamTimeout.as_str(), "{message}");
         self.metrics.upstream_failure(UpstreamFailure::Timeout);
         ProxyError::new(ErrorCode::UpstreamTimeout, message)
     }
 
     fn upstream_error(&self, error: &UpstreamError) -> ProxyError {
         let (code, message) = crate::upstream::describe_upstream_error(error, &self.authority);
-        tracing::warn!(code = code.as_str(), "{message}");
         self.metrics
             .upstream_failure(crate::upstream::failure_kind(error));
         ProxyError::new(code, message)
@@ -860,6 +902,8 @@ mod tests {
             host: HeaderValue::from_static("api.example.com"),
             authorization: HeaderValue::from_static("Bearer token-1"),
             user_agent: HeaderValue::from_static("bearer-proxy/test"),
+            // Set (replacing the client's) or not, with and without trailers.
+            request_id: trailers.then(|| HeaderValue::from_static("0123abcd")),
         };
         let mut rng = fastrand::Rng::with_seed(0x5eed);
         let (mut compared, mut refused) = (0, 0);

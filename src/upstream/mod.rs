@@ -39,6 +39,10 @@ use conn::{BodyFraming, Conn, DirectBody, ExchangeError, Rest, UploadBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How many times a request goes on shared HTTP/2 connections that do
+/// not process it, before it gets a connection of its own.
+const H2_ATTEMPTS: u32 = 3;
+
 /// How long an idle pooled connection to the upstream is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often idle upstream connections are checked for expiry.
@@ -156,6 +160,8 @@ pub struct Upstream {
     idle: Arc<conn::Idle<Io>>,
     /// Where open connections are counted.
     metrics: Option<Arc<Shard>>,
+    /// Held by the one request that opens a new HTTP/2 connection.
+    h2_opening: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +170,8 @@ struct H2 {
     /// Counts the connections that have been shared, so that a request
     /// that failed on one forgets that one, not its successor.
     generation: u64,
+    /// The upstream chose HTTP/2 for its latest connection.
+    known: bool,
     /// Whether a task closes connections idle for `POOL_IDLE_TIMEOUT`.
     sweeping: bool,
 }
@@ -240,6 +248,7 @@ impl Upstream {
             h2: Arc::default(),
             idle: Arc::default(),
             metrics: None,
+            h2_opening: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -275,46 +284,71 @@ impl Upstream {
 
     /// Over the shared HTTP/2 connection, boxed: hyper's futures are
     /// large, and every request would otherwise carry their size. A
-    /// request that the connection did not process (see
-    /// [`may_send_again`]) is sent once more: on the shared connection if
-    /// another has taken its place, else on a new one. Only a request
-    /// whose body is held can be: a streamed body has gone.
-    async fn via_h2(&self, request: Request<OutBody>) -> Result<Answer, UpstreamError> {
-        let Some((generation, mut sender)) = self.shared_h2() else {
-            // Closed since: HTTP/1.1 or HTTP/2 again, as a new connection says.
-            return Box::pin(self.request_fresh(request)).await;
-        };
-        let again = replica(&request);
+    /// request that the connection did not take, or did not process (see
+    /// [`may_send_again`]), is sent again: on the shared connection, or
+    /// the one that replaces it, at most [`H2_ATTEMPTS`] times in all,
+    /// then on a connection of its own. Only a request whose body is held
+    /// can be: a streamed body has gone.
+    async fn via_h2(&self, mut request: Request<OutBody>) -> Result<Answer, UpstreamError> {
         let method = request.method().clone();
-        let mut error = match Box::pin(sender.try_send_request(for_h2(request))).await {
-            Ok(response) => return Ok(Answer::hyper(response)),
-            Err(error) => error,
-        };
-        let unsent = error.take_message();
-        let error = error.into_error();
-        let again = match unsent {
-            Some(mut unsent) => {
-                tracing::debug!(%error, "the shared upstream HTTP/2 connection refused a request before taking it: sending it on a new connection");
-                restore_host(&mut unsent);
-                Some(unsent)
+        for attempt in 1..=H2_ATTEMPTS {
+            let Some((generation, mut sender)) = self.shared_or_new_h2().await? else {
+                // The upstream speaks HTTP/1.1 now.
+                break;
+            };
+            let again = replica(&request);
+            let mut error = match Box::pin(sender.try_send_request(for_h2(request))).await {
+                Ok(response) => return Ok(Answer::hyper(response)),
+                Err(error) => error,
+            };
+            let unsent = error.take_message();
+            let error = error.into_error();
+            if sender.is_closed()
+                || crate::error_chain::find::<h2::Error>(&error).is_some_and(h2::Error::is_go_away)
+            {
+                self.forget_h2(generation);
             }
-            None => again.filter(|_| may_send_again(&error, &method)),
-        };
-        if sender.is_closed()
-            || crate::error_chain::find::<h2::Error>(&error).is_some_and(h2::Error::is_go_away)
-        {
-            self.forget_h2(generation);
+            request = match unsent {
+                Some(mut unsent) => {
+                    restore_host(&mut unsent);
+                    unsent
+                }
+                None => match again.filter(|_| may_send_again(&error, &method)) {
+                    Some(again) => again,
+                    None => return Err(UpstreamError::Request(error.into())),
+                },
+            };
+            tracing::debug!(%error, attempt, "the upstream's HTTP/2 connection did not process a request: sending it again");
         }
-        let Some(again) = again else {
-            return Err(UpstreamError::Request(error.into()));
-        };
-        tracing::debug!(%error, "the upstream did not process a request on its HTTP/2 connection: sending it again");
-        match self.shared_h2() {
-            Some((_, mut sender)) => Box::pin(sender.send_request(for_h2(again)))
-                .await
-                .map(Answer::hyper)
-                .map_err(|e| UpstreamError::Request(e.into())),
-            None => Box::pin(self.request_fresh(again)).await,
+        // On a connection of its own, whatever it speaks.
+        Box::pin(self.request_fresh(request)).await
+    }
+
+    /// The shared HTTP/2 connection; when there is none, a new one, which
+    /// one request opens while the others wait for it (after a GOAWAY,
+    /// each request in flight would otherwise open its own). `None` when
+    /// the new connection speaks HTTP/1.1: it waits in the idle pool.
+    async fn shared_or_new_h2(
+        &self,
+    ) -> Result<Option<(u64, http2::SendRequest<OutBody>)>, UpstreamError> {
+        if let Some(shared) = self.shared_h2() {
+            return Ok(Some(shared));
+        }
+        let _opening = self.h2_opening.lock().await;
+        if let Some(shared) = self.shared_h2() {
+            return Ok(Some(shared));
+        }
+        match Box::pin(self.connect()).await? {
+            // Shared by `connect`.
+            Connected::H2(_) => Ok(self.shared_h2()),
+            Connected::H1(io) => {
+                self.start_sweeping();
+                let conn = Conn::new(io).counted(self.count(Protocol::Http1));
+                if let Ok(mut idle) = self.idle.lock() {
+                    idle.push((conn, Instant::now()));
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -352,10 +386,11 @@ impl Upstream {
         self.request_with_body(head, body).await
     }
 
-    /// Whether the upstream has an HTTP/2 connection open, which every
-    /// request then shares.
+    /// Whether the upstream chose HTTP/2 for its latest connection: then
+    /// every request goes by the shared HTTP/2 connection (or waits for
+    /// the one that replaces it).
     fn speaks_h2(&self) -> bool {
-        self.h2.lock().is_ok_and(|h2| h2.sender.is_some())
+        self.h2.lock().is_ok_and(|h2| h2.known)
     }
 
     /// Sends a request without a body, borrowing its head (its URI
@@ -543,10 +578,18 @@ impl Upstream {
                 drop(counted);
             });
             if let Ok(mut h2) = self.h2.lock() {
-                h2.sender = Some(sender.clone());
-                h2.generation += 1;
+                h2.known = true;
+                // Connections opened side by side (before the upstream
+                // was known to speak HTTP/2): the first one stays shared.
+                if h2.sender.as_ref().is_none_or(http2::SendRequest::is_closed) {
+                    h2.sender = Some(sender.clone());
+                    h2.generation += 1;
+                }
             }
             return Ok(Connected::H2(sender));
+        }
+        if let Ok(mut h2) = self.h2.lock() {
+            h2.known = false;
         }
         Ok(Connected::H1(TokioIo::new(io)))
     }
@@ -618,22 +661,21 @@ fn replica(request: &Request<OutBody>) -> Option<Request<OutBody>> {
 /// answer may be sent again on another.
 /// - Whatever its method, when the protocol says that the server did not
 ///   process it: refused (`REFUSED_STREAM`, RFC 9113 §8.7), or beyond
-///   the last stream of a graceful GOAWAY (§6.8: h2 reports a server's
-///   `NO_ERROR` GOAWAY on a stream only for those; the streams the
-///   server kept, if the connection then fails, see the transport fail).
+///   the last stream of a GOAWAY (§6.8). h2 reports a server's GOAWAY to
+///   a stream only for those: the streams the server kept, if the
+///   connection then fails, see the transport fail. (That holds because
+///   a connection's task and its requests run on one thread, the
+///   worker's: h2 cannot take a GOAWAY between opening a stream and
+///   hyper's next look at the connection.)
 /// - A safe method (RFC 9110 §9.2.1), as over HTTP/1.1, when the
-///   connection failed under it (a GOAWAY with an error, the transport):
+///   connection failed under it (the transport, or hyper's task gone):
 ///   the server may have acted on it.
 /// - Never when the server reset the stream for another reason: that is
 ///   its answer.
 fn may_send_again(error: &(dyn std::error::Error + 'static), method: &Method) -> bool {
     match crate::error_chain::find::<h2::Error>(error) {
         Some(h2) if h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) => true,
-        Some(h2)
-            if h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR) =>
-        {
-            true
-        }
+        Some(h2) if h2.is_go_away() && h2.is_remote() => true,
         Some(h2) if h2.is_reset() => false,
         _ => method.is_safe(),
     }
