@@ -17,39 +17,78 @@ const BODY_PRINT_LIMIT: usize = 4 * 1024;
 /// Most of the status answer that is read.
 const BODY_READ_LIMIT: usize = 1024 * 1024;
 
-/// What `check` found: the report to print, and whether all went well.
-#[derive(Debug)]
+/// What `check` found: each finding, the failure if one, and whether all
+/// went well; for the terminal ([`text`](Self::text)) or for scripts and
+/// support tickets ([`json`](Self::json)). Never the secret or the token.
+#[derive(Debug, Default)]
 pub struct Report {
-    /// Lines for the terminal.
-    pub text: String,
+    /// What was looked at and found, in order (`token endpoint`, ...).
+    pub findings: Vec<(&'static str, String)>,
+    /// The step that failed, what went wrong, and what to do.
+    pub failure: Option<Failure>,
     /// True when a token was obtained and the status call answered 2xx.
     pub ok: bool,
 }
 
-/// Runs the check with the given configuration.
-pub async fn run(config: &Config) -> Report {
-    let mut out = String::new();
-    let ok = steps(config, &mut out).await;
-    let _ = writeln!(
-        out,
-        "{}",
-        if ok {
-            "OK: the credentials work and the upstream answers."
-        } else {
-            ""
+/// Why the check failed.
+#[derive(Debug)]
+pub struct Failure {
+    pub step: String,
+    pub what: String,
+    pub hint: Option<String>,
+}
+
+impl Report {
+    /// Lines for the terminal.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for (label, value) in &self.findings {
+            let _ = writeln!(out, "  {label:<15} {value}");
         }
-    );
-    Report {
-        text: out.trim_end().to_owned() + "\n",
-        ok,
+        if let Some(failure) = &self.failure {
+            let _ = writeln!(out, "FAILED: {}", failure.what);
+            if let Some(hint) = &failure.hint {
+                let _ = writeln!(out, "  {hint}.");
+            }
+        }
+        if self.ok {
+            out.push_str("OK: the credentials work and the upstream answers.\n");
+        }
+        out
+    }
+
+    /// One JSON object: `ok`, `findings` (label to value), `failure`.
+    pub fn json(&self) -> String {
+        let findings: serde_json::Map<String, serde_json::Value> = self
+            .findings
+            .iter()
+            .map(|(label, value)| (label.replace(' ', "_"), value.clone().into()))
+            .collect();
+        let failure = self
+            .failure
+            .as_ref()
+            .map(|f| serde_json::json!({ "step": f.step, "what": f.what, "hint": f.hint }));
+        let report = serde_json::json!({
+            "ok": self.ok,
+            "findings": findings,
+            "failure": failure,
+        });
+        format!("{report:#}\n")
     }
 }
 
-fn line(out: &mut String, label: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(out, "  {label:<15} {value}");
+/// Runs the check with the given configuration.
+pub async fn run(config: &Config) -> Report {
+    let mut report = Report::default();
+    report.ok = steps(config, &mut report).await;
+    report
 }
 
-async fn steps(config: &Config, out: &mut String) -> bool {
+fn line(out: &mut Report, label: &'static str, value: impl std::fmt::Display) {
+    out.findings.push((label, value.to_string()));
+}
+
+async fn steps(config: &Config, out: &mut Report) -> bool {
     crate::tls::install_crypto_provider();
     line(out, "token endpoint", &config.token.url);
     line(out, "client id", &config.token.client_id);
@@ -207,7 +246,7 @@ async fn steps(config: &Config, out: &mut String) -> bool {
     )
 }
 
-fn token_failure(out: &mut String, error: &TokenError) -> bool {
+fn token_failure(out: &mut Report, error: &TokenError) -> bool {
     let what = match error {
         TokenError::Rejected(p) => {
             let code = p
@@ -230,16 +269,19 @@ fn token_failure(out: &mut String, error: &TokenError) -> bool {
     fail(out, "token", &what, hint.as_deref())
 }
 
-fn fail(out: &mut String, step: &str, what: &str, hint: Option<&str>) -> bool {
+fn fail(out: &mut Report, step: &'static str, what: &str, hint: Option<&str>) -> bool {
     line(out, step, "FAILED");
-    let _ = writeln!(out, "FAILED: {what}");
-    if let Some(hint) = hint {
+    let hint = hint.map(|hint| {
         let mut chars = hint.chars();
-        let sentence = match chars.next() {
+        match chars.next() {
             Some(first) => first.to_uppercase().collect::<String>() + chars.as_str(),
             None => String::new(),
-        };
-        let _ = writeln!(out, "  {sentence}.");
-    }
+        }
+    });
+    out.failure = Some(Failure {
+        step: step.to_owned(),
+        what: what.to_owned(),
+        hint,
+    });
     false
 }

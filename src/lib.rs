@@ -170,6 +170,7 @@ pub async fn run(
         draining: shutdown.clone(),
         started: Instant::now(),
         upstream: config.upstream.url.as_string(),
+        last_view: std::sync::Arc::default(),
     };
     let admin_addr = listeners
         .admin

@@ -27,7 +27,11 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Fetch one token, call the upstream's status path, and report.
-    Check,
+    Check {
+        /// The report as one JSON object (no secret, no token).
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 if the admin /healthz answers 200, else 1 (for HEALTHCHECK).
     Healthcheck,
 }
@@ -56,9 +60,13 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(error) => return config_error(&error),
     };
-    if command == Command::Check {
+    if let Command::Check { json } = command {
         let report = runtime.block_on(check::run(&config));
-        print!("{}", report.text);
+        if json {
+            print!("{}", report.json());
+        } else {
+            print!("{}", report.text());
+        }
         return if report.ok {
             ExitCode::SUCCESS
         } else {

@@ -44,6 +44,28 @@ const BOUNDS: [f64; 18] = [
     5.0, 10.0, 30.0, 60.0,
 ];
 
+/// [`BOUNDS`] in nanoseconds, for recording without floating point.
+const BOUNDS_NANOS: [u64; BOUNDS.len()] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+];
+
 /// Why the upstream gave no answer, as the `kind` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
@@ -130,13 +152,12 @@ impl Default for Histogram {
 
 impl Histogram {
     fn record(&self, duration: Duration) {
-        let seconds = duration.as_secs_f64();
-        let bucket = BOUNDS
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = BOUNDS_NANOS
             .iter()
-            .position(|bound| seconds <= *bound)
+            .position(|bound| nanos <= *bound)
             .unwrap_or(BOUNDS.len());
         self.buckets[bucket].fetch_add(1, Relaxed);
-        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Relaxed);
     }
 
@@ -437,6 +458,59 @@ impl Registry {
     }
 }
 
+/// Counts summed over methods and workers, for `/status` and the status
+/// page.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// Requests answered.
+    pub total: u64,
+    pub in_flight: u64,
+    /// By status class, `1xx` to `5xx`.
+    pub by_class: Vec<(&'static str, u64)>,
+    /// The proxy's own answers, by code: those that happened.
+    pub by_code: Vec<(&'static str, u64)>,
+    /// Upstream failures by kind: those that happened.
+    pub upstream_failures: Vec<(&'static str, u64)>,
+}
+
+impl Registry {
+    /// What every worker has counted.
+    pub fn totals(&self) -> Totals {
+        let shards = self
+            .shards
+            .lock()
+            .map(|shards| shards.clone())
+            .unwrap_or_default();
+        let sum = |read: &dyn Fn(&Shard) -> u64| shards.iter().map(|s| read(s)).sum::<u64>();
+        let mut totals = Totals::default();
+        let mut by_class = [0u64; 5];
+        for m in 0..METHODS.len() {
+            for (c, count) in by_class.iter_mut().enumerate() {
+                *count += sum(&|s| s.by_class[m][c].load(Relaxed));
+            }
+        }
+        for code in ErrorCode::ALL {
+            let n: u64 = (0..METHODS.len())
+                .map(|m| sum(&|s| s.by_code[m][code.index()].load(Relaxed)))
+                .sum();
+            by_class[usize::from(code.status().as_u16() / 100) - 1] += n;
+            if n > 0 {
+                totals.by_code.push((code.as_str(), n));
+            }
+        }
+        totals.total = by_class.iter().sum();
+        totals.by_class = CLASSES.iter().copied().zip(by_class).collect();
+        totals.in_flight = sum(&|s| s.started.load(Relaxed)).saturating_sub(totals.total);
+        for kind in UpstreamFailure::ALL {
+            let n = sum(&|s| s.upstream_failures[kind as usize].load(Relaxed));
+            if n > 0 {
+                totals.upstream_failures.push((kind.as_str(), n));
+            }
+        }
+        totals
+    }
+}
+
 /// `# HELP` and `# TYPE` lines.
 pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -503,6 +577,13 @@ mod tests {
             "bearer_proxy_sent_bytes_total 30",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} in:\n{out}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_in_nanoseconds_are_the_bounds() {
+        for (seconds, nanos) in BOUNDS.iter().zip(BOUNDS_NANOS) {
+            assert_eq!((seconds * 1e9).round() as u64, nanos);
         }
     }
 

@@ -8,13 +8,23 @@ use std::io::IsTerminal;
 
 use std::sync::OnceLock;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
 /// The writer's count of lines dropped, once logging is installed.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// The writer, once logging is installed: the access log writes its
+/// batches of lines through it, so that one thread writes all of stderr.
+static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+
+/// The log's writer, for whole lines written in batches; `None` until
+/// [`init`] (as in tests that run the proxy in their own process).
+pub fn writer() -> Option<NonBlocking> {
+    WRITER.get().cloned()
+}
 
 /// Log lines dropped because the writer fell behind.
 pub fn dropped_lines() -> usize {
@@ -31,6 +41,7 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         .thread_name("bearer-proxy-log")
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
+    let _ = WRITER.set(writer.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

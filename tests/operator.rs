@@ -241,3 +241,49 @@ async fn healthcheck_follows_the_admin_listener() -> TestResult {
     assert!(out.stderr.contains("HTTP 404"), "{}", out.stderr);
     Ok(())
 }
+
+#[tokio::test]
+async fn check_json_gives_the_same_report_to_scripts() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::with(status_upstream_body).await;
+    let (token_url, upstream_url) = (token.url(), format!("{}/base", upstream.url()));
+    let out = bin(&["check", "--json"], &check_env(&token_url, &upstream_url)).await?;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert_no_secrets(&out);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(report["ok"], true);
+    assert!(report["failure"].is_null(), "{report}");
+    let findings = &report["findings"];
+    assert_eq!(findings["token_endpoint"], token_url.as_str());
+    assert_eq!(findings["client_id"], CLIENT_ID);
+    assert_eq!(findings["protocol"], "HTTP/1.1");
+    assert_eq!(
+        findings["status"]
+            .as_str()
+            .map(|s| s.starts_with("HTTP 200 OK")),
+        Some(true)
+    );
+    assert_eq!(
+        findings["status_call"],
+        format!("GET {upstream_url}/api/status").as_str()
+    );
+    assert!(
+        findings["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("[masked]")),
+        "{report}"
+    );
+
+    // A rejected secret: the failing step, what went wrong, what to do.
+    token.script([TokenReply::invalid_secret()]);
+    let out = bin(&["check", "--json"], &check_env(&token_url, &upstream_url)).await?;
+    assert_eq!(out.code, Some(1));
+    assert_no_secrets(&out);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["findings"]["token"], "FAILED");
+    assert_eq!(report["failure"]["step"], "token");
+    assert_text_contains(&report["failure"], "what", "AADSTS7000215");
+    assert_text_contains(&report["failure"], "hint", "value, not its id");
+    Ok(())
+}

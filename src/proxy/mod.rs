@@ -48,7 +48,7 @@ pub use mask::{mask, normalize_path};
 mod access;
 mod request_id;
 use crate::metrics::{Registry, Replay, Shard, UpstreamFailure};
-use access::{Exchange, Style};
+use access::{Exchange, Lines, Style};
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
@@ -95,6 +95,9 @@ struct Shared {
     metrics: Arc<Shard>,
     /// The access log's style, when it is on.
     access: Option<Style>,
+    /// This worker's access-log lines, written in batches (once logging
+    /// is installed).
+    lines: Option<Arc<Lines>>,
 }
 
 impl Proxy {
@@ -159,6 +162,7 @@ impl Proxy {
                 registry: registry.clone(),
                 metrics: registry.shard(),
                 access: Style::new(config.access_log, config.log_format),
+                lines: None,
             }),
         }
     }
@@ -173,6 +177,10 @@ impl Proxy {
     pub fn for_worker(&self) -> Self {
         let mut shared = Shared::clone(&self.inner);
         shared.metrics = shared.registry.shard();
+        shared.lines = shared
+            .access
+            .and_then(|_| crate::telemetry::writer())
+            .map(Lines::start);
         shared.client = Arc::new(shared.client.with_own_pool().counted(&shared.metrics));
         // Values cloned into every request get bytes of their own, so
         // that their reference counts are not shared with other workers.
@@ -263,7 +271,12 @@ impl Shared {
         body: Option<Incoming>,
         upgrade: Option<OnUpgrade>,
     ) -> (ResponseHead, ProxyBody) {
-        let mut exchange = Box::new(Exchange::start(&self.metrics, &head, self.access));
+        let mut exchange = Box::new(Exchange::start(
+            &self.metrics,
+            &head,
+            self.access,
+            self.lines.as_ref(),
+        ));
         let (mut head, mut body) = match self.forward(head, body, upgrade, &mut exchange).await {
             Ok(answer) => answer,
             Err(error) => {
