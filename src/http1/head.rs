@@ -1,7 +1,6 @@
 //! Heads: a request's and an answer's, parsed and written; what their
 //! fields say about framing and the connection (one `Signals` for both).
 
-use std::io::Write as _;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -11,8 +10,8 @@ use hyper::ext::ReasonPhrase;
 
 use super::body::{Encoder, Framing};
 use super::field::{
-    Codings, Field, FieldValues, Known, add_content_length, content_length, lists, put_field,
-    put_name, tokens, visible_ascii,
+    Codings, Field, FieldValues, Known, add_content_length, content_length, lists, put_decimal,
+    put_field, put_name, tokens, visible_ascii,
 };
 use super::raw::{RawFields, Span, record_spans};
 use super::{Invalid, MAX_HEADERS};
@@ -580,7 +579,9 @@ pub fn encode_response_head(
                 }
                 wrote_length = true;
                 wrote_content_length = true;
-                let _ = write!(dst, "content-length: {size}\r\n");
+                dst.extend_from_slice(b"content-length: ");
+                put_decimal(dst, size);
+                dst.extend_from_slice(b"\r\n");
                 continue;
             }
             Known::TransferEncoding => {
@@ -649,7 +650,9 @@ pub fn encode_response_head(
             }
             Some(Some(_)) if !may_have_length(status) => Encoder::Length(0),
             Some(Some(known)) => {
-                let _ = write!(dst, "content-length: {known}\r\n");
+                dst.extend_from_slice(b"content-length: ");
+                put_decimal(dst, known);
+                dst.extend_from_slice(b"\r\n");
                 Encoder::Length(known)
             }
         };

@@ -18,6 +18,7 @@ use http::{Method, Uri, Version};
 use super::request_id::{RequestId, trace_id};
 use crate::config::{AccessLog, LogFormat};
 use crate::http1::RequestHead;
+use crate::http1::field::put_decimal as number;
 use crate::metrics::{Finished, Shard};
 use crate::reply::ErrorCode;
 use crate::upstream::body::Activity;
@@ -378,21 +379,6 @@ impl Drop for Lines {
     fn drop(&mut self) {
         self.flush();
     }
-}
-
-/// `n` in decimal.
-fn number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// Microseconds as milliseconds with three decimals.
