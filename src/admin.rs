@@ -118,7 +118,7 @@ async fn status(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 fn rfc3339(at: SystemTime) -> Value {
-    Value::String(humantime::format_rfc3339_seconds(at).to_string())
+    Value::String(crate::telemetry::rfc3339(at))
 }
 
 /// Prometheus' text format: the request metrics, then what the token
@@ -306,7 +306,7 @@ async fn page(State(state): State<AdminState>) -> impl IntoResponse {
                 "<tr><th>obtained</th><td>{} ago ({})</td></tr>\n\
                  <tr><th>expires in</th><td>{}</td></tr>",
                 span(age),
-                humantime::format_rfc3339_seconds(current.obtained_at),
+                crate::telemetry::rfc3339(current.obtained_at),
                 if left.is_zero() {
                     "expired".to_owned()
                 } else {
@@ -320,7 +320,7 @@ async fn page(State(state): State<AdminState>) -> impl IntoResponse {
         let _ = writeln!(
             out,
             "<tr><th>next request</th><td>{}</td></tr>",
-            humantime::format_rfc3339_seconds(next)
+            crate::telemetry::rfc3339(next)
         );
     }
     let _ = writeln!(
@@ -340,7 +340,7 @@ async fn page(State(state): State<AdminState>) -> impl IntoResponse {
                     .as_deref()
                     .map(|code| format!(" <code>{}</code>", html(code)))
                     .unwrap_or_default(),
-                humantime::format_rfc3339_seconds(error.at),
+                crate::telemetry::rfc3339(error.at),
                 html(&error.message)
             );
         }

@@ -59,9 +59,12 @@ impl Report {
 
     /// One JSON object: `ok`, `findings` (label to value), `failure`.
     pub fn json(&self) -> String {
+        // `FAILED` marks the failing step in the text; here `failure`
+        // names it, and the step's finding (the URL called) stays.
         let findings: serde_json::Map<String, serde_json::Value> = self
             .findings
             .iter()
+            .filter(|(_, value)| value != "FAILED")
             .map(|(label, value)| (label.replace(' ', "_"), value.clone().into()))
             .collect();
         let failure = self
@@ -130,7 +133,7 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
             "obtained in {} ms, lifetime {} s (until {})",
             started.elapsed().as_millis(),
             fetched.expires_in.as_secs(),
-            humantime::format_rfc3339_seconds(expires)
+            crate::telemetry::rfc3339(expires)
         ),
     );
 

@@ -118,7 +118,7 @@ async fn say_what_start_waits_for(
                 attempts = state.consecutive_failures,
                 code = %error.code,
                 provider_code = error.provider_code.as_deref(),
-                next_attempt = state.next_attempt_wall.map(|at| humantime::format_rfc3339_seconds(at).to_string()),
+                next_attempt = state.next_attempt_wall.map(crate::telemetry::rfc3339),
                 "still waiting for a first token from {token_url}: {}",
                 error.message
             ),

@@ -173,14 +173,17 @@ fn counters<const N: usize>() -> [AtomicU64; N] {
     std::array::from_fn(|_| AtomicU64::new(0))
 }
 
-/// One worker's counts.
+/// One worker's counts, on cache lines of its own.
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct Shard {
     started: AtomicU64,
     /// Answered by the upstream: by method and status class.
     by_class: [[AtomicU64; 5]; METHODS.len()],
     /// Answered by the proxy itself: by method and error code.
     by_code: [[AtomicU64; ErrorCode::ALL.len()]; METHODS.len()],
+    /// Left by their client before an answer head was ready, by method.
+    closed: [AtomicU64; METHODS.len()],
     duration: Histogram,
     upstream_duration: Histogram,
     received_bytes: AtomicU64,
@@ -199,6 +202,7 @@ impl Default for Shard {
             started: AtomicU64::new(0),
             by_class: std::array::from_fn(|_| counters()),
             by_code: std::array::from_fn(|_| counters()),
+            closed: counters(),
             duration: Histogram::default(),
             upstream_duration: Histogram::default(),
             received_bytes: AtomicU64::new(0),
@@ -217,7 +221,10 @@ impl Default for Shard {
 #[derive(Debug, Clone)]
 pub struct Finished {
     pub method: Method,
+    /// 499 when the client left before the answer (as nginx logs it).
     pub status: u16,
+    /// The client left before an answer head was ready.
+    pub client_closed: bool,
     /// The proxy's own code, when it answered itself.
     pub code: Option<ErrorCode>,
     pub duration: Duration,
@@ -237,6 +244,7 @@ impl Shard {
     pub fn finish(&self, done: &Finished) {
         let method = method_index(&done.method);
         match done.code {
+            _ if done.client_closed => self.closed[method].fetch_add(1, Relaxed),
             Some(code) => self.by_code[method][code.index()].fetch_add(1, Relaxed),
             None => {
                 let class = usize::from(done.status / 100).clamp(1, 5) - 1;
@@ -331,11 +339,18 @@ impl Registry {
             out,
             "bearer_proxy_requests_total",
             "counter",
-            "Requests answered, by method and status class; `code` is the proxy's own error code where it answered itself.",
+            "Requests answered, by method and status class; `code` is the proxy's own error code where it answered itself, or client_closed where the client left first.",
         );
-        let started = sum(&|s| s.started.load(Relaxed));
         let mut finished = 0;
         for (m, method) in METHODS.iter().enumerate() {
+            let n = sum(&|s| s.closed[m].load(Relaxed));
+            finished += n;
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "bearer_proxy_requests_total{{method=\"{method}\",status_class=\"4xx\",code=\"client_closed\"}} {n}"
+                );
+            }
             for (c, class) in CLASSES.iter().enumerate() {
                 let n = sum(&|s| s.by_class[m][c].load(Relaxed));
                 finished += n;
@@ -359,6 +374,9 @@ impl Registry {
                 }
             }
         }
+        // After the finished ones: a request that starts and ends between
+        // the two reads must not make in-flight negative.
+        let started = sum(&|s| s.started.load(Relaxed));
         gauge(
             out,
             "bearer_proxy_requests_in_flight",
@@ -498,6 +516,13 @@ impl Registry {
                 totals.by_code.push((code.as_str(), n));
             }
         }
+        let closed: u64 = (0..METHODS.len())
+            .map(|m| sum(&|s| s.closed[m].load(Relaxed)))
+            .sum();
+        if closed > 0 {
+            by_class[3] += closed;
+            totals.by_code.push(("client_closed", closed));
+        }
         totals.total = by_class.iter().sum();
         totals.by_class = CLASSES.iter().copied().zip(by_class).collect();
         totals.in_flight = sum(&|s| s.started.load(Relaxed)).saturating_sub(totals.total);
@@ -554,6 +579,7 @@ mod tests {
             shard.finish(&Finished {
                 method: Method::GET,
                 status: code.map_or(200, |c: ErrorCode| c.status().as_u16()),
+                client_closed: false,
                 code,
                 duration: Duration::from_millis(millis),
                 upstream: code.is_none().then(|| Duration::from_millis(millis)),

@@ -1,8 +1,10 @@
 //! Logging: a tracing subscriber writing text or JSON lines to stderr,
 //! filtered by `RUST_LOG` (default `info`). Lines are written by a thread
 //! of their own from a bounded queue: a slow terminal or pipe never blocks
-//! a worker. Should the queue fill (128 000 lines behind), lines are
-//! dropped, not waited for, and counted (`bearer_proxy_log_dropped_lines_total`).
+//! a worker. Should the queue fill ([`QUEUE`] messages behind: a line, or
+//! a batch of access-log lines of up to 8 KiB, so at most 32 MiB), they
+//! are dropped, not waited for, and counted
+//! (`bearer_proxy_log_dropped_lines_total`, one per message).
 
 use std::io::IsTerminal;
 
@@ -12,6 +14,9 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuild
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+/// Messages the log's queue holds before it drops more.
+const QUEUE: usize = 4096;
 
 /// The writer's count of lines dropped, once logging is installed.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
@@ -38,6 +43,7 @@ pub fn init(format: LogFormat) -> WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
+        .buffered_lines_limit(QUEUE)
         .thread_name("bearer-proxy-log")
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
@@ -51,4 +57,16 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     guard
+}
+
+/// `at` in RFC 3339 to the second, or a note when the clock is outside
+/// what RFC 3339 can say (before 1970, after 9999), where humantime would
+/// panic.
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    match at.duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) if since.as_secs() < 253_402_300_800 => {
+            humantime::format_rfc3339_seconds(at).to_string()
+        }
+        _ => "(the clock is out of range)".to_owned(),
+    }
 }

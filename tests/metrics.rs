@@ -328,3 +328,31 @@ async fn the_scrape_passes_promtool_and_has_every_name_the_dashboard_and_rules_u
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_is_counted_as_client_closed() -> TestResult {
+    let upstream = FakeUpstream::with(|_| Reply::with_body(Body::Hang)).await;
+    let (_token, proxy) = ready_proxy_to(&upstream.url(), &[]).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_millis(200))
+        .build()?;
+    assert!(client.get(proxy.url("/slow")).send().await.is_err());
+    let series =
+        "bearer_proxy_requests_total{method=\"GET\",status_class=\"4xx\",code=\"client_closed\"}";
+    let mut metrics = scrape(&proxy).await?;
+    for _ in 0..200 {
+        if metrics.get(series) == Some(&1.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        metrics = scrape(&proxy).await?;
+    }
+    assert_eq!(metrics.get(series), Some(&1.0), "{metrics:?}");
+    assert_eq!(metrics["bearer_proxy_requests_in_flight"], 0.0);
+    assert!(
+        !metrics.keys().any(|k| k.contains("status_class=\"1xx\"")),
+        "{metrics:?}"
+    );
+    Ok(())
+}

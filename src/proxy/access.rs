@@ -113,7 +113,11 @@ impl Exchange {
             None => ("", None),
         };
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let code = done.code.map(ErrorCode::as_str);
+        let code = if done.client_closed {
+            Some("client_closed")
+        } else {
+            done.code.map(ErrorCode::as_str)
+        };
         let version = match self.version {
             Version::HTTP_10 => "HTTP/1.0",
             Version::HTTP_2 => "HTTP/2.0",
@@ -216,7 +220,11 @@ impl Exchange {
         let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let duration_ms = millis(done.duration);
         let upstream_ms = done.upstream.map(millis);
-        let code = done.code.map(ErrorCode::as_str);
+        let code = if done.client_closed {
+            Some("client_closed")
+        } else {
+            done.code.map(ErrorCode::as_str)
+        };
         if style.json {
             tracing::info!(
                 target: "access",
@@ -262,9 +270,12 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let received = self.received + self.upload.as_ref().map_or(0, |a| a.bytes());
+        // No status: the client left before an answer head was ready.
+        let client_closed = self.status == 0;
         let done = Finished {
             method: std::mem::replace(&mut self.method, Method::GET),
-            status: self.status,
+            status: if client_closed { 499 } else { self.status },
+            client_closed,
             code: self.code,
             duration: self.started.elapsed(),
             upstream: self.upstream,
@@ -281,7 +292,7 @@ impl Drop for Exchange {
 }
 
 /// Batches are handed to the writer at this size...
-const FLUSH_AT: usize = 16 * 1024;
+const FLUSH_AT: usize = 8 * 1024;
 /// ...and at least this often.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(200);
 

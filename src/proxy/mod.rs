@@ -650,9 +650,13 @@ impl Shared {
         if let Some(protocol) = protocol {
             headers.insert(UPGRADE, protocol);
         }
-        let (io, early) = switched.into_parts();
-        self.tunnels
-            .spawn(tunnel::relay(upgrade, io, early, self.tunnel_idle, permit));
+        let (io, early, counted) = switched.into_parts();
+        let relay = tunnel::relay(upgrade, io, early, self.tunnel_idle, permit);
+        self.tunnels.spawn(async move {
+            relay.await;
+            // The upstream connection is open as long as the tunnel.
+            drop(counted);
+        });
         let head = ResponseHead {
             status,
             version: Version::HTTP_11,

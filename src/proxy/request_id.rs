@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::HeaderValue;
 
-use crate::http1::field::{TRACEPARENT, X_REQUEST_ID};
+use crate::http1::field::{CONNECTION, TRACEPARENT, X_REQUEST_ID};
 use crate::http1::{FieldValues, Fields};
 
 /// The longest client id kept.
@@ -28,6 +28,8 @@ impl RequestId {
         let mut sent = fields.values_of(&field);
         if let (Some(value), None) = (sent.next(), sent.next())
             && is_sane(value)
+            // Named in Connection, it is hop-by-hop and goes no further.
+            && !fields.lists_token(&CONNECTION, "x-request-id")
             && let Ok(value) = HeaderValue::from_bytes(value)
         {
             return Self {
@@ -112,6 +114,7 @@ mod tests {
             vec![("x-request-id", "")],
             vec![("x-request-id", "quote\"")],
             vec![("x-request-id", "a"), ("x-request-id", "b")],
+            vec![("x-request-id", "a"), ("connection", "x-request-id")],
             vec![],
         ] {
             let id = RequestId::of(&fields(&bad));

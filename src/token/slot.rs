@@ -173,6 +173,16 @@ pub struct TokenState {
 /// The most kinds of token outcome kept apart.
 pub const MAX_OUTCOMES: usize = 32;
 
+/// A provider's error code as it may go into a label or a log line: the
+/// characters an OAuth2 error code uses, at most 64 (a provider could send
+/// anything, of any length).
+fn label_safe(code: &str) -> String {
+    code.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .take(64)
+        .collect()
+}
+
 fn count_outcome(
     outcomes: &mut BTreeMap<(&'static str, String, String), u64>,
     key: (&'static str, String, String),
@@ -267,7 +277,7 @@ impl TokenSlot {
             state.next_attempt_wall = Some(next_wall);
             state.consecutive_failures = state.consecutive_failures.saturating_add(1);
             let error_code = match error {
-                TokenError::Rejected(_) => error.code().to_owned(),
+                TokenError::Rejected(_) => label_safe(error.code()),
                 _ => String::new(),
             };
             count_outcome(
@@ -279,7 +289,7 @@ impl TokenSlot {
                 ),
             );
             state.last_error = Some(LastError {
-                code: error.code().to_owned(),
+                code: label_safe(error.code()),
                 provider_code: error.provider_code(),
                 message,
                 at: SystemTime::now(),

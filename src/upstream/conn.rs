@@ -317,6 +317,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         (self.io, self.buf.freeze())
     }
 
+    /// The guard that counts the connection open, taken out to go with
+    /// the connection wherever it goes next (a tunnel).
+    pub fn take_counted(&mut self) -> Option<crate::metrics::Open> {
+        self.counted.take()
+    }
+
     /// Whether an idle connection can carry a request: the upstream has
     /// neither closed it nor sent anything unasked. Never waits.
     pub fn is_usable(&mut self) -> bool {

@@ -127,11 +127,14 @@ impl Answer {
 pub struct Switched(Box<Conn<Io>>);
 
 impl Switched {
-    /// The connection, and the bytes of the new protocol that came with
-    /// the answer's head.
-    pub fn into_parts(self) -> (Io, Bytes) {
-        let Self(conn) = self;
-        (*conn).into_parts()
+    /// The connection, the bytes of the new protocol that came with the
+    /// answer's head, and what counts the connection open in the metrics
+    /// (to be kept as long as the connection).
+    pub fn into_parts(self) -> (Io, Bytes, Option<crate::metrics::Open>) {
+        let Self(mut conn) = self;
+        let counted = conn.take_counted();
+        let (io, early) = (*conn).into_parts();
+        (io, early, counted)
     }
 }
 
