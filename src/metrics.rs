@@ -445,34 +445,30 @@ impl Registry {
                 "bearer_proxy_upstream_connections{{protocol=\"{protocol}\"}} {open}"
             );
         }
-        header(
+        labelled(
             out,
             "bearer_proxy_upstream_failures_total",
-            "counter",
             "Requests that the upstream gave no answer to, by kind.",
+            "kind",
+            UpstreamFailure::ALL.map(|kind| {
+                (
+                    kind.as_str(),
+                    sum(&|s| s.upstream_failures[kind as usize].load(Relaxed)),
+                )
+            }),
         );
-        for kind in UpstreamFailure::ALL {
-            let n = sum(&|s| s.upstream_failures[kind as usize].load(Relaxed));
-            let _ = writeln!(
-                out,
-                "bearer_proxy_upstream_failures_total{{kind=\"{}\"}} {n}",
-                kind.as_str()
-            );
-        }
-        header(
+        labelled(
             out,
             "bearer_proxy_replays_total",
-            "counter",
             "Requests sent once more with a new token after the upstream answered 401, by result.",
+            "result",
+            Replay::ALL.map(|result| {
+                (
+                    result.as_str(),
+                    sum(&|s| s.replays[result as usize].load(Relaxed)),
+                )
+            }),
         );
-        for result in Replay::ALL {
-            let n = sum(&|s| s.replays[result as usize].load(Relaxed));
-            let _ = writeln!(
-                out,
-                "bearer_proxy_replays_total{{result=\"{}\"}} {n}",
-                result.as_str()
-            );
-        }
     }
 }
 
@@ -540,6 +536,20 @@ impl Registry {
 pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A counter with one label, a line for each value.
+fn labelled<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: [(&str, u64); N],
+) {
+    header(out, name, "counter", help);
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
 }
 
 /// A gauge without labels.
