@@ -732,3 +732,42 @@ async fn a_request_id_goes_from_client_to_upstream_to_log_to_answer() -> TestRes
     assert_eq!(distinct.len(), ids.len(), "ids are not reused: {ids:?}");
     Ok(())
 }
+
+/// At debug, what the upstream's client logs while it serves a request
+/// carries the request's id (through a span).
+#[tokio::test]
+async fn debug_lines_about_a_request_carry_its_id() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = FakeUpstream::start().await;
+    let (_held, closed) = closed_port()?;
+    let closed_url = format!("http://{closed}");
+    let mut running = Running::against(
+        &token,
+        &upstream,
+        &[
+            ("RUST_LOG", "debug"),
+            ("BEARER_PROXY_UPSTREAM", closed_url.as_str()),
+        ],
+    )?;
+    let ready = running.wait_for("listening").await?;
+    let proxy = address(&ready, "listen")?;
+    let response = http1().get(format!("http://{proxy}/x")).send().await?;
+    assert_eq!(response.status(), 502);
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no x-request-id")?
+        .to_owned();
+    let connecting = running.wait_for(&format!("connecting to {closed}")).await?;
+    assert_eq!(connecting["level"], "DEBUG");
+    assert_eq!(
+        connecting["span"]["request_id"],
+        id.as_str(),
+        "{connecting}"
+    );
+    let warning = running.wait_for("cannot connect to the upstream").await?;
+    assert_eq!(warning["request_id"], id.as_str());
+    running.terminate().await?;
+    Ok(())
+}

@@ -49,6 +49,7 @@ mod access;
 mod request_id;
 use crate::metrics::{Registry, Replay, Shard, UpstreamFailure};
 use access::{Exchange, Lines, Style};
+use tracing::Instrument as _;
 
 /// Largest status-path answer that is read whole to mask the token in it.
 const MASK_LIMIT: usize = 1024 * 1024;
@@ -277,7 +278,15 @@ impl Shared {
             self.access,
             self.lines.as_ref(),
         ));
-        let (mut head, mut body) = match self.forward(head, body, upgrade, &mut exchange).await {
+        // Lines logged at debug while the request is forwarded (by the
+        // upstream's client, a tunnel) carry its id through this span; the
+        // proxy's own lines about it name the id themselves. Unless debug
+        // is on, the span is nothing and costs next to nothing.
+        let span = tracing::debug_span!("request", request_id = exchange.request_id());
+        let forwarding = self
+            .forward(head, body, upgrade, &mut exchange)
+            .instrument(span);
+        let (mut head, mut body) = match forwarding.await {
             Ok(answer) => answer,
             Err(error) => {
                 if matches!(
@@ -652,11 +661,14 @@ impl Shared {
         }
         let (io, early, counted) = switched.into_parts();
         let relay = tunnel::relay(upgrade, io, early, self.tunnel_idle, permit);
-        self.tunnels.spawn(async move {
-            relay.await;
-            // The upstream connection is open as long as the tunnel.
-            drop(counted);
-        });
+        self.tunnels.spawn(
+            async move {
+                relay.await;
+                // The upstream connection is open as long as the tunnel.
+                drop(counted);
+            }
+            .instrument(tracing::Span::current()),
+        );
         let head = ResponseHead {
             status,
             version: Version::HTTP_11,
