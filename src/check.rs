@@ -95,7 +95,21 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
     crate::tls::install_crypto_provider();
     line(out, "token endpoint", &config.token.url);
     line(out, "client id", &config.token.client_id);
-    line(out, "scope", &config.token.scope);
+    line(
+        out,
+        "scope",
+        config.token.scope.as_deref().unwrap_or("none (not sent)"),
+    );
+    if !config.token.extra_params.is_empty() {
+        // Names only: a value is the user's to show.
+        let names: Vec<&str> = config
+            .token
+            .extra_params
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        line(out, "extra fields", names.join(", "));
+    }
     line(
         out,
         "trusted roots",

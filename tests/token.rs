@@ -202,3 +202,65 @@ async fn the_secret_file_is_read_afresh_for_each_token() -> TestResult {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Any OAuth2 provider: no scope where the provider wants none, and the
+/// form fields it wants instead (Auth0's `audience`, the v1 endpoint's
+/// `resource`), checked field by field as the endpoint received them.
+#[tokio::test]
+async fn the_scope_may_be_left_out_and_extra_fields_added() -> TestResult {
+    let token = FakeTokenEndpoint::start().await;
+    let (_upstream, proxy) = proxy_with_token(
+        &token,
+        &[
+            ("API_SCOPE", "none"),
+            (
+                "BEARER_PROXY_TOKEN_EXTRA_PARAMS",
+                "audience=https://api.example.com/, resource=api://kalibrate",
+            ),
+        ],
+    )
+    .await;
+    wait_ready(&proxy).await;
+    let sent = token.requests();
+    let form = &sent.first().ok_or("no token request")?.form;
+    assert_eq!(
+        form.get("grant_type").map(String::as_str),
+        Some("client_credentials")
+    );
+    assert_eq!(form.get("scope"), None, "{form:?}");
+    assert_eq!(
+        form.get("audience").map(String::as_str),
+        Some("https://api.example.com/")
+    );
+    assert_eq!(
+        form.get("resource").map(String::as_str),
+        Some("api://kalibrate")
+    );
+    assert_eq!(form.get("client_id").map(String::as_str), Some(CLIENT_ID));
+    assert_eq!(
+        form.get("client_secret").map(String::as_str),
+        Some(CLIENT_SECRET)
+    );
+    assert_eq!(form.len(), 5, "{form:?}");
+    Ok(())
+}
+
+#[test]
+fn extra_fields_may_not_replace_the_grants_own() {
+    for bad in ["client_secret=x", "scope=y", "noequals", "=v", "a b=c"] {
+        let env = [
+            ("API_CLIENT_ID", "a"),
+            ("API_CLIENT_SECRET", "b"),
+            ("BEARER_PROXY_TOKEN_EXTRA_PARAMS", bad),
+        ];
+        let error =
+            bearer_proxy::config::Config::load(&bearer_proxy::config::Flags::default(), &env[..])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        assert!(
+            error.contains("token.extra_params") && error.contains("name=value"),
+            "{bad}: {error}"
+        );
+    }
+}

@@ -233,7 +233,15 @@ pub const KEYS: &[KeySpec] = &[
         env: &["API_SCOPE"],
         default: Some(DEFAULT_SCOPE),
         kind: Kind::Text,
-        expected: "a scope such as \"api://app-id/.default\"",
+        expected: "a scope such as \"api://app-id/.default\", or none to send no scope",
+    },
+    KeySpec {
+        key: "token.extra_params",
+        flag: None,
+        env: &[],
+        default: None,
+        kind: Kind::List,
+        expected: "form fields such as \"audience=https://api.example.com\" (name=value; not grant_type, scope, client_id or client_secret)",
     },
     KeySpec {
         key: "token.auth_method",

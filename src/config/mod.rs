@@ -64,7 +64,7 @@ mod tests {
             config.token.url.as_str(),
             "https://login.microsoftonline.com/efa98c7b-2114-46e8-be99-954a4f1a2d9c/oauth2/v2.0/token"
         );
-        assert_eq!(config.token.scope, DEFAULT_SCOPE);
+        assert_eq!(config.token.scope.as_deref(), Some(DEFAULT_SCOPE));
         assert_eq!(config.token.client_id, "app-id");
         assert_eq!(config.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(config.upstream.connect_timeout, Duration::from_secs(10));
@@ -94,7 +94,7 @@ mod tests {
             ..Flags::default()
         };
         let config = Config::load(&flags, &env)?;
-        assert_eq!(config.token.scope, "flag-scope");
+        assert_eq!(config.token.scope.as_deref(), Some("flag-scope"));
         assert_eq!(config.upstream.url.base_path, "/env");
         Ok(())
     }
@@ -115,7 +115,7 @@ mod tests {
             ("API_SCOPE", "env-scope"),
         ];
         let config = Config::load(&flags, &env[..])?;
-        assert_eq!(config.token.scope, "env-scope");
+        assert_eq!(config.token.scope.as_deref(), Some("env-scope"));
         assert_eq!(config.token.timeout, Duration::from_secs(7));
         assert_eq!(config.token.startup_wait, Duration::from_secs(10));
         std::fs::remove_dir_all(&dir)?;

@@ -109,8 +109,12 @@ pub struct TokenConfig {
     pub client_id: String,
     /// Client secret source.
     pub secret: SecretSource,
-    /// Requested scope.
-    pub scope: String,
+    /// Requested scope; `None` (`token.scope = "none"`) sends none, as
+    /// providers that take an audience or a resource instead want.
+    pub scope: Option<String>,
+    /// `token.extra_params`: more form fields for the token request
+    /// (Auth0's `audience`, the v1 endpoint's `resource`).
+    pub extra_params: Vec<(String, String)>,
     /// Client authentication method.
     pub auth_method: AuthMethod,
     /// Timeout of one token request.

@@ -50,9 +50,35 @@ impl Config {
             url: token_url(raw)?,
             client_id: client_id(raw)?,
             secret: secret_source(raw)?,
-            scope: parse_key(raw, "token.scope", |s| {
-                (!s.trim().is_empty()).then(|| s.to_owned())
+            scope: parse_key(raw, "token.scope", |s| match s.trim() {
+                "" => None,
+                "none" => Some(None),
+                scope => Some(Some(scope.to_owned())),
             })?,
+            extra_params: parse_list(raw, "token.extra_params", |item| {
+                let (name, value) = item.split_once('=')?;
+                let name = name.trim();
+                let reserved = [
+                    "grant_type",
+                    "scope",
+                    "client_id",
+                    "client_secret",
+                    "client_assertion",
+                    "client_assertion_type",
+                ];
+                let valid = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                    && !reserved.contains(&name);
+                valid.then(|| format!("{name}={}", value.trim()))
+            })?
+            .into_iter()
+            .filter_map(|item| {
+                let (name, value) = item.split_once('=')?;
+                Some((name.to_owned(), value.to_owned()))
+            })
+            .collect(),
             auth_method: parse_key(raw, "token.auth_method", |s| match s {
                 "client_secret_post" => Some(AuthMethod::ClientSecretPost),
                 "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),

@@ -64,10 +64,16 @@ impl TokenSource for TokenEndpoint {
     async fn fetch(&self) -> Result<Fetched, TokenError> {
         let secret = load_secret(&self.config.secret).await?;
         let config = &self.config;
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "client_credentials"),
-            ("scope", config.scope.as_str()),
-        ];
+        let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        if let Some(scope) = &config.scope {
+            form.push(("scope", scope.as_str()));
+        }
+        form.extend(
+            config
+                .extra_params
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str())),
+        );
         let mut request = self.http.post(config.url.clone());
         match config.auth_method {
             AuthMethod::ClientSecretPost => {
