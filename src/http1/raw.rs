@@ -85,7 +85,13 @@ pub struct RawFields {
     head: Bytes,
     /// At most `MAX_HEADERS`.
     spans: Vec<Span>,
+    /// An `X-Request-Id` after the others, set by
+    /// [`set_request_id`](Self::set_request_id): the head is not copied.
+    request_id: Option<HeaderValue>,
 }
+
+/// The name [`RawFields::set_request_id`] adds.
+const REQUEST_ID: &[u8] = b"x-request-id";
 
 impl std::fmt::Debug for RawFields {
     // Not the bytes: a request's carry its credentials.
@@ -103,6 +109,7 @@ impl RawFields {
         Self {
             head,
             spans: spans.to_vec(),
+            request_id: None,
         }
     }
 
@@ -118,9 +125,19 @@ impl RawFields {
         (span.known, self.name(*span), self.value(*span))
     }
 
+    /// The field that [`set_request_id`](Self::set_request_id) added.
+    fn added(&self) -> Option<(Known, &[u8], &[u8])> {
+        self.request_id
+            .as_ref()
+            .map(|id| (Known::RequestId, REQUEST_ID, id.as_bytes()))
+    }
+
     /// Names (as they came) and values, in order.
     pub fn iter(&self) -> impl Iterator<Item = (Known, &[u8], &[u8])> {
-        self.spans.iter().map(|span| self.field(span))
+        self.spans
+            .iter()
+            .map(|span| self.field(span))
+            .chain(self.added())
     }
 
     /// The values of the fields of a `known` name, in order.
@@ -129,6 +146,17 @@ impl RawFields {
             .iter()
             .filter(move |span| span.known == known)
             .map(|span| self.value(*span))
+            .chain(
+                self.added()
+                    .filter(|(k, ..)| *k == known)
+                    .map(|(_, _, v)| v),
+            )
+    }
+
+    /// Adds `X-Request-Id: id` after the other fields, without copying the
+    /// head (the fields must not have one).
+    pub fn set_request_id(&mut self, id: HeaderValue) {
+        self.request_id = Some(id);
     }
 
     /// Removes the fields whose positions are set in `marked`, keeping the
@@ -157,6 +185,7 @@ impl RawFields {
             fields: self,
             group: 0,
             next: 0,
+            added: false,
         }
     }
 
@@ -167,39 +196,18 @@ impl RawFields {
         self.head.len() <= RAW_HEAD_LIMIT
     }
 
-    /// Adds `name: value` after the others (the head is copied, with room
-    /// for it). `false`, and nothing added, when the fields are already
-    /// as many as `MAX_HEADERS`.
-    pub fn append(&mut self, name: &[u8], value: &[u8]) -> bool {
-        if self.spans.len() >= MAX_HEADERS {
-            return false;
-        }
-        let mut head = Vec::with_capacity(self.head.len() + name.len() + value.len() + 4);
-        head.extend_from_slice(&self.head);
-        let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        let name_at = head.len();
-        head.extend_from_slice(name);
-        head.extend_from_slice(b": ");
-        let value_at = head.len();
-        head.extend_from_slice(value);
-        self.spans.push(Span {
-            name: (at(name_at), at(name_at + name.len())),
-            value: (at(value_at), at(head.len())),
-            known: Known::of(name),
-        });
-        head.extend_from_slice(b"\r\n");
-        self.head = Bytes::from(head);
-        true
-    }
-
     /// The length of the head the fields lie in: at least theirs.
     pub fn head_len(&self) -> usize {
-        self.head.len()
+        self.head.len() + self.request_id.as_ref().map_or(0, |id| id.len() + 16)
     }
 
     /// The fields in a header map, with room for `more`.
     pub fn to_map(&self, more: usize) -> Result<HeaderMap, String> {
-        fields(&self.head, &self.spans, more)
+        let mut map = fields(&self.head, &self.spans, more + 1)?;
+        if let Some(id) = &self.request_id {
+            map.append(HeaderName::from_static("x-request-id"), id.clone());
+        }
+        Ok(map)
     }
 
     /// The fields in a header map.
@@ -216,6 +224,8 @@ pub struct Grouped<'a> {
     group: usize,
     /// The next field to look at for it.
     next: usize,
+    /// The added field has been given.
+    added: bool,
 }
 
 impl<'a> Iterator for Grouped<'a> {
@@ -233,7 +243,14 @@ impl<'a> Iterator for Grouped<'a> {
                         && fields.name(*a).eq_ignore_ascii_case(fields.name(*b))))
         };
         loop {
-            let leader = spans.get(self.group)?;
+            let Some(leader) = spans.get(self.group) else {
+                // Last, what was added (a name the fields do not have).
+                if self.added {
+                    return None;
+                }
+                self.added = true;
+                return fields.added();
+            };
             while let Some(span) = spans.get(self.next) {
                 let at = self.next;
                 self.next += 1;
@@ -263,6 +280,59 @@ impl FieldValues for RawFields {
     }
 
     fn tags(&self) -> impl Iterator<Item = Known> {
-        self.spans.iter().map(|span| span.known)
+        self.spans
+            .iter()
+            .map(|span| span.known)
+            .chain(self.request_id.as_ref().map(|_| Known::RequestId))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http1::testing::raw_fields;
+
+    #[test]
+    fn a_request_id_set_comes_last_everywhere_without_a_copy() {
+        let Some(mut fields) =
+            raw_fields(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nx-a: 2\r\n\r\nok")
+        else {
+            panic!("a head that parses");
+        };
+        let head = fields.head.clone();
+        fields.set_request_id(HeaderValue::from_static("abc123"));
+        assert!(
+            fields.head.as_ptr() == head.as_ptr(),
+            "the head is not copied"
+        );
+        let grouped: Vec<(Known, Vec<u8>, Vec<u8>)> = fields
+            .grouped()
+            .map(|(k, n, v)| (k, n.to_vec(), v.to_vec()))
+            .collect();
+        let names: Vec<&[u8]> = grouped.iter().map(|(_, n, _)| n.as_slice()).collect();
+        assert_eq!(
+            names,
+            [&b"X-A"[..], b"x-a", b"Content-Length", b"x-request-id"]
+        );
+        assert_eq!(
+            grouped[3],
+            (
+                Known::RequestId,
+                b"x-request-id".to_vec(),
+                b"abc123".to_vec()
+            )
+        );
+        assert_eq!(fields.iter().count(), 4);
+        assert_eq!(
+            fields.values(Known::RequestId).collect::<Vec<_>>(),
+            [&b"abc123"[..]]
+        );
+        assert_eq!(fields.tags().last(), Some(Known::RequestId));
+        let map = fields.to_map(0).unwrap_or_default();
+        assert_eq!(
+            map.get("x-request-id").map(HeaderValue::as_bytes),
+            Some(&b"abc123"[..])
+        );
+        assert_eq!(map.len(), 4);
     }
 }

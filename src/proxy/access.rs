@@ -79,8 +79,6 @@ impl Exchange {
         lines: Option<&Arc<Lines>>,
     ) -> Self {
         shard.start();
-        // Nothing kept for a line that the log level leaves out.
-        let style = style.filter(|_| tracing::enabled!(target: "access", tracing::Level::INFO));
         Self {
             shard: Arc::clone(shard),
             started: Instant::now(),

@@ -178,6 +178,11 @@ impl Proxy {
     pub fn for_worker(&self) -> Self {
         let mut shared = Shared::clone(&self.inner);
         shared.metrics = shared.registry.shard();
+        // Nothing kept for lines that the log's filter leaves out (it is
+        // set once, before the workers start).
+        shared.access = shared
+            .access
+            .filter(|_| tracing::enabled!(target: "access", tracing::Level::INFO));
         shared.lines = shared
             .access
             .and_then(|_| crate::telemetry::writer())
@@ -309,12 +314,8 @@ impl Shared {
         let id = exchange.request_id.value.clone();
         match &mut head.fields {
             Fields::Raw(fields) => {
-                if fields.values(Known::RequestId).next().is_none()
-                    && !fields.append(X_REQUEST_ID.name.as_str().as_bytes(), id.as_bytes())
-                    && let Ok(mut map) = fields.to_map(1)
-                {
-                    map.insert(X_REQUEST_ID.name, id);
-                    head.fields = Fields::Map(map);
+                if fields.values(Known::RequestId).next().is_none() {
+                    fields.set_request_id(id);
                 }
             }
             Fields::Map(map) => {
