@@ -51,13 +51,17 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let reason = if state.draining.is_cancelled() {
+/// Ready, or why not: a usable token and not shutting down.
+fn readiness(state: &AdminState) -> Result<(), String> {
+    if state.draining.is_cancelled() {
         Err("shutting down".to_owned())
     } else {
         state.slot.readiness()
-    };
-    match reason {
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    match readiness(&state) {
         Ok(()) => (StatusCode::OK, Json(json!({ "ready": true }))),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -178,7 +182,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         "Token requests that failed since the last success.",
         token.consecutive_failures,
     );
-    let ready = !state.draining.is_cancelled() && state.slot.readiness().is_ok();
+    let ready = readiness(&state).is_ok();
     m::gauge(
         &mut out,
         "bearer_proxy_ready",
@@ -246,11 +250,7 @@ async fn page(State(state): State<AdminState>) -> impl IntoResponse {
     let token = state.slot.state();
     let now = Instant::now();
     let wall = SystemTime::now();
-    let ready = if state.draining.is_cancelled() {
-        Err("shutting down".to_owned())
-    } else {
-        state.slot.readiness()
-    };
+    let ready = readiness(&state);
     let totals = state.metrics.totals();
     let uptime = now.saturating_duration_since(state.started);
     let rate = {

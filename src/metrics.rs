@@ -326,13 +326,17 @@ impl Registry {
         shard
     }
 
-    /// The request metrics in Prometheus' text format (version 0.0.4).
-    pub fn render(&self, out: &mut String) {
-        let shards = self
-            .shards
+    /// Every shard as it is now, read without the lock held.
+    fn snapshot(&self) -> Vec<Arc<Shard>> {
+        self.shards
             .lock()
             .map(|shards| shards.clone())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// The request metrics in Prometheus' text format (version 0.0.4).
+    pub fn render(&self, out: &mut String) {
+        let shards = self.snapshot();
         let sum = |read: &dyn Fn(&Shard) -> u64| shards.iter().map(|s| read(s)).sum::<u64>();
 
         header(
@@ -490,11 +494,7 @@ pub struct Totals {
 impl Registry {
     /// What every worker has counted.
     pub fn totals(&self) -> Totals {
-        let shards = self
-            .shards
-            .lock()
-            .map(|shards| shards.clone())
-            .unwrap_or_default();
+        let shards = self.snapshot();
         let sum = |read: &dyn Fn(&Shard) -> u64| shards.iter().map(|s| read(s)).sum::<u64>();
         let mut totals = Totals::default();
         let mut by_class = [0u64; 5];

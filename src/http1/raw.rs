@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::field::{Field, FieldValues, Known};
+use super::field::{Field, FieldValues, Known, X_REQUEST_ID};
 use super::{MAX_HEADERS, RAW_HEAD_LIMIT};
 
 /// Where a header field's name and value lie in a head (start and end
@@ -205,7 +205,7 @@ impl RawFields {
     pub fn to_map(&self, more: usize) -> Result<HeaderMap, String> {
         let mut map = fields(&self.head, &self.spans, more + 1)?;
         if let Some(id) = &self.request_id {
-            map.append(HeaderName::from_static("x-request-id"), id.clone());
+            map.append(X_REQUEST_ID.name, id.clone());
         }
         Ok(map)
     }

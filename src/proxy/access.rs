@@ -111,11 +111,7 @@ impl Exchange {
             None => ("", None),
         };
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let code = if done.client_closed {
-            Some("client_closed")
-        } else {
-            done.code.map(ErrorCode::as_str)
-        };
+        let code = code_of(done);
         let version = match self.version {
             Version::HTTP_10 => "HTTP/1.0",
             Version::HTTP_2 => "HTTP/2.0",
@@ -218,11 +214,7 @@ impl Exchange {
         let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let duration_ms = millis(done.duration);
         let upstream_ms = done.upstream.map(millis);
-        let code = if done.client_closed {
-            Some("client_closed")
-        } else {
-            done.code.map(ErrorCode::as_str)
-        };
+        let code = code_of(done);
         if style.json {
             tracing::info!(
                 target: "access",
@@ -286,6 +278,15 @@ impl Drop for Exchange {
             (Some(style), None) => self.log(style, &done),
             (None, _) => {}
         }
+    }
+}
+
+/// The code a line carries: the proxy's own, or `client_closed`.
+fn code_of(done: &Finished) -> Option<&'static str> {
+    if done.client_closed {
+        Some("client_closed")
+    } else {
+        done.code.map(ErrorCode::as_str)
     }
 }
 

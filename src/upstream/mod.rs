@@ -262,6 +262,13 @@ impl Upstream {
         self
     }
 
+    /// A new HTTP/1.1 connection for the pool: counted open, and swept
+    /// when idle too long.
+    fn new_h1(&self, io: Io) -> Box<Conn<Io>> {
+        self.start_sweeping();
+        Conn::new(io).counted(self.count(Protocol::Http1))
+    }
+
     fn count(&self, protocol: Protocol) -> Option<crate::metrics::Open> {
         self.metrics
             .as_ref()
@@ -345,8 +352,7 @@ impl Upstream {
             // Shared by `connect`.
             Connected::H2(_) => Ok(self.shared_h2()),
             Connected::H1(io) => {
-                self.start_sweeping();
-                let conn = Conn::new(io).counted(self.count(Protocol::Http1));
+                let conn = self.new_h1(io);
                 if let Ok(mut idle) = self.idle.lock() {
                     idle.push((conn, Instant::now()));
                 }
@@ -491,10 +497,7 @@ impl Upstream {
         }
         let connected = match Box::pin(self.connect()).await? {
             Connected::H2(sender) => Connected::H2(sender),
-            Connected::H1(io) => {
-                self.start_sweeping();
-                Connected::H1(Conn::new(io).counted(self.count(Protocol::Http1)))
-            }
+            Connected::H1(io) => Connected::H1(self.new_h1(io)),
         };
         Ok((connected, false))
     }
