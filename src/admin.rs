@@ -31,6 +31,8 @@ pub struct AdminState {
     pub started: Instant,
     /// The upstream URL, for `/status`.
     pub upstream: String,
+    /// The token endpoint, for the credential in `/status`.
+    pub endpoint: crate::token::TokenEndpoint,
     /// The requests answered at the status page's previous view, and
     /// when: its request rate is since then.
     pub last_view: Arc<Mutex<Option<(Instant, u64)>>>,
@@ -72,6 +74,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {
     let token = state.slot.state();
+    let credential = state.endpoint.credential();
     let now = Instant::now();
     let usable = token.current.as_ref().filter(|t| t.is_usable(now));
     let expires_in_s = usable.map(|t| {
@@ -109,6 +112,14 @@ async fn status(State(state): State<AdminState>) -> impl IntoResponse {
         "uptime_s": now.saturating_duration_since(state.started).as_secs(),
         "upstream": state.upstream,
         "draining": state.draining.is_cancelled(),
+        "credential": {
+            "kind": credential.kind,
+            "chosen_by": credential.reason,
+            "detail": credential.detail,
+            "certificate_expires_at": credential.certificate_expires.map(|at| {
+                rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at.max(0).unsigned_abs()))
+            }),
+        },
         "token": {
             "present": usable.is_some(),
             "expires_in_s": expires_in_s,
@@ -135,7 +146,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         &mut out,
         "bearer_proxy_token_requests_total",
         "counter",
-        "Token requests by outcome (obtained, rejected, throttled, transport_error, http_error, invalid_response, secret_unreadable), with the provider's OAuth2 error and code where it gave them.",
+        "Token requests by outcome (obtained, rejected, throttled, transport_error, http_error, invalid_response, credential_unusable), with the provider's OAuth2 error and code where it gave them.",
     );
     if !token
         .outcomes

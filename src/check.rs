@@ -94,7 +94,15 @@ fn line(out: &mut Report, label: &'static str, value: impl std::fmt::Display) {
 async fn steps(config: &Config, out: &mut Report) -> bool {
     crate::tls::install_crypto_provider();
     line(out, "token endpoint", &config.token.url);
-    line(out, "client id", &config.token.client_id);
+    line(
+        out,
+        "client id",
+        config
+            .token
+            .client_id
+            .as_deref()
+            .unwrap_or("none (the system-assigned identity)"),
+    );
     line(
         out,
         "scope",
@@ -133,6 +141,13 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
         Ok(endpoint) => endpoint,
         Err(e) => return fail(out, "token client", &e.to_string(), None),
     };
+    let credential = endpoint.credential();
+    line(
+        out,
+        "credential",
+        format!("{}: {}", credential.kind, credential.detail),
+    );
+    line(out, "credential chosen by", credential.reason);
 
     let started = Instant::now();
     let fetched = match endpoint.fetch().await {

@@ -14,7 +14,8 @@
 //!   [`reply`], the proxy's own error answers (`ErrorCode`, `ProxyError`);
 //!   [`error_chain`], one walker over an error's causes; [`secret`],
 //!   `ClientSecret`, `AccessToken`, `LocalKey`, `ProxyUrl`, whose `Debug`
-//!   is redacted.
+//!   is redacted; [`pki`], certificate and key files read, checked,
+//!   signed with and reloaded on change.
 //! - The way out: [`tls`], the rustls settings shared by both outgoing
 //!   clients, the reloading client certificate, TLS failures in words;
 //!   [`egress`], forward proxies and the connector that tunnels through
@@ -54,6 +55,7 @@ pub mod healthcheck;
 pub mod http1;
 pub mod listen;
 pub mod metrics;
+pub mod pki;
 pub mod proxy;
 pub mod reply;
 pub mod secret;
@@ -145,6 +147,13 @@ pub async fn run(
         &config.proxies,
     )
     .map_err(|e| RunError::Setup(e.to_string()))?;
+    let credential = endpoint.credential();
+    tracing::info!(
+        credential = credential.kind,
+        chosen_by = %credential.reason,
+        "credential: {}",
+        credential.detail
+    );
     let slot = token::TokenSlot::new();
 
     let background = CancellationToken::new();
@@ -155,7 +164,7 @@ pub async fn run(
         },
         refresh_before: config.token.refresh_before,
     };
-    let refresher = token::Refresher::new(endpoint, slot.clone(), policy);
+    let refresher = token::Refresher::new(endpoint.clone(), slot.clone(), policy);
     let refresher = tokio::spawn(refresher.run(background.clone()));
     tokio::spawn(say_what_start_waits_for(
         slot.clone(),
@@ -170,6 +179,7 @@ pub async fn run(
         draining: shutdown.clone(),
         started: Instant::now(),
         upstream: config.upstream.url.as_string(),
+        endpoint,
         last_view: std::sync::Arc::default(),
     };
     let admin_addr = listeners

@@ -1,4 +1,4 @@
-//! Secrets as types: the client secret and the access token never print.
+//! Secrets as types: the client secret, assertions and the access token never print.
 //!
 //! Each newtype's `Debug` prints `Name([redacted])`, none has `Display`, and
 //! the value is reached only through an explicit `.secret()` call, so a stray
@@ -37,6 +37,10 @@ macro_rules! secret_newtype {
 secret_newtype!(
     /// The OAuth2 client secret.
     ClientSecret
+);
+secret_newtype!(
+    /// A client assertion: a signed JWT, or a federated token.
+    Assertion
 );
 secret_newtype!(
     /// An access token issued by the token endpoint.

@@ -1,16 +1,17 @@
 //! TLS client settings shared by the upstream and the token endpoint: one
 //! rustls crypto provider (aws-lc-rs), the system roots plus `tls.ca_file`.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls::client::ResolvesClientCert;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, SignatureScheme};
+
+use crate::pki::{CertFiles, Reloading};
 
 /// Installs aws-lc-rs as the process's rustls provider. rustls panics when it
 /// must choose between two, so the choice is made once, explicitly, at start.
@@ -79,118 +80,20 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
     Ok(config)
 }
 
-/// The upstream's client certificate and key files (mTLS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientCertFiles {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
-    pub key: PathBuf,
+/// Reads and checks a client certificate and its key (`pki::load`), in the
+/// form rustls presents.
+pub fn load_client_cert(files: &CertFiles) -> Result<CertifiedKey, String> {
+    crate::pki::load(files, SystemTime::now())?.certified_key()
 }
 
-/// Reads and checks a certificate and its key: both parse, and the key is
-/// the certificate's.
-pub fn load_client_cert(files: &ClientCertFiles) -> Result<CertifiedKey, String> {
-    let cert_bytes = std::fs::read(&files.cert)
-        .map_err(|e| format!("cannot read {}: {e}", files.cert.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&cert_bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!(
-                "{} is not a PEM certificate chain: {e}",
-                files.cert.display()
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", files.cert.display()));
-    }
-    let key_bytes = std::fs::read(&files.key)
-        .map_err(|e| format!("cannot read {}: {e}", files.key.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-        format!(
-            "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-            files.key.display()
-        )
-    })?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
-        format!(
-            "the key in {} does not belong to the certificate in {}: {e}",
-            files.key.display(),
-            files.cert.display()
-        )
-    })
-}
-
-/// Presents the client certificate, re-reading the files when they change
-/// on disk, so a rotated certificate needs no restart. The files are looked
-/// at no more than once a second; a pair that fails to load (half-written,
-/// mismatched, unreadable) leaves the previous one in use and is tried again
-/// at the next look.
+/// Presents the client certificate, made again from the files when they
+/// change on disk (`pki::Reloading`).
 #[derive(Debug)]
-struct ReloadingClientCert {
-    files: ClientCertFiles,
-    state: Mutex<ReloadState>,
-}
-
-#[derive(Debug)]
-struct ReloadState {
-    key: Arc<CertifiedKey>,
-    /// The files as they were when `key` was loaded.
-    loaded: Option<FileStamp>,
-    /// The files as they were at the last failed load (warned about once).
-    failed: Option<FileStamp>,
-    checked: std::time::Instant,
-}
-
-/// How often the files are looked at, at most.
-const RELOAD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// What identifies a version of the two files: modification and change
-/// times (a chmod changes only the latter), length, inode.
-type FileStamp = [(SystemTime, i64, u64, u64); 2];
-
-fn stamp(files: &ClientCertFiles) -> Option<FileStamp> {
-    let one = |path: &Path| {
-        let meta = std::fs::metadata(path).ok()?;
-        Some((
-            meta.modified().ok()?,
-            meta.ctime_nsec() + meta.ctime() * 1_000_000_000,
-            meta.len(),
-            meta.ino(),
-        ))
-    };
-    Some([one(&files.cert)?, one(&files.key)?])
-}
+struct ReloadingClientCert(Reloading<CertifiedKey>);
 
 impl ResolvesClientCert for ReloadingClientCert {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.checked.elapsed() < RELOAD_CHECK {
-            return Some(Arc::clone(&state.key));
-        }
-        state.checked = std::time::Instant::now();
-        let now = stamp(&self.files);
-        if now.is_some() && now != state.loaded {
-            match load_client_cert(&self.files) {
-                Ok(key) => {
-                    tracing::info!(cert = %self.files.cert.display(), "client certificate reloaded");
-                    state.key = Arc::new(key);
-                    state.loaded = now;
-                    state.failed = None;
-                }
-                Err(error) => {
-                    if state.failed != now {
-                        tracing::warn!(%error, "client certificate changed but cannot be loaded: keeping the previous one");
-                        state.failed = now;
-                    }
-                }
-            }
-        }
-        Some(Arc::clone(&state.key))
+        Some(self.0.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -202,7 +105,7 @@ impl ResolvesClientCert for ReloadingClientCert {
 /// presented when one is configured.
 pub fn upstream_config(
     base: &ClientConfig,
-    client_cert: Option<&ClientCertFiles>,
+    client_cert: Option<&CertFiles>,
 ) -> Result<ClientConfig, String> {
     match client_cert {
         Some(files) => with_client_cert(base, files),
@@ -211,24 +114,13 @@ pub fn upstream_config(
 }
 
 /// `base` with the client certificate presented, reloaded on change.
-pub fn with_client_cert(
-    base: &ClientConfig,
-    files: &ClientCertFiles,
-) -> Result<ClientConfig, String> {
-    let key = load_client_cert(files)?;
+pub fn with_client_cert(base: &ClientConfig, files: &CertFiles) -> Result<ClientConfig, String> {
+    let key = Reloading::new(files.clone(), "client certificate", load_client_cert)?;
     let mut config = base.clone();
     // A resumed TLS session re-uses the identity it was made with: without
     // this, a rotated certificate would only be seen once tickets expired.
     config.resumption = rustls::client::Resumption::disabled();
-    config.client_auth_cert_resolver = Arc::new(ReloadingClientCert {
-        files: files.clone(),
-        state: Mutex::new(ReloadState {
-            key: Arc::new(key),
-            loaded: stamp(files),
-            failed: None,
-            checked: std::time::Instant::now(),
-        }),
-    });
+    config.client_auth_cert_resolver = Arc::new(ReloadingClientCert(key));
     Ok(config)
 }
 

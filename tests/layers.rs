@@ -11,7 +11,7 @@ use std::path::Path;
 /// The layers, bottom first. A module may import modules of a lower layer,
 /// and within its own top-level module, files that do not import it back.
 const LAYERS: &[&[&str]] = &[
-    &["secret", "error_chain", "reply", "http1"],
+    &["secret", "error_chain", "reply", "http1", "pki"],
     &["tls", "egress", "metrics"],
     &["config"],
     &["token", "listen", "telemetry", "shutdown"],

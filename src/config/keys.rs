@@ -19,6 +19,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "10s";
 pub const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
 /// Default tenant: Kalibrate's non-production tenant.
 pub const DEFAULT_TENANT_ID: &str = "efa98c7b-2114-46e8-be99-954a4f1a2d9c";
+/// Default Entra authority: the public cloud.
+pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
+/// The VM's instance metadata service's token endpoint (managed identity).
+pub const IMDS_TOKEN_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+/// App Service's per-container secret for its identity endpoint.
+pub const ENV_IDENTITY_HEADER: &str = "IDENTITY_HEADER";
 /// Default scope: the audience that the sandpit's status endpoint reports.
 pub const DEFAULT_SCOPE: &str =
     "api://dev.data.thekalibratecloud.com/c770a337-3c7e-4bbe-a8cb-2fbc9601b94f/.default";
@@ -204,6 +210,14 @@ pub const KEYS: &[KeySpec] = &[
         expected: "an http:// or https:// URL such as \"https://login.example.com/oauth2/token\"",
     },
     KeySpec {
+        key: "token.authority_host",
+        flag: None,
+        env: &["AZURE_AUTHORITY_HOST"],
+        default: Some(DEFAULT_AUTHORITY_HOST),
+        kind: Kind::Url,
+        expected: "an https:// URL such as \"https://login.microsoftonline.us\" (a national cloud's Entra)",
+    },
+    KeySpec {
         key: "token.tenant_id",
         flag: Some("--tenant-id"),
         env: &["API_TENANT_ID"],
@@ -220,12 +234,60 @@ pub const KEYS: &[KeySpec] = &[
         expected: "the application (client) id",
     },
     KeySpec {
+        key: "token.credential",
+        flag: None,
+        env: &[],
+        default: None,
+        kind: Kind::Text,
+        expected: "client_secret, certificate, workload_identity or managed_identity",
+    },
+    KeySpec {
         key: "token.client_secret_file",
         flag: None,
         env: &["API_CLIENT_SECRET_FILE"],
         default: None,
         kind: Kind::File,
         expected: "a readable file holding the client secret",
+    },
+    KeySpec {
+        key: "token.certificate_file",
+        flag: None,
+        env: &[],
+        default: None,
+        kind: Kind::File,
+        expected: "a PEM certificate file, with token.private_key_file",
+    },
+    KeySpec {
+        key: "token.private_key_file",
+        flag: None,
+        env: &[],
+        default: None,
+        kind: Kind::File,
+        expected: "a PEM private key file (unencrypted), with token.certificate_file",
+    },
+    KeySpec {
+        key: "token.assertion_algorithm",
+        flag: None,
+        env: &[],
+        default: None,
+        kind: Kind::Text,
+        expected: "PS256 or RS256 for an RSA key (PS256 when unset); an EC key signs with ES256 or ES384",
+    },
+    KeySpec {
+        key: "token.federated_token_file",
+        flag: None,
+        env: &["AZURE_FEDERATED_TOKEN_FILE"],
+        default: None,
+        kind: Kind::File,
+        expected: "a readable file holding the federated token (Kubernetes projects it)",
+    },
+    KeySpec {
+        key: "token.managed_identity_endpoint",
+        flag: None,
+        env: &["IDENTITY_ENDPOINT"],
+        default: None,
+        kind: Kind::Url,
+        expected: "an http:// URL of a managed identity endpoint; unset: the VM's IMDS",
     },
     KeySpec {
         key: "token.scope",

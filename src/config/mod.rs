@@ -9,15 +9,18 @@
 //! read through the [`Environment`] trait, so tests pass a map and never touch
 //! the process environment.
 
+mod credential;
 pub mod keys;
+mod parse;
 pub mod sources;
 pub mod types;
 pub mod validate;
 
 pub use keys::*;
+pub use parse::trim_secret;
 pub use sources::{Environment, Flags, ProcessEnv, RawConfig};
 pub use types::*;
-pub use validate::{admin_listen, trim_secret};
+pub use validate::admin_listen;
 
 #[cfg(test)]
 mod tests {
@@ -65,11 +68,16 @@ mod tests {
             "https://login.microsoftonline.com/efa98c7b-2114-46e8-be99-954a4f1a2d9c/oauth2/v2.0/token"
         );
         assert_eq!(config.token.scope.as_deref(), Some(DEFAULT_SCOPE));
-        assert_eq!(config.token.client_id, "app-id");
+        assert_eq!(config.token.client_id.as_deref(), Some("app-id"));
         assert_eq!(config.upstream.response_timeout, Duration::from_secs(60));
         assert_eq!(config.upstream.connect_timeout, Duration::from_secs(10));
-        assert!(matches!(config.token.secret, SecretSource::Literal(_)));
-        assert_eq!(config.token.auth_method, AuthMethod::ClientSecretPost);
+        assert!(matches!(
+            config.token.credential,
+            Credential::Secret {
+                source: SecretSource::Literal(_),
+                method: AuthMethod::ClientSecretPost
+            }
+        ));
         assert_eq!(config.token.retry_initial, Duration::from_secs(5));
         assert_eq!(config.token.retry_max, Duration::from_secs(300));
         assert_eq!(config.token.min_forced_interval, Duration::from_secs(30));

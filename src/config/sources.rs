@@ -9,7 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::keys::{
-    DEFAULT_CONFIG_FILE, ENV_CLIENT_SECRET, ENV_CONFIG, KEYS, Kind, generic_env_name, known_keys,
+    DEFAULT_CONFIG_FILE, ENV_CLIENT_SECRET, ENV_CONFIG, ENV_IDENTITY_HEADER, KEYS, Kind,
+    generic_env_name, known_keys,
 };
 use super::types::ConfigError;
 use crate::egress::Proxies;
@@ -142,6 +143,14 @@ pub struct RawConfig {
     values: BTreeMap<&'static str, RawValue>,
     pub(super) client_secret: Option<ClientSecret>,
     pub(super) proxies: Proxies,
+    /// `AZURE_CLIENT_ID`: the client id for workload and managed identity
+    /// when `token.client_id` is not set.
+    pub(super) azure_client_id: Option<String>,
+    /// `AZURE_TENANT_ID`: the tenant for workload identity when
+    /// `token.tenant_id` is not set.
+    pub(super) azure_tenant_id: Option<String>,
+    /// `IDENTITY_HEADER`: App Service's secret for its identity endpoint.
+    pub(super) identity_header: Option<ClientSecret>,
 }
 
 impl RawConfig {
@@ -186,6 +195,9 @@ impl RawConfig {
         }
         raw.client_secret = env_string(env, ENV_CLIENT_SECRET)?.map(ClientSecret::new);
         raw.proxies = proxies_from_env(env);
+        raw.azure_client_id = env_string(env, "AZURE_CLIENT_ID")?;
+        raw.azure_tenant_id = env_string(env, "AZURE_TENANT_ID")?;
+        raw.identity_header = env_string(env, ENV_IDENTITY_HEADER)?.map(ClientSecret::new);
         Ok(raw)
     }
 

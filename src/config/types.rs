@@ -31,6 +31,88 @@ pub enum AuthMethod {
     ClientSecretBasic,
 }
 
+/// How the proxy proves who it is at the token endpoint (`token.credential`).
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A client secret (`client_secret`, the default).
+    Secret {
+        /// Where the secret comes from.
+        source: SecretSource,
+        /// How it is sent.
+        method: AuthMethod,
+    },
+    /// A certificate and its key: a signed assertion for every token request.
+    Certificate {
+        /// The PEM files, re-read when they change.
+        files: crate::pki::CertFiles,
+        /// The assertion's signature.
+        algorithm: AssertionAlgorithm,
+    },
+    /// A federated token from a file, sent as the assertion (Kubernetes
+    /// workload identity); the file is read afresh at every token request.
+    WorkloadIdentity {
+        /// `token.federated_token_file` (`AZURE_FEDERATED_TOKEN_FILE`).
+        token_file: PathBuf,
+    },
+    /// An Azure managed identity: tokens from the local identity endpoint.
+    ManagedIdentity {
+        /// IMDS, or App Service's endpoint.
+        form: ManagedIdentityForm,
+        /// The resource the token is for (the scope without `/.default`).
+        resource: String,
+    },
+}
+
+impl Credential {
+    /// The kind's name, as `token.credential` takes it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credential::Secret { .. } => "client_secret",
+            Credential::Certificate { .. } => "certificate",
+            Credential::WorkloadIdentity { .. } => "workload_identity",
+            Credential::ManagedIdentity { .. } => "managed_identity",
+        }
+    }
+}
+
+/// The signature of a certificate credential's assertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssertionAlgorithm {
+    /// RSASSA-PSS with SHA-256, header `x5t#S256`: Entra's current form.
+    Ps256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256, header `x5t` (SHA-1): older tenants.
+    Rs256,
+    /// ECDSA P-256 with SHA-256, header `x5t#S256`: for an EC P-256 key.
+    Es256,
+    /// ECDSA P-384 with SHA-384, header `x5t#S256`: for an EC P-384 key.
+    Es384,
+}
+
+impl AssertionAlgorithm {
+    /// The JWS name.
+    pub fn name(self) -> &'static str {
+        match self {
+            AssertionAlgorithm::Ps256 => "PS256",
+            AssertionAlgorithm::Rs256 => "RS256",
+            AssertionAlgorithm::Es256 => "ES256",
+            AssertionAlgorithm::Es384 => "ES384",
+        }
+    }
+}
+
+/// Where a managed identity's tokens come from.
+#[derive(Debug, Clone)]
+pub enum ManagedIdentityForm {
+    /// A VM's instance metadata service (`Metadata: true`, api-version 2018-02-01).
+    Imds,
+    /// App Service and Container Apps: `IDENTITY_ENDPOINT` with
+    /// `X-IDENTITY-HEADER` from `IDENTITY_HEADER` (api-version 2019-08-01).
+    AppService {
+        /// `IDENTITY_HEADER`: a per-container secret.
+        header: ClientSecret,
+    },
+}
+
 /// Where the client secret comes from.
 #[derive(Debug, Clone)]
 pub enum SecretSource {
@@ -90,7 +172,7 @@ pub struct UpstreamConfig {
     /// Time allowed between the end of the request and the response headers.
     pub response_timeout: Duration,
     /// Client certificate and key presented to the upstream (mTLS).
-    pub client_cert: Option<crate::tls::ClientCertFiles>,
+    pub client_cert: Option<crate::pki::CertFiles>,
 }
 
 /// TLS settings shared by the upstream and the token endpoint.
@@ -105,18 +187,18 @@ pub struct TlsConfig {
 pub struct TokenConfig {
     /// Token endpoint URL.
     pub url: reqwest::Url,
-    /// OAuth2 client id.
-    pub client_id: String,
-    /// Client secret source.
-    pub secret: SecretSource,
+    /// OAuth2 client id; `None` only for a system-assigned managed identity.
+    pub client_id: Option<String>,
+    /// How the proxy proves who it is.
+    pub credential: Credential,
+    /// Why that credential: which setting or variables chose it.
+    pub credential_reason: String,
     /// Requested scope; `None` (`token.scope = "none"`) sends none, as
     /// providers that take an audience or a resource instead want.
     pub scope: Option<String>,
     /// `token.extra_params`: more form fields for the token request
     /// (Auth0's `audience`, the v1 endpoint's `resource`).
     pub extra_params: Vec<(String, String)>,
-    /// Client authentication method.
-    pub auth_method: AuthMethod,
     /// Timeout of one token request.
     pub timeout: Duration,
     /// How long a request waits for the first token.

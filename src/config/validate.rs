@@ -4,16 +4,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
 
-use super::keys::{ENV_CLIENT_SECRET, Kind, spec};
+use super::parse::{
+    parse_bool, parse_duration, parse_key, parse_list, parse_with, reject_credentials, trim_secret,
+};
 use super::sources::{Environment, Flags, Origin, RawConfig, RawValue};
 use super::types::{
-    AccessLog, AuthMethod, Config, ConfigError, GuardConfig, ListenAddr, LogFormat, ProxyConfig,
-    SecretSource, TlsConfig, TokenConfig, UpstreamConfig, UpstreamUrl,
+    AccessLog, Config, ConfigError, GuardConfig, ListenAddr, LogFormat, ProxyConfig, TlsConfig,
+    TokenConfig, UpstreamConfig, UpstreamUrl,
 };
 
 impl Config {
@@ -46,15 +47,18 @@ impl Config {
                 ConfigError::new(format!("{}: {e}", Origin("tls.ca_file", &v.source)))
             })?;
         }
+        let scope = parse_key(raw, "token.scope", |s| match s.trim() {
+            "" => None,
+            "none" => Some(None),
+            scope => Some(Some(scope.to_owned())),
+        })?;
+        let chosen = super::credential::choose(raw, scope.as_deref())?;
         let token = TokenConfig {
-            url: token_url(raw)?,
-            client_id: client_id(raw)?,
-            secret: secret_source(raw)?,
-            scope: parse_key(raw, "token.scope", |s| match s.trim() {
-                "" => None,
-                "none" => Some(None),
-                scope => Some(Some(scope.to_owned())),
-            })?,
+            url: chosen.url,
+            client_id: chosen.client_id,
+            credential: chosen.credential,
+            credential_reason: chosen.reason,
+            scope,
             extra_params: parse_list(raw, "token.extra_params", |item| {
                 let (name, value) = item.split_once('=')?;
                 let name = name.trim();
@@ -79,11 +83,6 @@ impl Config {
                 Some((name.to_owned(), value.to_owned()))
             })
             .collect(),
-            auth_method: parse_key(raw, "token.auth_method", |s| match s {
-                "client_secret_post" => Some(AuthMethod::ClientSecretPost),
-                "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
-                _ => None,
-            })?,
             timeout: parse_duration(raw, "token.timeout")?,
             startup_wait: parse_duration(raw, "token.startup_wait")?,
             refresh_before: match raw.get("token.refresh_before") {
@@ -178,96 +177,6 @@ fn parse_log_format(v: &RawValue) -> Result<LogFormat, ConfigError> {
         "json" => Some(LogFormat::Json),
         _ => None,
     })
-}
-
-/// What the key table says a valid value of `key` looks like.
-fn expected(key: &str) -> &'static str {
-    spec(key).map_or("a valid value", |spec| spec.expected)
-}
-
-/// `key`'s value (which has a default), checked by `parse`.
-fn parse_bool(raw: &RawConfig, key: &'static str) -> Result<bool, ConfigError> {
-    parse_key(raw, key, |s| match s.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Some(true),
-        "false" | "0" | "no" | "off" => Some(false),
-        _ => None,
-    })
-}
-
-fn parse_key<T>(
-    raw: &RawConfig,
-    key: &'static str,
-    parse: impl FnOnce(&str) -> Option<T>,
-) -> Result<T, ConfigError> {
-    parse_with(raw.require(key)?, key, parse)
-}
-
-/// Applies `parse`; on `None`, an error naming the key, its source, the
-/// expected form and the value that was given.
-fn parse_with<T>(
-    v: &RawValue,
-    key: &str,
-    parse: impl FnOnce(&str) -> Option<T>,
-) -> Result<T, ConfigError> {
-    let expected = expected(key);
-    parse(v.value.trim()).ok_or_else(|| {
-        ConfigError::new(format!(
-            "{}: expected {expected}, got {:?}",
-            Origin(key, &v.source),
-            shorten(&v.value)
-        ))
-    })
-}
-
-fn shorten(value: &str) -> String {
-    const MAX: usize = 80;
-    if value.chars().count() <= MAX {
-        value.to_owned()
-    } else {
-        let cut: String = value.chars().take(MAX).collect();
-        format!("{cut}…")
-    }
-}
-
-/// The longest duration any key takes: larger values are typos, and would
-/// overflow the clock's arithmetic.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// A duration; zero only for keys of [`Kind::DurationOrZero`].
-fn parse_duration(raw: &RawConfig, key: &'static str) -> Result<Duration, ConfigError> {
-    let zero_allowed = spec(key).is_some_and(|spec| spec.kind == Kind::DurationOrZero);
-    parse_key(raw, key, |s| {
-        humantime::parse_duration(s)
-            .ok()
-            .filter(|d| (zero_allowed || !d.is_zero()) && *d <= MAX_DURATION)
-    })
-}
-
-/// A comma-separated list; each item trimmed, empty items skipped, each
-/// checked by `parse`.
-fn parse_list(
-    raw: &RawConfig,
-    key: &'static str,
-    parse: impl Fn(&str) -> Option<String>,
-) -> Result<Vec<String>, ConfigError> {
-    let expected = expected(key);
-    let Some(v) = raw.get(key) else {
-        return Ok(Vec::new());
-    };
-    v.value
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(|item| {
-            parse(item).ok_or_else(|| {
-                ConfigError::new(format!(
-                    "{}: expected {expected}, got {:?}",
-                    Origin(key, &v.source),
-                    shorten(item)
-                ))
-            })
-        })
-        .collect()
 }
 
 fn read_local_key(v: &RawValue) -> Result<crate::secret::LocalKey, ConfigError> {
@@ -366,7 +275,7 @@ fn parse_upstream_url(v: &RawValue) -> Result<UpstreamUrl, ConfigError> {
 
 /// `upstream.client_cert_file` and `upstream.client_key_file`: both or
 /// neither, and a key that belongs to the certificate.
-fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, ConfigError> {
+fn client_cert(raw: &RawConfig) -> Result<Option<crate::pki::CertFiles>, ConfigError> {
     let cert = raw.get("upstream.client_cert_file");
     let key = raw.get("upstream.client_key_file");
     let (cert, key) = match (cert, key) {
@@ -386,7 +295,7 @@ fn client_cert(raw: &RawConfig) -> Result<Option<crate::tls::ClientCertFiles>, C
             )));
         }
     };
-    let files = crate::tls::ClientCertFiles {
+    let files = crate::pki::CertFiles {
         cert: PathBuf::from(&cert.value),
         key: PathBuf::from(&key.value),
     };
@@ -418,92 +327,4 @@ fn checked_proxies(
         check("HTTPS_PROXY", &proxies.https)?,
         proxies.no_proxy.clone(),
     ))
-}
-
-/// A URL with `user:password` is refused without echoing it: the value holds
-/// a credential, and an error message must not print one.
-fn reject_credentials(v: &RawValue, key: &str) -> Result<(), ConfigError> {
-    let with_credentials = reqwest::Url::parse(v.value.trim())
-        .is_ok_and(|url| !url.username().is_empty() || url.password().is_some());
-    if with_credentials {
-        return Err(ConfigError::new(format!(
-            "{}: expected a URL without user:password; the value is not shown since it holds a credential",
-            Origin(key, &v.source)
-        )));
-    }
-    Ok(())
-}
-
-fn token_url(raw: &RawConfig) -> Result<reqwest::Url, ConfigError> {
-    if let Some(v) = raw.get("token.url") {
-        reject_credentials(v, "token.url")?;
-        return parse_with(v, "token.url", |s| {
-            let url = reqwest::Url::parse(s).ok()?;
-            (matches!(url.scheme(), "http" | "https")
-                && url.host().is_some()
-                && url.fragment().is_none())
-            .then_some(url)
-        });
-    }
-    let tenant = raw.require("token.tenant_id")?;
-    parse_with(tenant, "token.tenant_id", |s| {
-        let valid = !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-        if !valid {
-            return None;
-        }
-        reqwest::Url::parse(&format!(
-            "https://login.microsoftonline.com/{s}/oauth2/v2.0/token"
-        ))
-        .ok()
-    })
-}
-
-fn client_id(raw: &RawConfig) -> Result<String, ConfigError> {
-    match raw.get("token.client_id") {
-        Some(v) => parse_with(v, "token.client_id", |s| {
-            (!s.is_empty()).then(|| s.to_owned())
-        }),
-        None => Err(ConfigError::new(
-            "API_CLIENT_ID is not set: expected the application (client) id that the provider issued \
-             (token.client_id in the config file)",
-        )),
-    }
-}
-
-fn secret_source(raw: &RawConfig) -> Result<SecretSource, ConfigError> {
-    let file = raw.get("token.client_secret_file");
-    match (&raw.client_secret, file) {
-        (Some(_), Some(file)) => Err(ConfigError::new(format!(
-            "{ENV_CLIENT_SECRET} and {} are both set: expected only one source for the client secret",
-            Origin("token.client_secret_file", &file.source)
-        ))),
-        (Some(secret), None) => Ok(SecretSource::Literal(secret.clone())),
-        (None, Some(file)) => {
-            let path = PathBuf::from(&file.value);
-            match std::fs::read_to_string(&path) {
-                Ok(content) if !trim_secret(&content).is_empty() => Ok(SecretSource::File(path)),
-                Ok(_) => Err(ConfigError::new(format!(
-                    "{}: the file {} is empty; expected the client secret's value",
-                    Origin("token.client_secret_file", &file.source),
-                    path.display()
-                ))),
-                Err(e) => Err(ConfigError::new(format!(
-                    "{}: cannot read {}: {e}; expected a readable file holding the client secret",
-                    Origin("token.client_secret_file", &file.source),
-                    path.display()
-                ))),
-            }
-        }
-        (None, None) => Err(ConfigError::new(format!(
-            "no client secret: set {ENV_CLIENT_SECRET} to the secret's value, or API_CLIENT_SECRET_FILE \
-             (token.client_secret_file) to a file holding it"
-        ))),
-    }
-}
-
-/// A secret file's content without its trailing newline.
-pub fn trim_secret(content: &str) -> &str {
-    content.trim_end_matches(['\n', '\r'])
 }

@@ -1,13 +1,20 @@
-//! The token endpoint client: one client-credentials form POST, its answer
-//! parsed into a token or a [`TokenError`]. The form is never logged.
+//! The token endpoint client: one client-credentials form POST (with a
+//! client secret, a signed assertion or a federated token), or a managed
+//! identity's GET; the answer parsed into a token or a [`TokenError`].
+//! Neither the form nor the query is ever logged.
 
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::RETRY_AFTER;
 use serde::Deserialize;
 
+use super::assertion::{CertificateAssertion, JWT_BEARER, read_federated_token};
 use super::{Fetched, TokenError, TokenSource};
-use crate::config::{AuthMethod, SecretSource, TokenConfig, trim_secret};
+use crate::config::{
+    AuthMethod, Credential, ManagedIdentityForm, SecretSource, TokenConfig, trim_secret,
+};
 use crate::error_chain::chain;
 use crate::secret::{AccessToken, ClientSecret};
 use crate::token::error::ProviderError;
@@ -15,11 +22,22 @@ use crate::token::error::ProviderError;
 /// Largest token endpoint answer read; a real one is a few KiB.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
-/// Talks to an OAuth2 token endpoint with the client-credentials grant.
+/// Talks to an OAuth2 token endpoint with the client-credentials grant,
+/// or to a managed identity's endpoint.
 #[derive(Debug, Clone)]
 pub struct TokenEndpoint {
     http: reqwest::Client,
     config: TokenConfig,
+    proof: Proof,
+}
+
+/// How each request proves the client, made from the configuration once.
+#[derive(Debug, Clone)]
+enum Proof {
+    Secret(SecretSource, AuthMethod),
+    Certificate(Arc<CertificateAssertion>),
+    Federated(PathBuf),
+    ManagedIdentity(ManagedIdentityForm, String),
 }
 
 impl TokenEndpoint {
@@ -30,10 +48,22 @@ impl TokenEndpoint {
         user_agent: &http::HeaderValue,
         proxies: &crate::egress::Proxies,
     ) -> Result<Self, TokenError> {
+        let proof = match &config.credential {
+            Credential::Secret { source, method } => Proof::Secret(source.clone(), *method),
+            Credential::Certificate { files, algorithm } => Proof::Certificate(Arc::new(
+                CertificateAssertion::new(files, *algorithm).map_err(TokenError::Credential)?,
+            )),
+            Credential::WorkloadIdentity { token_file } => Proof::Federated(token_file.clone()),
+            Credential::ManagedIdentity { form, resource } => {
+                Proof::ManagedIdentity(form.clone(), resource.clone())
+            }
+        };
         // The proxies come from the configuration (read through the same
         // environment trait as everything else), never straight from reqwest.
+        // A managed identity's endpoint is local to the host: never through
+        // a proxy (IMDS refuses proxied requests).
         let mut builder = reqwest::Client::builder().no_proxy();
-        if proxies.any() {
+        if proxies.any() && !matches!(proof, Proof::ManagedIdentity(..)) {
             let proxies = proxies.clone();
             builder = builder.proxy(reqwest::Proxy::custom(move |url| {
                 proxies
@@ -51,19 +81,157 @@ impl TokenEndpoint {
             .map_err(|e| {
                 TokenError::Connect(format!("cannot build the HTTP client: {}", chain(&e)))
             })?;
-        Ok(Self { http, config })
+        Ok(Self {
+            http,
+            config,
+            proof,
+        })
     }
 
     /// The endpoint's URL.
     pub fn url(&self) -> &reqwest::Url {
         &self.config.url
     }
+
+    /// The credential as `check` and `/status` show it: its kind, why it
+    /// was chosen, and for a certificate, which one. Never the material.
+    pub fn credential(&self) -> CredentialInfo {
+        let config = &self.config;
+        let detail = match &self.proof {
+            Proof::Secret(SecretSource::Literal(_), method) => {
+                format!("API_CLIENT_SECRET, sent by {}", method_name(*method))
+            }
+            Proof::Secret(SecretSource::File(path), method) => {
+                format!("{}, sent by {}", path.display(), method_name(*method))
+            }
+            Proof::Certificate(assertion) => assertion.describe(),
+            Proof::Federated(path) => format!("federated token from {}", path.display()),
+            Proof::ManagedIdentity(form, resource) => {
+                let form = match form {
+                    ManagedIdentityForm::Imds => "the VM's IMDS",
+                    ManagedIdentityForm::AppService { .. } => "App Service's identity endpoint",
+                };
+                let identity = match &config.client_id {
+                    Some(id) => format!("user-assigned identity {id}"),
+                    None => "system-assigned identity".to_owned(),
+                };
+                format!("{identity} from {form}, for resource {resource}")
+            }
+        };
+        CredentialInfo {
+            kind: config.credential.kind(),
+            reason: config.credential_reason.clone(),
+            detail,
+            certificate_expires: match &self.proof {
+                Proof::Certificate(assertion) => Some(assertion.expires()),
+                _ => None,
+            },
+        }
+    }
+
+    /// The certificate credential's signer (tests check its assertions).
+    pub fn certificate(&self) -> Option<&CertificateAssertion> {
+        match &self.proof {
+            Proof::Certificate(assertion) => Some(assertion),
+            _ => None,
+        }
+    }
+
+    async fn fetch_from_managed_identity(
+        &self,
+        form: &ManagedIdentityForm,
+        resource: &str,
+    ) -> Result<Fetched, TokenError> {
+        let config = &self.config;
+        let mut url = config.url.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair(
+                "api-version",
+                match form {
+                    ManagedIdentityForm::Imds => "2018-02-01",
+                    ManagedIdentityForm::AppService { .. } => "2019-08-01",
+                },
+            );
+            query.append_pair("resource", resource);
+            if let Some(id) = &config.client_id {
+                query.append_pair("client_id", id);
+            }
+            for (name, value) in &config.extra_params {
+                query.append_pair(name, value);
+            }
+        }
+        let request = match form {
+            ManagedIdentityForm::Imds => self.http.get(url).header("Metadata", "true"),
+            ManagedIdentityForm::AppService { header } => {
+                let mut value = http::HeaderValue::from_str(header.secret()).map_err(|_| {
+                    TokenError::Credential(
+                        "IDENTITY_HEADER is not valid in an HTTP header".to_owned(),
+                    )
+                })?;
+                value.set_sensitive(true);
+                self.http.get(url).header("X-IDENTITY-HEADER", value)
+            }
+        };
+        self.send(request).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Fetched, TokenError> {
+        let timeout = self.config.timeout;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(&e, timeout))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v.to_str().ok()?, SystemTime::now()));
+        let body = read_limited(response, timeout).await?;
+        if status.is_success() {
+            parse_success(&body, SystemTime::now())
+        } else {
+            Err(parse_error(status.as_u16(), &body, retry_after))
+        }
+    }
+}
+
+/// The credential in use, in words (`check`, `/status`).
+#[derive(Debug, Clone)]
+pub struct CredentialInfo {
+    /// `client_secret`, `certificate`, `workload_identity`, `managed_identity`.
+    pub kind: &'static str,
+    /// Which setting or variables chose it.
+    pub reason: String,
+    /// Where it comes from: a file, a certificate's thumbprint, an endpoint.
+    pub detail: String,
+    /// A certificate's expiry, in Unix seconds.
+    pub certificate_expires: Option<i64>,
+}
+
+fn method_name(method: AuthMethod) -> &'static str {
+    match method {
+        AuthMethod::ClientSecretPost => "client_secret_post",
+        AuthMethod::ClientSecretBasic => "client_secret_basic",
+    }
 }
 
 impl TokenSource for TokenEndpoint {
     async fn fetch(&self) -> Result<Fetched, TokenError> {
-        let secret = load_secret(&self.config.secret).await?;
         let config = &self.config;
+        let client_id = config.client_id.as_deref().unwrap_or_default();
+        // The proof is read or made first, so that it outlives the form.
+        let (secret, assertion) = match &self.proof {
+            Proof::ManagedIdentity(form, resource) => {
+                return self.fetch_from_managed_identity(form, resource).await;
+            }
+            Proof::Secret(source, _) => (Some(load_secret(source).await?), None),
+            Proof::Certificate(signer) => (
+                None,
+                Some(signer.sign(client_id, config.url.as_str(), SystemTime::now())?),
+            ),
+            Proof::Federated(path) => (None, Some(read_federated_token(path).await?)),
+        };
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         if let Some(scope) = &config.scope {
             form.push(("scope", scope.as_str()));
@@ -75,36 +243,26 @@ impl TokenSource for TokenEndpoint {
                 .map(|(name, value)| (name.as_str(), value.as_str())),
         );
         let mut request = self.http.post(config.url.clone());
-        match config.auth_method {
-            AuthMethod::ClientSecretPost => {
-                form.push(("client_id", config.client_id.as_str()));
-                form.push(("client_secret", secret.secret()));
-            }
-            AuthMethod::ClientSecretBasic => {
+        match (&self.proof, &secret, &assertion) {
+            (Proof::Secret(_, AuthMethod::ClientSecretBasic), Some(secret), _) => {
                 // RFC 6749 §2.3.1: both parts are form-encoded before Base64.
-                let id: String =
-                    form_urlencoded::byte_serialize(config.client_id.as_bytes()).collect();
+                let id: String = form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
                 let secret: String =
                     form_urlencoded::byte_serialize(secret.secret().as_bytes()).collect();
                 request = request.basic_auth(id, Some(secret));
             }
+            (_, Some(secret), _) => {
+                form.push(("client_id", client_id));
+                form.push(("client_secret", secret.secret()));
+            }
+            (_, None, Some(assertion)) => {
+                form.push(("client_id", client_id));
+                form.push(("client_assertion_type", JWT_BEARER));
+                form.push(("client_assertion", assertion.secret()));
+            }
+            (_, None, None) => {}
         }
-        let response = request
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e, config.timeout))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| parse_retry_after(v.to_str().ok()?, SystemTime::now()));
-        let body = read_limited(response, config.timeout).await?;
-        if status.is_success() {
-            parse_success(&body)
-        } else {
-            Err(parse_error(status.as_u16(), &body, retry_after))
-        }
+        self.send(request.form(&form)).await
     }
 }
 
@@ -112,12 +270,18 @@ async fn load_secret(source: &SecretSource) -> Result<ClientSecret, TokenError> 
     match source {
         SecretSource::Literal(secret) => Ok(secret.clone()),
         SecretSource::File(path) => {
-            let content = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| TokenError::Secret(format!("{}: {e}", path.display())))?;
+            let content = tokio::fs::read_to_string(path).await.map_err(|e| {
+                TokenError::Credential(format!(
+                    "cannot read the client secret file {}: {e}",
+                    path.display()
+                ))
+            })?;
             let secret = trim_secret(&content);
             if secret.is_empty() {
-                return Err(TokenError::Secret(format!("{} is empty", path.display())));
+                return Err(TokenError::Credential(format!(
+                    "the client secret file {} is empty",
+                    path.display()
+                )));
             }
             Ok(ClientSecret::new(secret))
         }
@@ -165,14 +329,29 @@ enum Seconds {
 }
 
 impl Seconds {
+    fn value(&self) -> Option<f64> {
+        match self {
+            Seconds::Number(n) => n.as_f64(),
+            Seconds::Text(s) => s.trim().parse::<f64>().ok(),
+        }
+    }
+
+    /// A lifetime: at least a second, less than 1e9.
     fn duration(&self) -> Option<Duration> {
-        let secs = match self {
-            Seconds::Number(n) => n.as_f64()?,
-            Seconds::Text(s) => s.trim().parse::<f64>().ok()?,
-        };
+        let secs = self.value()?;
         (1.0..1e9)
             .contains(&secs)
             .then(|| Duration::from_secs(secs as u64))
+    }
+
+    /// A moment (`expires_on`, Unix seconds) as the lifetime left at `now`.
+    fn until(&self, now: SystemTime) -> Option<Duration> {
+        let at = self.value()?;
+        let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
+        let left = at - now;
+        (1.0..1e9)
+            .contains(&left)
+            .then(|| Duration::from_secs(left as u64))
     }
 }
 
@@ -181,10 +360,12 @@ struct SuccessBody {
     access_token: Option<String>,
     token_type: Option<String>,
     expires_in: Option<Seconds>,
+    /// Managed identity's answers carry it, App Service's without `expires_in`.
+    expires_on: Option<Seconds>,
     refresh_in: Option<Seconds>,
 }
 
-fn parse_success(body: &[u8]) -> Result<Fetched, TokenError> {
+fn parse_success(body: &[u8], now: SystemTime) -> Result<Fetched, TokenError> {
     let parsed: SuccessBody = serde_json::from_slice(body)
         .map_err(|e| TokenError::InvalidResponse(format!("not a JSON token response ({e})")))?;
     let token = parsed
@@ -203,13 +384,17 @@ fn parse_success(body: &[u8]) -> Result<Fetched, TokenError> {
             "access_token is not valid in an HTTP header".into(),
         ));
     }
-    let expires_in = parsed
-        .expires_in
-        .as_ref()
-        .and_then(Seconds::duration)
-        .ok_or_else(|| {
-            TokenError::InvalidResponse("no usable expires_in (seconds, at least 1)".into())
-        })?;
+    let expires_in = match (&parsed.expires_in, &parsed.expires_on) {
+        (Some(seconds), _) => seconds.duration(),
+        (None, Some(at)) => at.until(now),
+        (None, None) => None,
+    }
+    .ok_or_else(|| {
+        TokenError::InvalidResponse(
+            "no usable expires_in (seconds, at least 1) or expires_on (Unix time, in the future)"
+                .into(),
+        )
+    })?;
     let refresh_in = parsed
         .refresh_in
         .as_ref()
@@ -265,12 +450,42 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    fn parse_success_now(body: &[u8]) -> Result<Fetched, TokenError> {
+        parse_success(body, SystemTime::now())
+    }
+
+    #[test]
+    fn managed_identity_answers_with_strings_and_expires_on() -> Result<(), TokenError> {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // IMDS: both, as strings; expires_in wins.
+        let f = parse_success(
+            br#"{"access_token":"a","client_id":"c","expires_in":"86399","expires_on":"1700086399","ext_expires_in":"86399","not_before":"1699999700","resource":"api://x","token_type":"Bearer"}"#,
+            now,
+        )?;
+        assert_eq!(f.expires_in, Duration::from_secs(86_399));
+        // App Service 2019-08-01: expires_on only.
+        let f = parse_success(
+            br#"{"access_token":"a","expires_on":"1700003600","resource":"api://x","token_type":"Bearer","client_id":"c"}"#,
+            now,
+        )?;
+        assert_eq!(f.expires_in, Duration::from_secs(3600));
+        // Already past: unusable.
+        assert!(
+            parse_success(
+                br#"{"access_token":"a","expires_on":"1699999999","token_type":"Bearer"}"#,
+                now
+            )
+            .is_err()
+        );
+        Ok(())
+    }
+
     #[test]
     fn success_with_number_or_string_lifetime() -> Result<(), TokenError> {
-        let f = parse_success(br#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"abc"}"#)?;
+        let f = parse_success_now(br#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"abc"}"#)?;
         assert_eq!(f.expires_in, Duration::from_secs(3599));
         assert_eq!(f.token.secret(), "abc");
-        let f = parse_success(
+        let f = parse_success_now(
             br#"{"token_type":"bearer","expires_in":"600","refresh_in":"300","access_token":"x"}"#,
         )?;
         assert_eq!(f.expires_in, Duration::from_secs(600));
@@ -290,7 +505,7 @@ mod tests {
             b"<html>",
         ] {
             assert!(matches!(
-                parse_success(body),
+                parse_success_now(body),
                 Err(TokenError::InvalidResponse(_))
             ));
         }

@@ -41,9 +41,10 @@ pub enum TokenError {
     /// A success status whose body is not a usable token response.
     #[error("the token endpoint's answer is unusable: {0}")]
     InvalidResponse(String),
-    /// The client secret file could not be read.
-    #[error("cannot read the client secret file: {0}")]
-    Secret(String),
+    /// The credential could not be used: its file is unreadable or empty,
+    /// the certificate has expired, the assertion could not be signed.
+    #[error("the credential cannot be used: {0}")]
+    Credential(String),
 }
 
 impl TokenError {
@@ -55,13 +56,13 @@ impl TokenError {
             TokenError::Rejected(p) => &p.error,
             TokenError::Status { .. } => "http_error",
             TokenError::InvalidResponse(_) => "invalid_response",
-            TokenError::Secret(_) => "secret_unreadable",
+            TokenError::Credential(_) => "credential_unusable",
         }
     }
 
     /// The outcome as the metrics count it: `rejected` (with the
     /// provider's code), `throttled` (429), `transport_error`,
-    /// `http_error`, `invalid_response`, `secret_unreadable`.
+    /// `http_error`, `invalid_response`, `credential_unusable`.
     pub fn outcome(&self) -> &'static str {
         match self {
             TokenError::Connect(_) | TokenError::Timeout(_) => "transport_error",
@@ -70,7 +71,7 @@ impl TokenError {
             TokenError::Status { status: 429, .. } => "throttled",
             TokenError::Status { .. } => "http_error",
             TokenError::InvalidResponse(_) => "invalid_response",
-            TokenError::Secret(_) => "secret_unreadable",
+            TokenError::Credential(_) => "credential_unusable",
         }
     }
 
@@ -104,7 +105,9 @@ impl TokenError {
                     .iter()
                     .any(|c| matches!(c, 7000215 | 7000222 | 700016 | 70011))
             }
-            TokenError::Secret(_) => true,
+            // Local files: reading them again costs the provider nothing,
+            // and a file being replaced may be back at the next look.
+            TokenError::Credential(_) => false,
             _ => false,
         }
     }
@@ -119,9 +122,10 @@ impl TokenError {
             TokenError::Timeout(_) => {
                 Some("the token endpoint is slow or unreachable; check the network path to it")
             }
-            TokenError::Secret(_) => {
-                Some("check that API_CLIENT_SECRET_FILE names a readable file")
-            }
+            TokenError::Credential(_) => Some(
+                "check the credential's file named above (token.client_secret_file, token.certificate_file, \
+                 token.private_key_file or token.federated_token_file)",
+            ),
             TokenError::Status { .. } | TokenError::InvalidResponse(_) => None,
         }
     }

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use crate::secret::AccessToken;
 
+pub mod assertion;
 pub mod endpoint;
 pub mod error;
 pub mod refresher;
 pub mod slot;
 
-pub use endpoint::TokenEndpoint;
+pub use endpoint::{CredentialInfo, TokenEndpoint};
 pub use error::TokenError;
 pub use refresher::{RefreshPolicy, Refresher, RetryPolicy};
 pub use slot::{CurrentToken, LocalToken, Renewal, TokenSlot, Unavailable};
