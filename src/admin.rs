@@ -212,6 +212,24 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         "Log lines dropped because stderr could not take them as fast as they came.",
         crate::telemetry::dropped_lines() as u64,
     );
+    let credential = state.endpoint.credential();
+    m::header(
+        &mut out,
+        "bearer_proxy_credential_info",
+        "gauge",
+        "Always 1; the credential's kind (client_secret, certificate, workload_identity, managed_identity) is a label.",
+    );
+    let _ = writeln!(
+        out,
+        "bearer_proxy_credential_info{{kind=\"{}\"}} 1",
+        credential.kind
+    );
+    m::gauge(
+        &mut out,
+        "bearer_proxy_credential_certificate_expiry_timestamp_seconds",
+        "When the certificate credential expires, in Unix time (0: no certificate).",
+        credential.certificate_expires.unwrap_or(0).max(0),
+    );
     m::header(
         &mut out,
         "bearer_proxy_build_info",

@@ -147,7 +147,7 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
         "credential",
         format!("{}: {}", credential.kind, credential.detail),
     );
-    line(out, "credential chosen by", credential.reason);
+    line(out, "chosen by", credential.reason);
 
     let started = Instant::now();
     let fetched = match endpoint.fetch().await {

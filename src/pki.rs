@@ -409,18 +409,16 @@ fn stamp(files: &CertFiles) -> Option<FileStamp> {
     Some([one(&files.cert)?, one(&files.key)?])
 }
 
-/// How often the files are looked at, at most.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
-
 /// Something made from a pair of files, made again when the files change
 /// on disk, so a rotated certificate needs no restart. The files are looked
-/// at no more than once a second; a pair that fails to load (half-written,
+/// at no more often than `every`; a pair that fails to load (half-written,
 /// mismatched, expired, unreadable) leaves the previous one in use, is
 /// warned about once, and is tried again at the next look.
 #[derive(Debug)]
 pub struct Reloading<T> {
     files: CertFiles,
     what: &'static str,
+    every: Duration,
     make: fn(&CertFiles) -> Result<T, String>,
     state: Mutex<ReloadState<T>>,
 }
@@ -437,10 +435,12 @@ struct ReloadState<T> {
 
 impl<T> Reloading<T> {
     /// Makes the first value, or says why it cannot. `what` names it in
-    /// the log ("client certificate").
+    /// the log ("client certificate"); the files are looked at again no
+    /// more often than `every`.
     pub fn new(
         files: CertFiles,
         what: &'static str,
+        every: Duration,
         make: fn(&CertFiles) -> Result<T, String>,
     ) -> Result<Self, String> {
         let loaded = stamp(&files);
@@ -454,6 +454,7 @@ impl<T> Reloading<T> {
             }),
             files,
             what,
+            every,
             make,
         })
     }
@@ -469,7 +470,7 @@ impl<T> Reloading<T> {
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.checked.elapsed() < RELOAD_CHECK {
+        if state.checked.elapsed() < self.every {
             return Arc::clone(&state.current);
         }
         state.checked = Instant::now();

@@ -115,7 +115,13 @@ pub fn upstream_config(
 
 /// `base` with the client certificate presented, reloaded on change.
 pub fn with_client_cert(base: &ClientConfig, files: &CertFiles) -> Result<ClientConfig, String> {
-    let key = Reloading::new(files.clone(), "client certificate", load_client_cert)?;
+    // A handshake looks at the files at most once a second.
+    let key = Reloading::new(
+        files.clone(),
+        "client certificate",
+        std::time::Duration::from_secs(1),
+        load_client_cert,
+    )?;
     let mut config = base.clone();
     // A resumed TLS session re-uses the identity it was made with: without
     // this, a rotated certificate would only be seen once tickets expired.

@@ -771,3 +771,96 @@ async fn debug_lines_about_a_request_carry_its_id() -> TestResult {
     running.terminate().await?;
     Ok(())
 }
+
+/// The certificate credential's key and assertions, a federated token and
+/// App Service's identity header appear in no log line at trace level,
+/// through a token obtained and one refused; the start-up log says which
+/// credential is in use and why.
+#[tokio::test]
+async fn no_key_assertion_or_federated_token_in_any_log_line() -> TestResult {
+    let dir = support::pki::scratch_dir()?;
+    let (crt, key) = support::pki::make_pair(&dir, "logged", "rsa")?;
+    let (crt, key) = (crt.to_string_lossy(), key.to_string_lossy());
+    let federated = dir.join("federated");
+    let federated_token = "eyJhbGciOiJSUzI1NiJ9.federated-token-claims.federated-signature";
+    std::fs::write(&federated, federated_token)?;
+    let federated = federated.to_string_lossy();
+    let cases: [(&str, Vec<(&str, &str)>); 2] = [
+        (
+            "certificate",
+            vec![
+                ("BEARER_PROXY_TOKEN_CERTIFICATE_FILE", &crt),
+                ("BEARER_PROXY_TOKEN_PRIVATE_KEY_FILE", &key),
+            ],
+        ),
+        (
+            "workload_identity",
+            vec![
+                ("AZURE_FEDERATED_TOKEN_FILE", &federated),
+                ("AZURE_CLIENT_ID", "azure-client"),
+            ],
+        ),
+    ];
+    let key_pem = std::fs::read_to_string(&*key)?;
+    for (kind, settings) in cases {
+        let token = FakeTokenEndpoint::start().await;
+        // A refusal first (logged with the provider's words), then a token.
+        token.script([TokenReply::entra_error(
+            401,
+            "invalid_client",
+            700027,
+            "Client assertion failed signature validation.",
+        )]);
+        let upstream = FakeUpstream::start().await;
+        let mut env = vec![
+            ("API_CLIENT_SECRET", ""),
+            ("RUST_LOG", "trace"),
+            ("BEARER_PROXY_TOKEN_RETRY_INITIAL", "50ms"),
+            // A refused client is tried again at retry_max.
+            ("BEARER_PROXY_TOKEN_RETRY_MAX", "100ms"),
+        ];
+        env.extend(settings);
+        let mut running = Running::against(&token, &upstream, &env)?;
+        let credential = running.wait_for("credential: ").await?;
+        assert_eq!(credential["credential"], kind, "{credential}");
+        let ready = running.wait_for("listening").await?;
+        let proxy = address(&ready, "listen")?;
+        let mut answered = false;
+        for _ in 0..200 {
+            let response = http1().get(format!("http://{proxy}/x")).send().await?;
+            if response.status() == 200 {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered, "{kind}: no token after the refusal");
+        let (_, logs) = running.terminate().await?;
+        assert!(
+            logs.contains("AADSTS700027"),
+            "{kind}: the refusal is logged"
+        );
+        let sent = token
+            .requests()
+            .iter()
+            .filter_map(|r| r.form.get("client_assertion").cloned())
+            .collect::<Vec<_>>();
+        assert_eq!(sent.len(), 2, "{kind}");
+        for assertion in &sent {
+            for part in assertion.split('.') {
+                assert!(
+                    !logs.contains(part),
+                    "{kind}: a part of the assertion is logged"
+                );
+            }
+        }
+        assert!(!logs.contains("federated-token-claims"), "{kind}");
+        for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(
+                !logs.contains(line),
+                "{kind}: a line of the private key is logged"
+            );
+        }
+    }
+    Ok(())
+}

@@ -33,21 +33,24 @@ impl CertificateAssertion {
     /// Loads and checks the files (`pki::load`).
     pub fn new(files: &CertFiles, algorithm: AssertionAlgorithm) -> Result<Self, String> {
         Ok(Self {
-            identity: Reloading::new(files.clone(), "certificate credential", |files| {
-                crate::pki::load(files, SystemTime::now())
-            })?,
+            // Token requests are minutes apart: the files are looked at
+            // before each one.
+            identity: Reloading::new(
+                files.clone(),
+                "certificate credential",
+                Duration::ZERO,
+                |files| crate::pki::load(files, SystemTime::now()),
+            )?,
             algorithm,
         })
     }
 
     /// The certificate in use, for `check` and `/status`: its thumbprint
-    /// as the provider shows it, and when it expires.
+    /// as the Entra portal shows it, and when it expires.
     pub fn describe(&self) -> String {
         let identity = self.identity.current();
-        let thumbprint = match self.algorithm {
-            AssertionAlgorithm::Rs256 => hex(&identity.sha1),
-            _ => hex(&identity.sha256),
-        };
+        // SHA-1, upper case: what the Entra portal lists for the certificate.
+        let thumbprint = hex(&identity.sha1).to_ascii_uppercase();
         format!(
             "{} (thumbprint {thumbprint}, expires {}), signed {}",
             self.identity.files().cert.display(),

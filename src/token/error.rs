@@ -162,6 +162,12 @@ pub fn hint(error: &str, codes: &[u64]) -> Option<&'static str> {
                 "the client assertion's signature is invalid: check the certificate registered for the application"
             }
             700021 => "the client assertion's issuer is wrong: it must be the client id",
+            700024 => {
+                "the client assertion is not within its valid time: check this machine's clock, or the federated token file's rotation"
+            }
+            70021 | 700211 | 700213 => {
+                "no federated credential of the application matches the presented token's issuer and subject: check the app's federated credentials (issuer, subject system:serviceaccount:<namespace>:<name>)"
+            }
             700023 => "the client assertion's audience is wrong: it must be the token endpoint URL",
             70011 => {
                 "the scope is invalid: it must name one resource followed by /.default, such as api://<app-id>/.default"
@@ -175,9 +181,9 @@ pub fn hint(error: &str, codes: &[u64]) -> Option<&'static str> {
         return Some(hint);
     }
     match error {
-        "invalid_client" => {
-            Some("the client id or secret was rejected: check API_CLIENT_ID and the secret")
-        }
+        "invalid_client" => Some(
+            "the client id or its credential was rejected: check API_CLIENT_ID and the secret, certificate or federated token",
+        ),
         "unauthorized_client" => {
             Some("the application is not allowed to use the client-credentials grant")
         }

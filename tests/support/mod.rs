@@ -968,6 +968,13 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The process's stdout, when it was piped (once).
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.0.stdout.take()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Ok(pid) = i32::try_from(self.0.id()) {

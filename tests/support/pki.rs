@@ -1,6 +1,8 @@
 //! A private CA made by the test (rcgen), with server and client
 //! certificates signed by it.
 
+use std::path::{Path, PathBuf};
+
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 pub struct Pki {
@@ -75,6 +77,80 @@ pub fn scratch_dir() -> std::io::Result<std::path::PathBuf> {
     ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Runs `openssl` in `dir`.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Writes a new 2048-bit RSA key, PKCS#8, to `dir/file`.
+pub fn rsa_key(dir: &Path, file: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            file,
+        ],
+    )
+}
+
+/// A self-signed certificate `name.crt` and its key `name.key`: RSA
+/// (PKCS#8, or PKCS#1 with `rsa-pkcs1`) or EC P-256 (SEC1, `ec`).
+pub fn make_pair(
+    dir: &Path,
+    name: &str,
+    kind: &str,
+) -> Result<(PathBuf, PathBuf), Box<dyn std::error::Error + Send + Sync>> {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    match kind {
+        "rsa" => rsa_key(dir, &key)?,
+        "rsa-pkcs1" => {
+            rsa_key(dir, "tmp.key")?;
+            openssl(
+                dir,
+                &["rsa", "-in", "tmp.key", "-traditional", "-out", &key],
+            )?;
+        }
+        "ec" => openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &key,
+            ],
+        )?,
+        other => return Err(format!("unknown kind {other}").into()),
+    }
+    let subject = format!("/CN={name}");
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-new", "-key", &key, "-subj", &subject, "-days", "30", "-out", &crt,
+        ],
+    )?;
+    Ok((dir.join(crt), dir.join(key)))
 }
 
 type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
