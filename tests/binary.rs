@@ -747,6 +747,8 @@ async fn debug_lines_about_a_request_carry_its_id() -> TestResult {
         &[
             ("RUST_LOG", "debug"),
             ("BEARER_PROXY_UPSTREAM", closed_url.as_str()),
+            // Only the request's own attempt to connect.
+            ("BEARER_PROXY_UPSTREAM_KEEP_WARM", "false"),
         ],
     )?;
     let ready = running.wait_for("listening").await?;

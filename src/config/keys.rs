@@ -178,6 +178,14 @@ pub const KEYS: &[KeySpec] = &[
         expected: DURATION,
     },
     KeySpec {
+        key: "upstream.keep_warm",
+        flag: None,
+        env: &[],
+        default: Some("true"),
+        kind: Kind::Bool,
+        expected: "true or false",
+    },
+    KeySpec {
         key: "upstream.client_cert_file",
         flag: None,
         env: &[],

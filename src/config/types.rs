@@ -173,6 +173,8 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// Client certificate and key presented to the upstream (mTLS).
     pub client_cert: Option<crate::pki::CertFiles>,
+    /// `upstream.keep_warm`: a connection kept ready once a token is held.
+    pub keep_warm: bool,
 }
 
 /// TLS settings shared by the upstream and the token endpoint.

@@ -38,6 +38,7 @@ impl Config {
             connect_timeout: parse_duration(raw, "upstream.connect_timeout")?,
             response_timeout: parse_duration(raw, "upstream.response_timeout")?,
             client_cert: client_cert(raw)?,
+            keep_warm: parse_bool(raw, "upstream.keep_warm")?,
         };
         let tls = TlsConfig {
             ca_file: raw.get("tls.ca_file").map(|v| PathBuf::from(&v.value)),

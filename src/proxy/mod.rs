@@ -99,6 +99,8 @@ struct Shared {
     /// This worker's access-log lines, written in batches (once logging
     /// is installed).
     lines: Option<Arc<Lines>>,
+    /// `upstream.keep_warm`: each worker keeps a connection ready.
+    keep_warm: bool,
 }
 
 impl Proxy {
@@ -164,6 +166,7 @@ impl Proxy {
                 metrics: registry.shard(),
                 access: Style::new(config.access_log, config.log_format),
                 lines: None,
+                keep_warm: upstream.keep_warm,
             }),
         }
     }
@@ -188,6 +191,14 @@ impl Proxy {
             .and_then(|_| crate::telemetry::writer())
             .map(Lines::start);
         shared.client = Arc::new(shared.client.with_own_pool().counted(&shared.metrics));
+        if shared.keep_warm
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(keep_warm(
+                Arc::downgrade(&shared.client),
+                shared.slot.clone(),
+            ));
+        }
         // Values cloned into every request get bytes of their own, so
         // that their reference counts are not shared with other workers.
         let own = |value: &HeaderValue| HeaderValue::from_bytes(value.as_bytes()).ok();
@@ -205,6 +216,45 @@ impl Proxy {
         Self {
             inner: Arc::new(shared),
         }
+    }
+}
+
+/// How often a worker looks at its warm connection.
+const KEEP_WARM_TICK: Duration = Duration::from_secs(1);
+/// The longest pause after failed attempts to open one.
+const KEEP_WARM_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Keeps a connection to the upstream ready for this worker once the first
+/// token is held, so that neither the first request after start nor the
+/// first after a quiet spell pays the TCP and TLS handshakes: a client
+/// that opens a connection per request, across a real round trip, gets
+/// the pooled connection's speed. Looks once a second
+/// ([`Upstream::keep_warm`]); after failures, less often, up to a minute
+/// apart. Ends with the worker's pool.
+async fn keep_warm(client: std::sync::Weak<Upstream>, slot: TokenSlot) {
+    while slot
+        .current_or_wait(Duration::from_secs(3600))
+        .await
+        .is_err()
+    {}
+    let mut pause = KEEP_WARM_TICK;
+    loop {
+        let Some(upstream) = client.upgrade() else {
+            return;
+        };
+        match upstream.keep_warm().await {
+            Ok(()) => pause = KEEP_WARM_TICK,
+            Err(error) => {
+                tracing::debug!(
+                    error = %crate::error_chain::chain(&error),
+                    "cannot open a warm connection to the upstream; trying again in {}",
+                    humantime::format_duration(pause)
+                );
+                pause = (pause * 2).min(KEEP_WARM_MAX_BACKOFF);
+            }
+        }
+        drop(upstream);
+        tokio::time::sleep(pause).await;
     }
 }
 

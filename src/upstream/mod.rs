@@ -43,8 +43,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// not process it, before it gets a connection of its own.
 const H2_ATTEMPTS: u32 = 3;
 
-/// How long an idle pooled connection to the upstream is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an idle pooled connection to the upstream is kept: less than
+/// the idle limits common upstreams keep (nginx 75 s, cloud load balancers
+/// 60 s), so that the proxy, not the upstream, closes it, never under a
+/// request just sent. A warm one is opened in its place ([`Upstream::keep_warm`]).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// While idle, an HTTP/2 connection is pinged this often, and closed when
+/// no answer comes within `H2_PING_TIMEOUT`: a dead one is replaced before
+/// a request needs it.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often idle upstream connections are checked for expiry.
 const POOL_SWEEP: Duration = Duration::from_secs(15);
 /// TCP keepalive on upstream connections, so dead peers are noticed.
@@ -165,6 +173,27 @@ pub struct Upstream {
     metrics: Option<Arc<Shard>>,
     /// Held by the one request that opens a new HTTP/2 connection.
     h2_opening: tokio::sync::Mutex<()>,
+    /// Connections being opened now, by requests or to keep one warm.
+    connecting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Held while a warm HTTP/1.1 connection is opened: a request that
+    /// finds no idle connection meanwhile waits for that one.
+    warming: tokio::sync::Mutex<()>,
+}
+
+/// Counts a connection being opened while it lives.
+struct Connecting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Connecting {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -252,6 +281,8 @@ impl Upstream {
             idle: Arc::default(),
             metrics: None,
             h2_opening: tokio::sync::Mutex::new(()),
+            connecting: Arc::default(),
+            warming: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -487,10 +518,13 @@ impl Upstream {
         fresh: bool,
     ) -> Result<(Connected<OutBody, Box<Conn<Io>>>, bool), UpstreamError> {
         if !fresh {
-            while let Some((mut conn, since)) =
-                self.idle.lock().ok().and_then(|mut idle| idle.pop())
-            {
-                if keepable(&mut conn, since, Instant::now()) {
+            if let Some(conn) = self.pop_idle() {
+                return Ok((Connected::H1(conn), true));
+            }
+            if self.warming.try_lock().is_err() {
+                // A warm connection is being opened: it is this request's.
+                drop(self.warming.lock().await);
+                if let Some(conn) = self.pop_idle() {
                     return Ok((Connected::H1(conn), true));
                 }
             }
@@ -500,6 +534,16 @@ impl Upstream {
             Connected::H1(io) => Connected::H1(self.new_h1(io)),
         };
         Ok((connected, false))
+    }
+
+    /// The most recent idle connection that may still carry a request.
+    fn pop_idle(&self) -> Option<Box<Conn<Io>>> {
+        while let Some((mut conn, since)) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            if keepable(&mut conn, since, Instant::now()) {
+                return Some(conn);
+            }
+        }
+        None
     }
 
     /// A request with a body over HTTP/1.1 by `conn`, framed by its
@@ -566,6 +610,7 @@ impl Upstream {
 
     /// A new connection: an HTTP/2 one is shared from now on.
     async fn connect(&self) -> Result<Connected<OutBody>, UpstreamError> {
+        let _connecting = Connecting::new(&self.connecting);
         let mut connector = self.connector.clone();
         let io = tower::ServiceExt::oneshot(&mut connector, self.origin.clone())
             .await
@@ -573,6 +618,9 @@ impl Upstream {
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Request(e.into()))?;
@@ -598,6 +646,57 @@ impl Upstream {
             h2.known = false;
         }
         Ok(Connected::H1(TokioIo::new(io)))
+    }
+
+    /// Makes sure that a connection is ready for the next request: the
+    /// shared HTTP/2 one is open, or an HTTP/1.1 one is idle (still usable
+    /// and younger than [`POOL_IDLE_TIMEOUT`]), busy (it comes back when
+    /// its answer ends) or being opened; else one is opened now, so that
+    /// the next request does not pay the TCP and TLS handshakes. An error:
+    /// none could be opened.
+    pub async fn keep_warm(&self) -> Result<(), UpstreamError> {
+        if self.connecting.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Ok(());
+        }
+        if self.speaks_h2() {
+            if self.shared_h2().is_some() {
+                return Ok(());
+            }
+        } else {
+            let idle = self.idle.lock().is_ok_and(|mut idle| {
+                // The next request takes the most recent: is it good? If
+                // not, the pool is swept now rather than at the next sweep.
+                let now = Instant::now();
+                if let Some((conn, since)) = idle.last_mut()
+                    && keepable(conn, *since, now)
+                {
+                    return true;
+                }
+                idle.retain_mut(|(conn, since)| keepable(conn, *since, now));
+                !idle.is_empty()
+            });
+            let busy = self
+                .metrics
+                .as_ref()
+                .is_some_and(|shard| shard.upstream_open(Protocol::Http1) > 0);
+            if idle || busy {
+                return Ok(());
+            }
+        }
+        // One opener at a time, as for HTTP/2 after a GOAWAY; requests
+        // that find no idle HTTP/1.1 connection meanwhile wait for this one.
+        let _opening = self.h2_opening.lock().await;
+        let _warming = self.warming.lock().await;
+        match self.connect().await? {
+            Connected::H2(_) => {}
+            Connected::H1(io) => {
+                let conn = self.new_h1(io);
+                if let Ok(mut idle) = self.idle.lock() {
+                    idle.push((conn, Instant::now()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Once per pool: a task that closes connections idle too long, so a
