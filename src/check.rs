@@ -123,11 +123,14 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
         "trusted roots",
         crate::tls::roots_description(config.tls.ca_file.as_deref()),
     );
-    line(
-        out,
-        "token route",
-        config.proxies.describe(config.token.url.as_str()),
-    );
+    let route = match config.token.credential {
+        // Never through a proxy (`TokenEndpoint::new`).
+        crate::config::Credential::ManagedIdentity { .. } => {
+            "direct (a managed identity's endpoint is never reached through a proxy)".to_owned()
+        }
+        _ => config.proxies.describe(config.token.url.as_str()),
+    };
+    line(out, "token route", route);
     let tls = match crate::tls::client_config(config.tls.ca_file.as_deref()) {
         Ok(tls) => tls,
         Err(e) => return fail(out, "TLS setup", &e, None),

@@ -67,9 +67,12 @@ impl std::fmt::Debug for Signer {
 pub struct Identity {
     /// The chain as read, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
-    /// The key as read, for TLS.
-    key_der: PrivateKeyDer<'static>,
-    signer: Signer,
+    /// The key as rustls signs with it in a TLS handshake: RSA, ECDSA
+    /// (P-256, P-384, P-521) or Ed25519.
+    tls_key: Arc<dyn rustls::sign::SigningKey>,
+    /// The key as an assertion is signed with: RSA, or ECDSA on P-256 or
+    /// P-384; `None` for the kinds only TLS takes.
+    signer: Option<Signer>,
     /// The leaf's validity, in Unix seconds.
     pub not_before: i64,
     /// The leaf's validity, in Unix seconds.
@@ -83,11 +86,11 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The key's kind.
-    pub fn key_kind(&self) -> KeyKind {
-        match &self.signer {
-            Signer::Rsa(_) => KeyKind::Rsa,
-            Signer::Ec(_, kind) => *kind,
+    /// The key's kind, when it can sign an assertion.
+    pub fn key_kind(&self) -> Option<KeyKind> {
+        match self.signer.as_ref()? {
+            Signer::Rsa(_) => Some(KeyKind::Rsa),
+            Signer::Ec(_, kind) => Some(*kind),
         }
     }
 
@@ -95,8 +98,8 @@ impl Identity {
     /// configuration is validated).
     pub fn sign(&self, scheme: Scheme, message: &[u8]) -> Result<Vec<u8>, String> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
-        match (&self.signer, scheme) {
-            (Signer::Rsa(key), Scheme::RsaPssSha256 | Scheme::RsaPkcs1Sha256) => {
+        match (self.signer.as_ref(), scheme) {
+            (Some(Signer::Rsa(key)), Scheme::RsaPssSha256 | Scheme::RsaPkcs1Sha256) => {
                 let padding: &'static dyn aws_lc_rs::signature::RsaEncoding =
                     if scheme == Scheme::RsaPssSha256 {
                         &RSA_PSS_SHA256
@@ -108,7 +111,7 @@ impl Identity {
                     .map_err(|_| "the RSA signature failed".to_owned())?;
                 Ok(signature)
             }
-            (Signer::Ec(key, _), Scheme::Ecdsa) => key
+            (Some(Signer::Ec(key, _)), Scheme::Ecdsa) => key
                 .sign(&rng, message)
                 .map(|signature| signature.as_ref().to_vec())
                 .map_err(|_| "the ECDSA signature failed".to_owned()),
@@ -116,16 +119,11 @@ impl Identity {
         }
     }
 
-    /// The chain and key in the form rustls presents.
-    pub fn certified_key(&self) -> Result<rustls::sign::CertifiedKey, String> {
-        let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let key = provider
-            .key_provider
-            .load_private_key(self.key_der.clone_key())
-            .map_err(|e| format!("the key cannot be used for TLS: {e}"))?;
-        // The key was matched with the certificate by `load`, which also
-        // takes a version 1 certificate that rustls' own check refuses.
-        Ok(rustls::sign::CertifiedKey::new(self.chain.clone(), key))
+    /// The chain and key in the form rustls presents. The key was
+    /// matched with the certificate by `load`, which also takes a version 1
+    /// certificate that rustls' own check refuses.
+    pub fn certified_key(&self) -> rustls::sign::CertifiedKey {
+        rustls::sign::CertifiedKey::new(self.chain.clone(), Arc::clone(&self.tls_key))
     }
 
     /// When the certificate expires, as RFC 3339.
@@ -161,12 +159,24 @@ pub fn load(files: &CertFiles, now: SystemTime) -> Result<Identity, String> {
     let key_der = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
         format!("{key} holds no PEM private key (expected PKCS#8, PKCS#1 or SEC1): {e}")
     })?;
-    let signer = signer(&key_der).map_err(|e| format!("the private key in {key}: {e}"))?;
-    let public = match &signer {
-        Signer::Rsa(k) => k.public_key().as_ref().to_vec(),
-        Signer::Ec(k, _) => k.public_key().as_ref().to_vec(),
+    let tls_key = rustls::crypto::aws_lc_rs::default_provider()
+        .key_provider
+        .load_private_key(key_der.clone_key())
+        .map_err(|e| {
+            format!(
+                "the private key in {key} is not a supported key (RSA of 2048 bits or more, EC on P-256, \
+                 P-384 or P-521, or Ed25519): {e}"
+            )
+        })?;
+    let signer = signer(&key_der);
+    let matches = match (tls_key.public_key(), &signer) {
+        (Some(spki), _) => spki.as_ref() == parsed.spki,
+        (None, Some(Signer::Rsa(k))) => k.public_key().as_ref() == parsed.public_key,
+        (None, Some(Signer::Ec(k, _))) => k.public_key().as_ref() == parsed.public_key,
+        // Nothing to compare with: the handshake or the provider will say.
+        (None, None) => true,
     };
-    if public != parsed.public_key {
+    if !matches {
         return Err(format!(
             "the key in {key} does not belong to the certificate in {cert} (their public keys differ)"
         ));
@@ -198,7 +208,7 @@ pub fn load(files: &CertFiles, now: SystemTime) -> Result<Identity, String> {
         not_after: parsed.not_after,
         version: parsed.version,
         chain,
-        key_der,
+        tls_key,
         signer,
     })
 }
@@ -210,7 +220,8 @@ fn is_encrypted(pem: &[u8]) -> bool {
     has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
 }
 
-fn signer(key: &PrivateKeyDer<'_>) -> Result<Signer, String> {
+/// The assertion signer for `key`, if it is of a kind that signs one.
+fn signer(key: &PrivateKeyDer<'_>) -> Option<Signer> {
     let ec = |der: &[u8]| {
         EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
             .map(|k| Signer::Ec(k, KeyKind::EcP256))
@@ -219,22 +230,19 @@ fn signer(key: &PrivateKeyDer<'_>) -> Result<Signer, String> {
                     .map(|k| Signer::Ec(k, KeyKind::EcP384))
             })
     };
-    let unsupported = "not a supported key (RSA of 2048 bits or more, or EC on P-256 or P-384)";
     match key {
         PrivateKeyDer::Pkcs1(der) => RsaKeyPair::from_der(der.secret_pkcs1_der())
             .map(Signer::Rsa)
-            .map_err(|e| format!("{unsupported}: {e}")),
-        PrivateKeyDer::Sec1(der) => {
-            ec(der.secret_sec1_der()).map_err(|e| format!("{unsupported}: {e}"))
-        }
+            .ok(),
+        PrivateKeyDer::Sec1(der) => ec(der.secret_sec1_der()).ok(),
         PrivateKeyDer::Pkcs8(der) => {
             let der = der.secret_pkcs8_der();
             RsaKeyPair::from_pkcs8(der)
                 .map(Signer::Rsa)
                 .or_else(|_| ec(der))
-                .map_err(|e| format!("{unsupported}: {e}"))
+                .ok()
         }
-        _ => Err(unsupported.to_owned()),
+        _ => None,
     }
 }
 
@@ -246,6 +254,8 @@ struct Parsed {
     not_after: i64,
     /// The subjectPublicKey bits: `RSAPublicKey` DER, or an EC point.
     public_key: Vec<u8>,
+    /// The whole SubjectPublicKeyInfo, as DER.
+    spki: Vec<u8>,
 }
 
 /// Reads the few fields needed from a DER certificate (RFC 5280 §4.1).
@@ -269,7 +279,10 @@ fn parse_certificate(der: &[u8]) -> Result<Parsed, &'static str> {
     let not_before = validity.time()?;
     let not_after = validity.time()?;
     tbs.expect(SEQUENCE)?; // subject
-    let mut spki = Der(tbs.expect(SEQUENCE)?);
+    let before = tbs.0;
+    let spki_content = tbs.expect(SEQUENCE)?;
+    let spki_der = before[..before.len() - tbs.0.len()].to_vec();
+    let mut spki = Der(spki_content);
     spki.expect(SEQUENCE)?; // algorithm
     let public_key = match spki.expect(0x03)? {
         [0, bits @ ..] => bits.to_vec(),
@@ -280,6 +293,7 @@ fn parse_certificate(der: &[u8]) -> Result<Parsed, &'static str> {
         not_before,
         not_after,
         public_key,
+        spki: spki_der,
     })
 }
 
@@ -382,13 +396,13 @@ fn unix(time: SystemTime) -> i64 {
     }
 }
 
-/// Unix seconds as RFC 3339, UTC.
+/// Unix seconds as RFC 3339, UTC; outside 1970 to 9999 (which the
+/// formatter takes), the number.
 fn rfc3339(secs: i64) -> String {
-    let time = if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    };
+    if !(0..=253_402_300_799).contains(&secs) {
+        return format!("{secs} (Unix time)");
+    }
+    let time = UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs());
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
@@ -464,6 +478,15 @@ impl<T> Reloading<T> {
         &self.files
     }
 
+    /// The value in use, without looking at the files (for display).
+    pub fn peek(&self) -> Arc<T> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(&state.current)
+    }
+
     /// The value made from the files as they are now, or the last good one.
     pub fn current(&self) -> Arc<T> {
         let mut state = self
@@ -517,6 +540,14 @@ mod tests {
         assert!(utc("7001010000Z").is_err());
         assert!(utc("700101000000+0100").is_err());
         assert!(gen_("2050130100000Z").is_err());
+    }
+
+    #[test]
+    fn times_outside_what_the_formatter_takes_are_numbers() {
+        assert_eq!(rfc3339(-1), "-1 (Unix time)");
+        assert_eq!(rfc3339(253_402_300_800), "253402300800 (Unix time)");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
 /// Reads and checks a client certificate and its key (`pki::load`), in the
 /// form rustls presents.
 pub fn load_client_cert(files: &CertFiles) -> Result<CertifiedKey, String> {
-    crate::pki::load(files, SystemTime::now())?.certified_key()
+    Ok(crate::pki::load(files, SystemTime::now())?.certified_key())
 }
 
 /// Presents the client certificate, made again from the files when they

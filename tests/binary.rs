@@ -787,7 +787,26 @@ async fn no_key_assertion_or_federated_token_in_any_log_line() -> TestResult {
     let federated_token = "eyJhbGciOiJSUzI1NiJ9.federated-token-claims.federated-signature";
     std::fs::write(&federated, federated_token)?;
     let federated = federated.to_string_lossy();
-    let cases: [(&str, Vec<(&str, &str)>); 2] = [
+    let identity_header = "app-service-identity-header-4c1d";
+    let identity = FakeIdentity::start(
+        serde_json::json!({
+            "access_token": "token-from-identity",
+            "expires_on": (std::time::SystemTime::now() + Duration::from_secs(3600))
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                .to_string(),
+            "token_type": "Bearer",
+        })
+        .to_string(),
+    )
+    .await?;
+    identity
+        .script
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back((500, r#"{"error":"unknown_error"}"#.to_owned(), vec![]));
+    let identity_url = format!("http://{}/msi/token", identity.addr);
+    let cases: [(&str, Vec<(&str, &str)>); 3] = [
         (
             "certificate",
             vec![
@@ -800,6 +819,15 @@ async fn no_key_assertion_or_federated_token_in_any_log_line() -> TestResult {
             vec![
                 ("AZURE_FEDERATED_TOKEN_FILE", &federated),
                 ("AZURE_CLIENT_ID", "azure-client"),
+                ("AZURE_TENANT_ID", "azure-tenant"),
+            ],
+        ),
+        (
+            "managed_identity",
+            vec![
+                ("BEARER_PROXY_TOKEN_CREDENTIAL", "managed_identity"),
+                ("IDENTITY_ENDPOINT", &identity_url),
+                ("IDENTITY_HEADER", identity_header),
             ],
         ),
     ];
@@ -838,6 +866,17 @@ async fn no_key_assertion_or_federated_token_in_any_log_line() -> TestResult {
         }
         assert!(answered, "{kind}: no token after the refusal");
         let (_, logs) = running.terminate().await?;
+        assert!(
+            !logs.contains(identity_header),
+            "{kind}: the identity header is logged"
+        );
+        if kind == "managed_identity" {
+            assert!(
+                logs.contains("unknown_error"),
+                "{kind}: the failure is logged"
+            );
+            continue;
+        }
         assert!(
             logs.contains("AADSTS700027"),
             "{kind}: the refusal is logged"

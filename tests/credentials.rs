@@ -7,21 +7,17 @@
 
 mod support;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{self, UnparsedPublicKey};
-use axum::http::HeaderMap;
-use axum::response::IntoResponse;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bearer_proxy::config::{Config, Flags};
 use bearer_proxy::token::{TokenEndpoint, TokenSource};
 use support::pki::{make_pair, openssl, rsa_key, scratch_dir};
 use support::*;
-use tokio::net::TcpListener;
 
 type Env = HashMap<String, String>;
 
@@ -450,6 +446,11 @@ async fn certificates_without_v3_extensions_are_accepted_for_both_uses() -> Test
 
     let token = FakeTokenEndpoint::start().await;
     let endpoint = endpoint(&certificate_env(&token, &crt, &key, &[]))?;
+    let version = endpoint
+        .certificate()
+        .map(|c| c.identity().version)
+        .ok_or("no certificate")?;
+    assert_eq!(version, 1, "openssl made a version 1 certificate");
     endpoint.fetch().await?;
     let (der, public_key) = der_and_public_key(&dir, &crt)?;
     check_assertion(
@@ -607,90 +608,6 @@ fn a_given_client_secret_wins_over_the_workload_identity_variables_and_says_so()
 }
 
 // ------------------------------------------------------------ managed identity
-
-/// What the fake identity endpoint received.
-#[derive(Debug, Clone)]
-struct IdentityRequest {
-    method: String,
-    path: String,
-    query: HashMap<String, String>,
-    headers: HeaderMap,
-}
-
-/// A scripted answer: status, body, headers.
-type Scripted = (u16, String, Vec<(&'static str, &'static str)>);
-
-/// A fake managed identity endpoint (IMDS or App Service's): answers from
-/// a script, then a token.
-#[derive(Clone)]
-struct FakeIdentity {
-    addr: std::net::SocketAddr,
-    requests: Arc<Mutex<Vec<IdentityRequest>>>,
-    script: Arc<Mutex<VecDeque<Scripted>>>,
-}
-
-impl FakeIdentity {
-    async fn start(success: String) -> Result<Self, std::io::Error> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let fake = FakeIdentity {
-            addr: listener.local_addr()?,
-            requests: Arc::default(),
-            script: Arc::default(),
-        };
-        let state = fake.clone();
-        let app = axum::Router::new().fallback(
-            move |method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap| {
-                let state = state.clone();
-                let success = success.clone();
-                async move {
-                    let query = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
-                        .into_owned()
-                        .collect();
-                    state
-                        .requests
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(IdentityRequest {
-                            method: method.to_string(),
-                            path: uri.path().to_owned(),
-                            query,
-                            headers,
-                        });
-                    let next = state
-                        .script
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .pop_front();
-                    let (status, body, headers) = next.unwrap_or((200, success, Vec::new()));
-                    let mut response = (
-                        axum::http::StatusCode::from_u16(status)
-                            .unwrap_or(axum::http::StatusCode::OK),
-                        [("content-type", "application/json; charset=utf-8")],
-                        body,
-                    )
-                        .into_response();
-                    for (name, value) in headers {
-                        if let Ok(value) = axum::http::HeaderValue::from_str(value) {
-                            response.headers_mut().insert(name, value);
-                        }
-                    }
-                    response
-                }
-            },
-        );
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(fake)
-    }
-
-    fn requests(&self) -> Vec<IdentityRequest> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
 
 #[tokio::test]
 async fn managed_identity_from_imds_retries_as_imds_asks_and_never_goes_through_a_proxy()
@@ -936,4 +853,128 @@ async fn no_credential_material_reaches_check_or_status() -> TestResult {
     let key_line = key_pem.lines().nth(1).unwrap_or("x");
     assert!(!text.contains(key_line));
     Ok(())
+}
+
+#[tokio::test]
+async fn every_key_rustls_presents_still_serves_mtls_and_only_assertion_keys_sign() -> TestResult {
+    let dir = scratch_dir()?;
+    let token = FakeTokenEndpoint::start().await;
+    for (name, genpkey) in [
+        (
+            "ed25519",
+            vec!["genpkey", "-algorithm", "ED25519", "-out", "ed25519.key"],
+        ),
+        (
+            "p521",
+            vec![
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-521",
+                "-out",
+                "p521.key",
+            ],
+        ),
+    ] {
+        openssl(&dir, &genpkey)?;
+        let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+        openssl(
+            &dir,
+            &[
+                "req", "-x509", "-new", "-key", &key, "-subj", "/CN=k", "-days", "30", "-out", &crt,
+            ],
+        )?;
+        let (crt, key) = (dir.join(crt), dir.join(key));
+        let mut env = env_for(&token, "https://api.example", &[]);
+        env.insert(
+            "BEARER_PROXY_UPSTREAM_CLIENT_CERT_FILE".into(),
+            crt.to_string_lossy().into(),
+        );
+        env.insert(
+            "BEARER_PROXY_UPSTREAM_CLIENT_KEY_FILE".into(),
+            key.to_string_lossy().into(),
+        );
+        Config::load(&Flags::default(), &env).map_err(|e| format!("{name} for mTLS: {e}"))?;
+        let e = config_error(&certificate_env(&token, &crt, &key, &[]));
+        assert!(
+            e.contains("cannot sign an assertion") && e.contains(&*key.to_string_lossy()),
+            "{name}: {e}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_certificate_from_before_1970_is_an_error_not_a_panic() -> TestResult {
+    let dir = scratch_dir()?;
+    let token = FakeTokenEndpoint::start().await;
+    let (crt, key) = dated_pair(&dir, "ancient", (1955, 1, 1), (1969, 6, 1))?;
+    let e = config_error(&certificate_env(&token, &crt, &key, &[]));
+    assert!(e.contains("expired on") && e.contains("(Unix time)"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn workload_identity_needs_all_three_azure_variables_and_says_which_is_missing() {
+    let file = "/var/run/secrets/azure/tokens/azure-identity-token";
+    let e = config_error(&env(&[
+        ("AZURE_FEDERATED_TOKEN_FILE", file),
+        ("AZURE_TENANT_ID", "tenant"),
+    ]));
+    assert!(
+        e.contains("AZURE_FEDERATED_TOKEN_FILE is set but no client id is")
+            && e.contains("AZURE_CLIENT_ID"),
+        "{e}"
+    );
+    let e = config_error(&env(&[
+        ("AZURE_FEDERATED_TOKEN_FILE", file),
+        ("AZURE_CLIENT_ID", "client"),
+    ]));
+    assert!(
+        e.contains("AZURE_FEDERATED_TOKEN_FILE is set but no tenant is")
+            && e.contains("AZURE_TENANT_ID"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn credentials_given_and_not_used_are_named() -> TestResult {
+    let dir = scratch_dir()?;
+    let (crt, key) = make_pair(&dir, "unused", "rsa")?;
+    let config = Config::load(
+        &Flags::default(),
+        &env(&[
+            ("API_CLIENT_ID", CLIENT_ID),
+            ("API_CLIENT_SECRET", CLIENT_SECRET),
+            (
+                "BEARER_PROXY_TOKEN_CERTIFICATE_FILE",
+                &crt.to_string_lossy(),
+            ),
+            (
+                "BEARER_PROXY_TOKEN_PRIVATE_KEY_FILE",
+                &key.to_string_lossy(),
+            ),
+        ]),
+    )?;
+    assert_eq!(config.token.credential.kind(), "client_secret");
+    let reason = &config.token.credential_reason;
+    assert!(
+        reason.contains("token.certificate_file") && reason.contains("not used"),
+        "{reason}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_identity_header_that_a_header_cannot_carry_is_a_config_error_that_hides_it() {
+    let e = config_error(&env(&[
+        ("BEARER_PROXY_TOKEN_CREDENTIAL", "managed_identity"),
+        ("IDENTITY_ENDPOINT", "http://127.0.0.1:1/msi/token"),
+        ("IDENTITY_HEADER", "hidden\u{7f}value"),
+    ]));
+    assert!(
+        e.contains("IDENTITY_HEADER") && !e.contains("hidden"),
+        "{e}"
+    );
 }

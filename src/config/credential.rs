@@ -27,13 +27,7 @@ pub(super) struct Chosen {
 /// Chooses and checks the credential. `scope` is the validated
 /// `token.scope` (a managed identity's resource comes from it).
 pub(super) fn choose(raw: &RawConfig, scope: Option<&str>) -> Result<Chosen, ConfigError> {
-    let (kind, mut reason) = kind(raw)?;
-    let secret_given = secret_origin(raw);
-    if kind != "client_secret"
-        && let Some(origin) = &secret_given
-    {
-        reason.push_str(&format!("; {origin} is set too and is not used"));
-    }
+    let (kind, reason) = kind(raw)?;
     let chosen = match kind {
         "certificate" => Chosen {
             credential: certificate(raw)?,
@@ -51,6 +45,12 @@ pub(super) fn choose(raw: &RawConfig, scope: Option<&str>) -> Result<Chosen, Con
             })?;
             let token_file = PathBuf::from(&v.value);
             check_file(v, "token.federated_token_file", "the federated token")?;
+            if tenant_origin(raw).is_none() {
+                return Err(ConfigError::new(
+                    "token.credential is workload_identity but no tenant is set: expected AZURE_TENANT_ID \
+                     (the Azure workload identity webhook sets it), API_TENANT_ID or API_TOKEN_URL",
+                ));
+            }
             Chosen {
                 credential: Credential::WorkloadIdentity { token_file },
                 client_id: Some(client_id(raw, true)?),
@@ -102,6 +102,37 @@ const KINDS: [&str; 4] = [
 
 /// The kind, from `token.credential` or from what is given, and why.
 fn kind(raw: &RawConfig) -> Result<(&'static str, String), ConfigError> {
+    let (kind, mut reason) = chosen_kind(raw)?;
+    // What else was given, and is not used: a likely trap when moving from
+    // one credential to another.
+    let mut unused = Vec::new();
+    if kind != "client_secret"
+        && let Some(secret) = secret_origin(raw)
+    {
+        unused.push((secret, "client_secret"));
+    }
+    if kind != "certificate"
+        && let Some(v) = raw.get("token.certificate_file")
+    {
+        unused.push((describe(v, "token.certificate_file"), "certificate"));
+    }
+    if kind != "workload_identity"
+        && let Some(v) = raw.get("token.federated_token_file")
+    {
+        unused.push((
+            describe(v, "token.federated_token_file"),
+            "workload_identity",
+        ));
+    }
+    for (origin, other) in unused {
+        reason.push_str(&format!(
+            "; {origin} is set too and not used (token.credential = \"{other}\" would use it)"
+        ));
+    }
+    Ok((kind, reason))
+}
+
+fn chosen_kind(raw: &RawConfig) -> Result<(&'static str, String), ConfigError> {
     if let Some(v) = raw.get("token.credential") {
         let kind = parse_with(v, "token.credential", |s| {
             KINDS.iter().copied().find(|k| *k == s)
@@ -111,16 +142,11 @@ fn kind(raw: &RawConfig) -> Result<(&'static str, String), ConfigError> {
             format!("{} = {kind}", describe(v, "token.credential")),
         ));
     }
-    let federated = raw.get("token.federated_token_file");
     if let Some(secret) = secret_origin(raw) {
-        let mut reason = format!("a client secret is given ({secret})");
-        if let Some(v) = federated {
-            reason.push_str(&format!(
-                "; {} is set too, and a given secret wins: set token.credential = \"workload_identity\" to use it",
-                describe(v, "token.federated_token_file")
-            ));
-        }
-        return Ok(("client_secret", reason));
+        return Ok((
+            "client_secret",
+            format!("a client secret is given ({secret})"),
+        ));
     }
     if let Some(v) = raw.get("token.certificate_file") {
         return Ok((
@@ -128,22 +154,51 @@ fn kind(raw: &RawConfig) -> Result<(&'static str, String), ConfigError> {
             format!("{} is set", describe(v, "token.certificate_file")),
         ));
     }
-    if let Some(v) = federated
-        && (raw.get("token.client_id").is_some() || raw.azure_client_id.is_some())
-    {
+    if let Some(v) = raw.get("token.federated_token_file") {
+        // As the Azure SDKs: the file, a client id and a tenant together.
         let client = match raw.get("token.client_id") {
             Some(id) => describe(id, "token.client_id"),
-            None => "AZURE_CLIENT_ID".to_owned(),
+            None if raw.azure_client_id.is_some() => "AZURE_CLIENT_ID".to_owned(),
+            None => {
+                return Err(ConfigError::new(format!(
+                    "{} is set but no client id is: expected AZURE_CLIENT_ID (the Azure workload identity \
+                     webhook sets it) or API_CLIENT_ID",
+                    describe(v, "token.federated_token_file")
+                )));
+            }
         };
+        let tenant = tenant_origin(raw).ok_or_else(|| {
+            ConfigError::new(format!(
+                "{} is set but no tenant is: expected AZURE_TENANT_ID (the Azure workload identity \
+                 webhook sets it), API_TENANT_ID or API_TOKEN_URL",
+                describe(v, "token.federated_token_file")
+            ))
+        })?;
         return Ok((
             "workload_identity",
             format!(
-                "{} and {client} are set and no client secret is: workload identity, as the Azure SDKs choose it",
+                "{}, {client} and {tenant} are set and no client secret is: workload identity, as the Azure SDKs choose it",
                 describe(v, "token.federated_token_file")
             ),
         ));
     }
     Ok(("client_secret", "the default".to_owned()))
+}
+
+/// Where workload identity's tenant comes from: `token.url`, a tenant that
+/// is set, or `AZURE_TENANT_ID`; `None` leaves only the built-in default,
+/// which is Kalibrate's, not the cluster's.
+fn tenant_origin(raw: &RawConfig) -> Option<String> {
+    if let Some(v) = raw.get("token.url") {
+        return Some(describe(v, "token.url"));
+    }
+    match raw.get("token.tenant_id") {
+        Some(v) if v.source != Source::Default => Some(describe(v, "token.tenant_id")),
+        _ => raw
+            .azure_tenant_id
+            .as_ref()
+            .map(|_| "AZURE_TENANT_ID".to_owned()),
+    }
 }
 
 /// `AZURE_FEDERATED_TOKEN_FILE`, or `token.federated_token_file (in /path)`.
@@ -195,7 +250,14 @@ fn certificate(raw: &RawConfig) -> Result<Credential, ConfigError> {
     };
     let identity = crate::pki::load(&files, SystemTime::now())
         .map_err(|e| ConfigError::new(format!("{}: {e}", both())))?;
-    let kind = identity.key_kind();
+    let Some(kind) = identity.key_kind() else {
+        return Err(ConfigError::new(format!(
+            "{}: the key in {} (Ed25519 or EC P-521) can serve TLS but cannot sign an assertion: \
+             expected an RSA key, or EC on P-256 or P-384",
+            both(),
+            files.key.display()
+        )));
+    };
     let algorithm = match raw.get("token.assertion_algorithm") {
         None => None,
         Some(v) => Some(parse_with(v, "token.assertion_algorithm", |s| {
@@ -274,16 +336,27 @@ fn managed_identity(raw: &RawConfig) -> Result<(ManagedIdentityForm, reqwest::Ur
             reject_credentials(v, "token.managed_identity_endpoint")?;
             parse_with(v, "token.managed_identity_endpoint", |s| {
                 let url = reqwest::Url::parse(s).ok()?;
-                (matches!(url.scheme(), "http" | "https") && url.host().is_some()).then_some(url)
+                (matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.query().is_none())
+                .then_some(url)
             })?
         }
         None => reqwest::Url::parse(IMDS_TOKEN_ENDPOINT)
             .map_err(|e| ConfigError::new(format!("the IMDS URL: {e}")))?,
     };
     let form = match (&raw.identity_header, endpoint) {
-        (Some(header), Some(_)) => ManagedIdentityForm::AppService {
-            header: header.clone(),
-        },
+        (Some(header), Some(_)) => {
+            if http::HeaderValue::from_str(header.secret()).is_err() {
+                return Err(ConfigError::new(format!(
+                    "{ENV_IDENTITY_HEADER}: expected printable ASCII that an HTTP header can carry \
+                     (the value is not shown: it is a secret)"
+                )));
+            }
+            ManagedIdentityForm::AppService {
+                header: header.clone(),
+            }
+        }
         (Some(_), None) => {
             return Err(ConfigError::new(format!(
                 "{ENV_IDENTITY_HEADER} is set but IDENTITY_ENDPOINT is not: expected both (App Service and \

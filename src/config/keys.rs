@@ -295,7 +295,7 @@ pub const KEYS: &[KeySpec] = &[
         env: &["IDENTITY_ENDPOINT"],
         default: None,
         kind: Kind::Url,
-        expected: "an http:// URL of a managed identity endpoint; unset: the VM's IMDS",
+        expected: "an http:// URL of a managed identity endpoint, without a query; unset: the VM's IMDS",
     },
     KeySpec {
         key: "token.scope",

@@ -48,7 +48,7 @@ impl CertificateAssertion {
     /// The certificate in use, for `check` and `/status`: its thumbprint
     /// as the Entra portal shows it, and when it expires.
     pub fn describe(&self) -> String {
-        let identity = self.identity.current();
+        let identity = self.identity.peek();
         // SHA-1, upper case: what the Entra portal lists for the certificate.
         let thumbprint = hex(&identity.sha1).to_ascii_uppercase();
         format!(
@@ -61,7 +61,7 @@ impl CertificateAssertion {
 
     /// When the certificate in use expires, in Unix seconds.
     pub fn expires(&self) -> i64 {
-        self.identity.current().not_after
+        self.identity.peek().not_after
     }
 
     /// A signed assertion for `client_id` at `audience` (the token URL):

@@ -384,10 +384,14 @@ fn parse_success(body: &[u8], now: SystemTime) -> Result<Fetched, TokenError> {
             "access_token is not valid in an HTTP header".into(),
         ));
     }
-    let expires_in = match (&parsed.expires_in, &parsed.expires_on) {
-        (Some(seconds), _) => seconds.duration(),
-        (None, Some(at)) => at.until(now),
-        (None, None) => None,
+    // Both, from a managed identity: the earlier end wins (IMDS may hand
+    // out a cached token whose expires_in counts from its issue).
+    let expires_in = match (
+        parsed.expires_in.as_ref().and_then(Seconds::duration),
+        parsed.expires_on.as_ref().and_then(|at| at.until(now)),
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
     .ok_or_else(|| {
         TokenError::InvalidResponse(
@@ -457,12 +461,17 @@ mod tests {
     #[test]
     fn managed_identity_answers_with_strings_and_expires_on() -> Result<(), TokenError> {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        // IMDS: both, as strings; expires_in wins.
+        // IMDS: both, as strings; the earlier end wins.
         let f = parse_success(
             br#"{"access_token":"a","client_id":"c","expires_in":"86399","expires_on":"1700086399","ext_expires_in":"86399","not_before":"1699999700","resource":"api://x","token_type":"Bearer"}"#,
             now,
         )?;
         assert_eq!(f.expires_in, Duration::from_secs(86_399));
+        let f = parse_success(
+            br#"{"access_token":"a","expires_in":"86399","expires_on":"1700080000","token_type":"Bearer"}"#,
+            now,
+        )?;
+        assert_eq!(f.expires_in, Duration::from_secs(80_000), "a cached token");
         // App Service 2019-08-01: expires_on only.
         let f = parse_success(
             br#"{"access_token":"a","expires_on":"1700003600","resource":"api://x","token_type":"Bearer","client_id":"c"}"#,

@@ -257,6 +257,92 @@ async fn token_handler(
     }
 }
 
+// ---------------------------------------------------------------- managed identity
+
+/// What the fake identity endpoint received.
+#[derive(Debug, Clone)]
+pub struct IdentityRequest {
+    pub method: String,
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+}
+
+/// A scripted answer: status, body, headers.
+pub type Scripted = (u16, String, Vec<(&'static str, &'static str)>);
+
+/// A fake managed identity endpoint (IMDS or App Service's): answers from
+/// a script, then a token.
+#[derive(Clone)]
+pub struct FakeIdentity {
+    pub addr: std::net::SocketAddr,
+    requests: Arc<Mutex<Vec<IdentityRequest>>>,
+    pub script: Arc<Mutex<VecDeque<Scripted>>>,
+}
+
+impl FakeIdentity {
+    pub async fn start(success: String) -> Result<Self, std::io::Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let fake = FakeIdentity {
+            addr: listener.local_addr()?,
+            requests: Arc::default(),
+            script: Arc::default(),
+        };
+        let state = fake.clone();
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap| {
+                let state = state.clone();
+                let success = success.clone();
+                async move {
+                    let query = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+                        .into_owned()
+                        .collect();
+                    state
+                        .requests
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(IdentityRequest {
+                            method: method.to_string(),
+                            path: uri.path().to_owned(),
+                            query,
+                            headers,
+                        });
+                    let next = state
+                        .script
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .pop_front();
+                    let (status, body, headers) = next.unwrap_or((200, success, Vec::new()));
+                    let mut response = (
+                        axum::http::StatusCode::from_u16(status)
+                            .unwrap_or(axum::http::StatusCode::OK),
+                        [("content-type", "application/json; charset=utf-8")],
+                        body,
+                    )
+                        .into_response();
+                    for (name, value) in headers {
+                        if let Ok(value) = axum::http::HeaderValue::from_str(value) {
+                            response.headers_mut().insert(name, value);
+                        }
+                    }
+                    response
+                }
+            },
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(fake)
+    }
+
+    pub fn requests(&self) -> Vec<IdentityRequest> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 // ---------------------------------------------------------------- upstream
 
 /// A request as the fake upstream read it off the socket.
