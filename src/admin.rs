@@ -33,6 +33,8 @@ pub struct AdminState {
     pub upstream: String,
     /// The token endpoint, for the credential in `/status`.
     pub endpoint: crate::token::TokenEndpoint,
+    /// The workers' first warm connections, which readiness waits for.
+    pub warming: crate::proxy::Warming,
     /// The requests answered at the status page's previous view, and
     /// when: its request rate is since then.
     pub last_view: Arc<Mutex<Option<(Instant, u64)>>>,
@@ -57,6 +59,8 @@ async fn healthz() -> impl IntoResponse {
 fn readiness(state: &AdminState) -> Result<(), String> {
     if state.draining.is_cancelled() {
         Err("shutting down".to_owned())
+    } else if state.warming.pending() {
+        Err("opening the first connection to the upstream".to_owned())
     } else {
         state.slot.readiness()
     }

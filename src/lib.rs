@@ -173,6 +173,11 @@ pub async fn run(
     ));
 
     let metrics = metrics::Registry::default();
+    let warming = proxy::Warming::new(if config.upstream.keep_warm {
+        config.proxy.workers.max(1)
+    } else {
+        0
+    });
     let admin_state = admin::AdminState {
         metrics: metrics.clone(),
         slot: slot.clone(),
@@ -180,6 +185,7 @@ pub async fn run(
         started: Instant::now(),
         upstream: config.upstream.url.as_string(),
         endpoint,
+        warming: warming.clone(),
         last_view: std::sync::Arc::default(),
     };
     let admin_addr = listeners
@@ -210,7 +216,7 @@ pub async fn run(
     let guard = guard::Guard::new(&config.guard, listen);
     let upstream_tls = tls::upstream_config(&tls, config.upstream.client_cert.as_ref())
         .map_err(RunError::Setup)?;
-    let proxy = proxy::Proxy::new(&config, upstream_tls, slot, guard, &metrics);
+    let proxy = proxy::Proxy::new(&config, upstream_tls, slot, guard, &metrics, warming);
     tracing::info!(
         listen = %listeners.proxy.describe(),
         admin_listen = %admin_addr,

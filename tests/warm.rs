@@ -1,5 +1,5 @@
-//! A connection to the upstream kept ready: opened once the first token
-//! is held, before any request; replaced ahead of need when the upstream
+//! A connection to the upstream kept ready: opened at start, before any
+//! request; replaced ahead of need when the upstream
 //! closes it; none with `upstream.keep_warm = false`.
 
 mod support;

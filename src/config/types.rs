@@ -173,7 +173,7 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// Client certificate and key presented to the upstream (mTLS).
     pub client_cert: Option<crate::pki::CertFiles>,
-    /// `upstream.keep_warm`: a connection kept ready once a token is held.
+    /// `upstream.keep_warm`: a connection kept ready from start.
     pub keep_warm: bool,
 }
 

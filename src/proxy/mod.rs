@@ -101,6 +101,35 @@ struct Shared {
     lines: Option<Arc<Lines>>,
     /// `upstream.keep_warm`: each worker keeps a connection ready.
     keep_warm: bool,
+    /// Workers whose first warm connection is still being opened.
+    warming: Warming,
+}
+
+/// Counts the workers whose first connection to the upstream is still
+/// being opened: readiness waits for them (for their first attempt, not
+/// its success), so that the first request after start finds a warm
+/// connection.
+#[derive(Debug, Clone, Default)]
+pub struct Warming(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Warming {
+    /// `workers` first attempts to wait for (0: none).
+    pub fn new(workers: usize) -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicUsize::new(workers)))
+    }
+
+    /// Whether a first attempt is still under way.
+    pub fn pending(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    fn attempted(&self) {
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| n.checked_sub(1),
+        );
+    }
 }
 
 impl Proxy {
@@ -111,6 +140,7 @@ impl Proxy {
         slot: TokenSlot,
         guard: Guard,
         registry: &Registry,
+        warming: Warming,
     ) -> Self {
         let upstream = &config.upstream;
         let url = &upstream.url;
@@ -167,6 +197,7 @@ impl Proxy {
                 access: Style::new(config.access_log, config.log_format),
                 lines: None,
                 keep_warm: upstream.keep_warm,
+                warming,
             }),
         }
     }
@@ -191,13 +222,16 @@ impl Proxy {
             .and_then(|_| crate::telemetry::writer())
             .map(Lines::start);
         shared.client = Arc::new(shared.client.with_own_pool().counted(&shared.metrics));
-        if shared.keep_warm
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(keep_warm(
-                Arc::downgrade(&shared.client),
-                shared.slot.clone(),
-            ));
+        if shared.keep_warm {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(keep_warm(
+                        Arc::downgrade(&shared.client),
+                        shared.warming.clone(),
+                    ));
+                }
+                Err(_) => shared.warming.attempted(),
+            }
         }
         // Values cloned into every request get bytes of their own, so
         // that their reference counts are not shared with other workers.
@@ -224,25 +258,26 @@ const KEEP_WARM_TICK: Duration = Duration::from_secs(1);
 /// The longest pause after failed attempts to open one.
 const KEEP_WARM_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Keeps a connection to the upstream ready for this worker once the first
-/// token is held, so that neither the first request after start nor the
+/// Keeps a connection to the upstream ready for this worker from start
+/// (opened while the first token is fetched, so it is ready when the
+/// token is), so that neither the first request after start nor the
 /// first after a quiet spell pays the TCP and TLS handshakes: a client
 /// that opens a connection per request, across a real round trip, gets
 /// the pooled connection's speed. Looks once a second
 /// ([`Upstream::keep_warm`]); after failures, less often, up to a minute
 /// apart. Ends with the worker's pool.
-async fn keep_warm(client: std::sync::Weak<Upstream>, slot: TokenSlot) {
-    while slot
-        .current_or_wait(Duration::from_secs(3600))
-        .await
-        .is_err()
-    {}
+async fn keep_warm(client: std::sync::Weak<Upstream>, warming: Warming) {
     let mut pause = KEEP_WARM_TICK;
+    let mut first = Some(warming);
     loop {
         let Some(upstream) = client.upgrade() else {
             return;
         };
-        match upstream.keep_warm().await {
+        let attempt = upstream.keep_warm().await;
+        if let Some(warming) = first.take() {
+            warming.attempted();
+        }
+        match attempt {
             Ok(()) => pause = KEEP_WARM_TICK,
             Err(error) => {
                 tracing::debug!(

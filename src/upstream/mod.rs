@@ -522,10 +522,14 @@ impl Upstream {
                 return Ok((Connected::H1(conn), true));
             }
             if self.warming.try_lock().is_err() {
-                // A warm connection is being opened: it is this request's.
+                // A warm connection is being opened: it is this request's,
+                // or, if the upstream chose HTTP/2, every request's.
                 drop(self.warming.lock().await);
                 if let Some(conn) = self.pop_idle() {
                     return Ok((Connected::H1(conn), true));
+                }
+                if let Some((_, sender)) = self.shared_h2() {
+                    return Ok((Connected::H2(sender), true));
                 }
             }
         }
