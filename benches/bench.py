@@ -8,6 +8,8 @@
     BP_BASELINE_WORKERS=1 ...           # the same for the baseline
     BP_BASELINE=/path/to/old/bearer-proxy ...   # before and after in one run
     BP_MORE_WORKERS=0 ...               # leave out "bearer-proxy x2" (see below)
+    UPSTREAM=https ...                  # the upstream speaks TLS (HTTP/1.1 by ALPN)
+    UPSTREAM=h2 ...                     # the upstream speaks TLS and offers HTTP/2 by ALPN
 
 Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB;
 uploads are stored whole on tmpfs before it answers, so that every proxy
@@ -23,8 +25,14 @@ interleaved in random order, round after round:
     STEAL_RETRIES);
   - 1 GiB download and 1 GiB upload: MB/s, and bearer-proxy's peak RSS;
   - bearer-proxy's RSS idle and with 1,000 open keep-alive connections.
+With UPSTREAM=https or h2, the upstream nginx terminates TLS (a CA the
+bench makes) and each proxy reaches it over TLS with its connections
+reused, as each is best configured: nginx `proxy_pass https://` to a
+keepalive upstream with session reuse (nginx speaks HTTP/1.1 to upstreams),
+haproxy `ssl` with `http-reuse always` (and `alpn h2` for h2), bearer-proxy
+with `tls.ca_file` (HTTP/2 when the upstream offers it).
 Prints medians and ratios to nginx, writes benches/results.md and
-benches/throughput.png. Ratios are the headline: absolute figures drift on
+benches/throughput.png (plain HTTP upstream, full run only). Ratios are the headline: absolute figures drift on
 shared machines. Only loopback addresses are used.
 """
 
@@ -61,6 +69,10 @@ GIB = 1 << 30
 STEAL_LIMIT = float(os.environ.get("STEAL_LIMIT", "0.05"))  # see wrk()
 STEAL_RETRIES = int(os.environ.get("STEAL_RETRIES", "3"))
 TOKEN = "bench-token-" + "x" * 1200  # about the size of an Entra token
+UPSTREAM = os.environ.get("UPSTREAM", "http")  # http, https or h2
+if UPSTREAM not in ("http", "https", "h2"):
+    sys.exit("UPSTREAM: expected http, https or h2")
+TLS = UPSTREAM != "http"
 
 
 def sh(*args, **kw):
@@ -109,6 +121,24 @@ class TokenHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def make_ca(work):
+    """A CA (ca.pem) and a certificate for localhost and 127.0.0.1 signed by
+    it (server.pem, server.key) in `work`."""
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True)
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=bench CA", "-addext", "basicConstraints=critical,CA:true",
+        "-addext", "keyUsage=critical,keyCertSign")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    (work / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    for name in ("server.key", "server.pem", "ca.pem"):
+        (work / name).chmod(0o644)
+    return work / "ca.pem"
+
+
 def rss_kib(pid, field="VmRSS"):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -134,6 +164,13 @@ def start_all(work):
     for d in (shm, shm / "tmp"):
         d.chmod(0o777)
     atexit.register(shutil.rmtree, shm, True)
+    ca = make_ca(work) if TLS else None
+    tls_listen = (" ssl http2" if UPSTREAM == "h2" else " ssl") if TLS else ""
+    tls_lines = f"""
+    ssl_certificate {work}/server.pem;
+    ssl_certificate_key {work}/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;""" if TLS else ""
+    scheme = "https" if TLS else "http"
     up_conf = work / "upstream.conf"
     up_conf.write_text(f"""
 worker_processes 1;
@@ -144,7 +181,7 @@ http {{
   access_log off;
   keepalive_requests 1000000;
   server {{
-    listen 127.0.0.1:{ports['upstream']} backlog=4096;
+    listen 127.0.0.1:{ports['upstream']}{tls_listen} backlog=4096;{tls_lines}
     client_max_body_size 0;
     location = / {{ default_type text/plain; return 200 "{body}"; }}
     location = /1g {{ alias {big}; sendfile on; }}
@@ -154,6 +191,14 @@ http {{
 """)
     cores = os.cpu_count() or 2
     ua = "bearer-proxy-bench"
+    nginx_tls = f"""
+      proxy_ssl_trusted_certificate {ca};
+      proxy_ssl_verify on;
+      proxy_ssl_name localhost;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;""" if TLS else ""
+    alpn = "h2,http/1.1" if UPSTREAM == "h2" else "http/1.1"
+    haproxy_tls = f" ssl verify required ca-file {ca} sni str(localhost) alpn {alpn}" if TLS else ""
     nginx_conf = work / "nginx.conf"
     nginx_conf.write_text(f"""
 worker_processes {cores};
@@ -169,7 +214,7 @@ http {{
     listen 127.0.0.1:{ports['nginx']} backlog=4096;
     client_max_body_size 0;
     location / {{
-      proxy_pass http://up;
+      proxy_pass {scheme}://up;{nginx_tls}
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer {TOKEN}";
@@ -197,7 +242,7 @@ frontend fe
   http-request set-header User-Agent "{ua}"
   default_backend be
 backend be
-  server up 127.0.0.1:{ports['upstream']}
+  server up 127.0.0.1:{ports['upstream']}{haproxy_tls}
 """)
     procs = {}
     procs["upstream"] = subprocess.Popen(["nginx", "-c", str(up_conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
@@ -210,7 +255,7 @@ backend be
         "API_CLIENT_ID": "bench",
         "API_CLIENT_SECRET": "bench-secret",
         "API_TOKEN_URL": f"http://127.0.0.1:{ports['token']}/token",
-        "BEARER_PROXY_UPSTREAM": f"http://127.0.0.1:{ports['upstream']}",
+        "BEARER_PROXY_UPSTREAM": f"{scheme}://127.0.0.1:{ports['upstream']}",
         "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['bearer-proxy']}",
         "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
         "BEARER_PROXY_PROXY_MAX_CONCURRENT": "100000",
@@ -218,6 +263,8 @@ backend be
         # info: the access log is on, one line per request, as nginx's.
         "RUST_LOG": os.environ.get("BP_RUST_LOG", "info"),
     }
+    if TLS:
+        env["BEARER_PROXY_TLS_CA_FILE"] = str(ca)
     base_env = dict(env)
     if os.environ.get("BP_WORKERS"):
         env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_WORKERS"]
@@ -301,10 +348,15 @@ def wrk(port, conns, pids=()):
         print(f"port {port}, {conns} connections: the hypervisor took {steal:.0%} of the CPU; measuring again", file=sys.stderr)
 
 
+# The upstream's port, when wrk calls it directly over TLS.
+DIRECT_TLS_PORT = None
+
+
 def wrk_once(port, conns, pids):
     threads = min(2, conns)
     cpu_before = cpu_seconds(pids)
-    out = sh("wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/").stdout
+    scheme = "https" if port == DIRECT_TLS_PORT else "http"
+    out = sh("wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"{scheme}://127.0.0.1:{port}/").stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def pct(p):
@@ -370,6 +422,9 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     work = Path(tempfile.mkdtemp(prefix="bearer-proxy-bench-"))
     ports, procs, token_server = start_all(work)
+    if TLS:
+        global DIRECT_TLS_PORT
+        DIRECT_TLS_PORT = ports["upstream"]
     contenders = {"direct": ports["upstream"], "bearer-proxy": ports["bearer-proxy"], "nginx": ports["nginx"], "haproxy": ports["haproxy"]}
     if BASELINE:
         contenders["baseline"] = ports["baseline"]
@@ -407,8 +462,9 @@ def main():
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
     lines = []
+    upstream_words = {"http": "plain HTTP/1.1", "https": "HTTPS, HTTP/1.1", "h2": "HTTPS offering HTTP/2"}[UPSTREAM]
     lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.release()}; {time.strftime('%Y-%m-%d')}; "
-                 f"{ROUNDS} rounds of {DURATION} s, medians; ratios are to nginx.")
+                 f"upstream {upstream_words}; {ROUNDS} rounds of {DURATION} s, medians; ratios are to nginx.")
     lines.append("")
     lines.append("| connections | contender | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/request | CPU × nginx |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -447,8 +503,8 @@ def main():
     lines.append(f"bearer-proxy RSS: idle {idle / 1024:.1f} MiB; with 1,000 open keep-alive connections {connected / 1024:.1f} MiB.")
     report = "\n".join(lines)
     print(report)
-    if BASELINE:
-        return  # a comparison of two builds: README's figures stay as they are
+    if BASELINE or TLS:
+        return  # a comparison of two builds, or TLS: README's figures stay as they are
     (ROOT / "benches/results.md").write_text(report + "\n")
 
     import matplotlib

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import TokenHandler, free_port, wait_port  # noqa: E402
+from bench import TokenHandler, free_port, make_ca, wait_port  # noqa: E402
 
 import http.server  # noqa: E402
 
@@ -48,6 +48,9 @@ RTT = float(os.environ.get("RTT_MS", "20")) / 1000
 REQUESTS = int(os.environ.get("REQUESTS", "50"))
 SILENCE = int(os.environ.get("SILENCE", "300"))
 STARTS = int(os.environ.get("STARTS", "5"))
+# nginx's idle limit for the upstream's connections (its default: 75 s;
+# HTTP/2 connections: http2_idle_timeout, 3 min in nginx 1.22).
+UPSTREAM_IDLE = os.environ.get("UPSTREAM_IDLE", "")
 
 
 def install():
@@ -61,21 +64,6 @@ def install():
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"], check=True)
 
 
-def make_ca(work):
-    """A CA and a certificate for localhost signed by it."""
-    def ssl(*args):
-        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True)
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=bench CA", "-addext", "basicConstraints=critical,CA:true",
-        "-addext", "keyUsage=critical,keyCertSign")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=localhost")
-    (work / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    return work / "ca.pem"
-
-
 def start_upstream(work, port):
     conf = work / "upstream.conf"
     conf.write_text(f"""
@@ -85,6 +73,7 @@ error_log {work}/upstream.err warn;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  {f"keepalive_timeout {UPSTREAM_IDLE}; http2_idle_timeout {UPSTREAM_IDLE};" if UPSTREAM_IDLE else ""}
   server {{
     listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {work}/server.pem;
@@ -179,9 +168,10 @@ def start_proxy(ports, ca, keep_warm=True):
         "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['proxy']}",
         "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
         "BEARER_PROXY_UPSTREAM_KEEP_WARM": "true" if keep_warm else "false",
-        "RUST_LOG": "warn",
+        "RUST_LOG": os.environ.get("BP_RUST_LOG", "warn"),
     }
-    return subprocess.Popen([BINARY], env=env, stderr=subprocess.DEVNULL)
+    log = open(os.environ["BP_LOG"], "ab") if os.environ.get("BP_LOG") else subprocess.DEVNULL
+    return subprocess.Popen([BINARY], env=env, stderr=log)
 
 
 def ready(admin_port):

@@ -52,6 +52,10 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// no answer comes within `H2_PING_TIMEOUT`: a dead one is replaced before
 /// a request needs it.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// A warm connection idle this long is replaced by a new one (opened
+/// first): before nginx closes an unused HTTP/2 connection (60 s) or an
+/// idle one (75 s), and before this pool's own limit.
+const WARM_REFRESH: Duration = Duration::from_secs(40);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often idle upstream connections are checked for expiry.
 const POOL_SWEEP: Duration = Duration::from_secs(15);
@@ -204,6 +208,8 @@ struct H2 {
     generation: u64,
     /// The upstream chose HTTP/2 for its latest connection.
     known: bool,
+    /// When a request last took the shared connection (or it was opened).
+    last_used: Option<Instant>,
     /// Whether a task closes connections idle for `POOL_IDLE_TIMEOUT`.
     sweeping: bool,
 }
@@ -396,7 +402,11 @@ impl Upstream {
     fn shared_h2(&self) -> Option<(u64, http2::SendRequest<OutBody>)> {
         let mut h2 = self.h2.lock().ok()?;
         match &h2.sender {
-            Some(sender) if !sender.is_closed() => Some((h2.generation, sender.clone())),
+            Some(sender) if !sender.is_closed() => {
+                let shared = (h2.generation, sender.clone());
+                h2.last_used = Some(Instant::now());
+                Some(shared)
+            }
             Some(_) => {
                 h2.sender = None;
                 None
@@ -642,6 +652,7 @@ impl Upstream {
                 if h2.sender.as_ref().is_none_or(http2::SendRequest::is_closed) {
                     h2.sender = Some(sender.clone());
                     h2.generation += 1;
+                    h2.last_used = Some(Instant::now());
                 }
             }
             return Ok(Connected::H2(sender));
@@ -653,50 +664,80 @@ impl Upstream {
     }
 
     /// Makes sure that a connection is ready for the next request: the
-    /// shared HTTP/2 one is open, or an HTTP/1.1 one is idle (still usable
-    /// and younger than [`POOL_IDLE_TIMEOUT`]), busy (it comes back when
-    /// its answer ends) or being opened; else one is opened now, so that
-    /// the next request does not pay the TCP and TLS handshakes. An error:
+    /// shared HTTP/2 one is open, or an HTTP/1.1 one is idle (still
+    /// usable), busy (it comes back when its answer ends) or being opened;
+    /// else one is opened now, so that the next request does not pay the
+    /// TCP and TLS handshakes. A ready connection idle for
+    /// [`WARM_REFRESH`] is replaced, the new one opened before the old one
+    /// goes, so that no request meets the upstream closing it. An error:
     /// none could be opened.
     pub async fn keep_warm(&self) -> Result<(), UpstreamError> {
         if self.connecting.load(std::sync::atomic::Ordering::Relaxed) > 0 {
             return Ok(());
         }
-        if self.speaks_h2() {
-            if self.shared_h2().is_some() {
-                return Ok(());
+        let now = Instant::now();
+        // Whether a ready connection is growing old: it is replaced before
+        // the upstream's idle limit closes it, the new one opened first.
+        let replacing = if self.speaks_h2() {
+            let idle_for = self.h2.lock().ok().and_then(|h2| match &h2.sender {
+                Some(sender) if !sender.is_closed() => {
+                    Some(h2.last_used.map_or(Duration::ZERO, |at| now - at))
+                }
+                _ => None,
+            });
+            match idle_for {
+                Some(idle_for) if idle_for < WARM_REFRESH => return Ok(()),
+                Some(_) => true,
+                None => false,
             }
         } else {
-            let idle = self.idle.lock().is_ok_and(|mut idle| {
+            let newest = self.idle.lock().ok().and_then(|mut idle| {
                 // The next request takes the most recent: is it good? If
                 // not, the pool is swept now rather than at the next sweep.
-                let now = Instant::now();
                 if let Some((conn, since)) = idle.last_mut()
                     && keepable(conn, *since, now)
                 {
-                    return true;
+                    return Some(now - *since);
                 }
                 idle.retain_mut(|(conn, since)| keepable(conn, *since, now));
-                !idle.is_empty()
+                idle.last().map(|(_, since)| now - *since)
             });
             let busy = self
                 .metrics
                 .as_ref()
                 .is_some_and(|shard| shard.upstream_open(Protocol::Http1) > 0);
-            if idle || busy {
-                return Ok(());
+            match newest {
+                Some(idle_for) if idle_for < WARM_REFRESH => return Ok(()),
+                Some(_) => true,
+                None if busy => return Ok(()),
+                None => false,
             }
-        }
-        // One opener at a time, as for HTTP/2 after a GOAWAY; requests
-        // that find no idle HTTP/1.1 connection meanwhile wait for this one.
+        };
+        // One opener at a time, as for HTTP/2 after a GOAWAY. Requests that
+        // find no idle HTTP/1.1 connection meanwhile wait for this one,
+        // unless it replaces one that they can still take.
         let _opening = self.h2_opening.lock().await;
-        let _warming = self.warming.lock().await;
+        let _warming = if replacing {
+            None
+        } else {
+            Some(self.warming.lock().await)
+        };
         match self.connect().await? {
-            Connected::H2(_) => {}
+            Connected::H2(sender) => {
+                if replacing && let Ok(mut h2) = self.h2.lock() {
+                    // The old one ends once its streams have.
+                    h2.sender = Some(sender);
+                    h2.generation += 1;
+                    h2.last_used = Some(Instant::now());
+                }
+            }
             Connected::H1(io) => {
                 let conn = self.new_h1(io);
                 if let Ok(mut idle) = self.idle.lock() {
-                    idle.push((conn, Instant::now()));
+                    // The old ones are closed now, not at the next sweep.
+                    let now = Instant::now();
+                    idle.retain(|(_, since)| now - *since < WARM_REFRESH);
+                    idle.push((conn, now));
                 }
             }
         }
