@@ -59,10 +59,12 @@ async fn healthz() -> impl IntoResponse {
 fn readiness(state: &AdminState) -> Result<(), String> {
     if state.draining.is_cancelled() {
         Err("shutting down".to_owned())
-    } else if state.warming.pending() {
-        Err("opening the first connection to the upstream".to_owned())
     } else {
-        state.slot.readiness()
+        state.slot.readiness()?;
+        if state.warming.pending() {
+            return Err("opening the first connection to the upstream".to_owned());
+        }
+        Ok(())
     }
 }
 

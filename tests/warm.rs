@@ -68,3 +68,14 @@ async fn no_connection_is_opened_ahead_with_keep_warm_off() -> TestResult {
     assert_eq!(upstream.connections(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_unreachable_upstream_does_not_hold_readiness_back() -> TestResult {
+    // Readiness waits for the first attempt at a warm connection, not for
+    // its success.
+    let (_held, closed) = closed_port()?;
+    let (_token, proxy) = ready_proxy_to(&format!("http://{closed}"), &[]).await;
+    let answer = http1().get(proxy.url("/x")).send().await?;
+    assert_eq!(answer.status(), 502);
+    Ok(())
+}
