@@ -267,25 +267,44 @@ const KEEP_WARM_MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// ([`Upstream::keep_warm`]); after failures, less often, up to a minute
 /// apart. Ends with the worker's pool.
 async fn keep_warm(client: std::sync::Weak<Upstream>, warming: Warming) {
+    /// Counts the first attempt made however it ends (a panic, the pool
+    /// gone), so that readiness never waits for ever.
+    struct First(Warming);
+    impl Drop for First {
+        fn drop(&mut self) {
+            self.0.attempted();
+        }
+    }
+    let mut first = Some(First(warming));
     let mut pause = KEEP_WARM_TICK;
-    let mut first = Some(warming);
+    let mut failures = 0u32;
     loop {
         let Some(upstream) = client.upgrade() else {
             return;
         };
         let attempt = upstream.keep_warm().await;
-        if let Some(warming) = first.take() {
-            warming.attempted();
-        }
+        drop(first.take());
         match attempt {
-            Ok(()) => pause = KEEP_WARM_TICK,
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(failures, "a warm connection to the upstream is open again");
+                }
+                failures = 0;
+                pause = KEEP_WARM_TICK;
+            }
             Err(error) => {
-                tracing::debug!(
-                    error = %crate::error_chain::chain(&error),
-                    "cannot open a warm connection to the upstream; trying again in {}",
-                    humantime::format_duration(pause)
-                );
+                failures += 1;
                 pause = (pause * 2).min(KEEP_WARM_MAX_BACKOFF);
+                // The first failure is worth a line; a request would meet
+                // the same error, and says so itself.
+                let message = "cannot open a warm connection to the upstream; trying again";
+                let error = crate::error_chain::chain(&error);
+                let after = humantime::format_duration(pause);
+                if failures == 1 {
+                    tracing::warn!(%error, "{message} in {after}");
+                } else {
+                    tracing::debug!(%error, "{message} in {after}");
+                }
             }
         }
         drop(upstream);

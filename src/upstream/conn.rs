@@ -42,6 +42,26 @@ pub struct Conn<T> {
     read_size: usize,
     /// Counts the connection open in the metrics until it is dropped.
     counted: Option<crate::metrics::Open>,
+    /// Counts it busy with a request while it is out of the pool.
+    in_use: Option<InUse>,
+}
+
+/// Counts a pooled connection busy with a request, until it is back in
+/// the pool, becomes a tunnel, or is dropped.
+#[derive(Debug)]
+pub struct InUse(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InUse {
+    pub fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How a request's body is delimited on the wire.
@@ -303,7 +323,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             buf: BytesMut::new(),
             read_size: MIN_READ,
             counted: None,
+            in_use: None,
         })
+    }
+
+    /// Counted busy in `count` until it is back in the pool.
+    pub fn set_in_use(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
+        self.in_use = Some(InUse::new(count));
     }
 
     /// Counted open in the metrics until dropped (or handed over whole).
@@ -320,6 +346,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     /// The guard that counts the connection open, taken out to go with
     /// the connection wherever it goes next (a tunnel).
     pub fn take_counted(&mut self) -> Option<crate::metrics::Open> {
+        // A tunnel never comes back to the pool.
+        self.in_use = None;
         self.counted.take()
     }
 
@@ -621,6 +649,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DirectBody<T> {
 /// Puts `conn` back in `idle`, if it may be kept and nothing unasked
 /// followed the answer.
 fn pool<T>(mut conn: Box<Conn<T>>, idle: Option<Arc<Idle<T>>>) {
+    conn.in_use = None;
     let Some(idle) = idle else {
         return;
     };

@@ -48,9 +48,10 @@ const H2_ATTEMPTS: u32 = 3;
 /// 60 s), so that the proxy, not the upstream, closes it, never under a
 /// request just sent. A warm one is opened in its place ([`Upstream::keep_warm`]).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
-/// While idle, an HTTP/2 connection is pinged this often, and closed when
-/// no answer comes within `H2_PING_TIMEOUT`: a dead one is replaced before
-/// a request needs it.
+/// While streams are open, an HTTP/2 connection is pinged this often, and
+/// closed when no answer comes within `H2_PING_TIMEOUT`. Idle, it is not
+/// pinged (servers may count pings without streams as abuse): it is
+/// replaced after `WARM_REFRESH` instead.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// A warm connection idle this long is replaced by a new one (opened
 /// first): before nginx closes an unused HTTP/2 connection (60 s) or an
@@ -180,8 +181,10 @@ pub struct Upstream {
     /// Connections being opened now, by requests or to keep one warm.
     connecting: Arc<std::sync::atomic::AtomicUsize>,
     /// Held while a warm HTTP/1.1 connection is opened: a request that
-    /// finds no idle connection meanwhile waits for that one.
+    /// finds no idle connection meanwhile races it with one of its own.
     warming: tokio::sync::Mutex<()>,
+    /// HTTP/1.1 connections out of the pool with a request (not tunnels).
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Counts a connection being opened while it lives.
@@ -289,6 +292,7 @@ impl Upstream {
             h2_opening: tokio::sync::Mutex::new(()),
             connecting: Arc::default(),
             warming: tokio::sync::Mutex::new(()),
+            busy: Arc::default(),
         }
     }
 
@@ -527,27 +531,43 @@ impl Upstream {
         &self,
         fresh: bool,
     ) -> Result<(Connected<OutBody, Box<Conn<Io>>>, bool), UpstreamError> {
-        if !fresh {
-            if let Some(conn) = self.pop_idle() {
-                return Ok((Connected::H1(conn), true));
-            }
-            if self.warming.try_lock().is_err() {
-                // A warm connection is being opened: it is this request's,
-                // or, if the upstream chose HTTP/2, every request's.
-                drop(self.warming.lock().await);
-                if let Some(conn) = self.pop_idle() {
-                    return Ok((Connected::H1(conn), true));
-                }
-                if let Some((_, sender)) = self.shared_h2() {
-                    return Ok((Connected::H2(sender), true));
-                }
-            }
+        if !fresh && let Some(conn) = self.pop_idle() {
+            return Ok((Connected::H1(self.in_use(conn)), true));
         }
-        let connected = match Box::pin(self.connect()).await? {
+        let own = Box::pin(self.connect());
+        let connected = if !fresh && self.warming.try_lock().is_err() {
+            // A warm connection is being opened: whichever is ready first
+            // serves this request, the warm one (an idle HTTP/1.1 one, or
+            // the shared HTTP/2 one) or its own; a failed warm attempt
+            // leaves it its own, already under way.
+            let mut own = own;
+            tokio::select! {
+                biased;
+                connected = &mut own => connected?,
+                _ = self.warming.lock() => {
+                    if let Some(conn) = self.pop_idle() {
+                        return Ok((Connected::H1(self.in_use(conn)), true));
+                    }
+                    if let Some((_, sender)) = self.shared_h2() {
+                        return Ok((Connected::H2(sender), true));
+                    }
+                    own.await?
+                }
+            }
+        } else {
+            own.await?
+        };
+        let connected = match connected {
             Connected::H2(sender) => Connected::H2(sender),
-            Connected::H1(io) => Connected::H1(self.new_h1(io)),
+            Connected::H1(io) => Connected::H1(self.in_use(self.new_h1(io))),
         };
         Ok((connected, false))
+    }
+
+    /// `conn`, counted busy until it is back in the pool.
+    fn in_use(&self, mut conn: Box<Conn<Io>>) -> Box<Conn<Io>> {
+        conn.set_in_use(&self.busy);
+        conn
     }
 
     /// The most recent idle connection that may still carry a request.
@@ -634,7 +654,6 @@ impl Upstream {
                 .timer(TokioTimer::new())
                 .keep_alive_interval(H2_PING_INTERVAL)
                 .keep_alive_timeout(H2_PING_TIMEOUT)
-                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Request(e.into()))?;
@@ -702,10 +721,7 @@ impl Upstream {
                 idle.retain_mut(|(conn, since)| keepable(conn, *since, now));
                 idle.last().map(|(_, since)| now - *since)
             });
-            let busy = self
-                .metrics
-                .as_ref()
-                .is_some_and(|shard| shard.upstream_open(Protocol::Http1) > 0);
+            let busy = self.busy.load(std::sync::atomic::Ordering::Relaxed) > 0;
             match newest {
                 Some(idle_for) if idle_for < WARM_REFRESH => return Ok(()),
                 Some(_) => true,
