@@ -79,3 +79,87 @@ async fn an_unreachable_upstream_does_not_hold_readiness_back() -> TestResult {
     assert_eq!(answer.status(), 502);
     Ok(())
 }
+
+/// An HTTPS upstream whose TLS handshake takes `delay` (as one across a
+/// slow network does): counts handshakes done, answers 200 "ok" to every
+/// request on a connection.
+async fn slow_tls_upstream(
+    pki: &support::pki::Pki,
+    delay: std::time::Duration,
+    handshakes: Arc<AtomicU32>,
+) -> Result<std::net::SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let certs =
+        CertificateDer::pem_slice_iter(pki.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, handshakes) = (acceptor.clone(), Arc::clone(&handshakes));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                handshakes.fetch_add(1, Ordering::SeqCst);
+                let mut tls = BufReader::new(tls);
+                loop {
+                    let mut line = String::new();
+                    match tls.read_line(&mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == "\r\n" => {
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if tls.get_mut().write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_warm_tls_connection_which_the_first_request_takes() -> TestResult {
+    bearer_proxy::tls::install_crypto_provider();
+    let pki = support::pki::Pki::new()?;
+    let ca = pki.write_ca()?;
+    let handshakes = Arc::new(AtomicU32::new(0));
+    let addr = slow_tls_upstream(
+        &pki,
+        std::time::Duration::from_millis(300),
+        Arc::clone(&handshakes),
+    )
+    .await?;
+    let ca = ca.to_string_lossy().into_owned();
+    let (_token, proxy) = ready_proxy_to(
+        &format!("https://localhost:{}", addr.port()),
+        &[("BEARER_PROXY_TLS_CA_FILE", &ca)],
+    )
+    .await;
+    // Ready only once the handshake is done: the token came at once.
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1);
+    for _ in 0..3 {
+        let answer = http1().get(proxy.url("/x")).send().await?;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.text().await?, "ok");
+    }
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        1,
+        "the requests took the warm connection"
+    );
+    Ok(())
+}
