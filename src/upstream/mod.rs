@@ -704,10 +704,10 @@ impl Upstream {
                 }
                 _ => None,
             });
-            match idle_for {
-                Some(idle_for) if idle_for < WARM_REFRESH => return Ok(()),
-                Some(_) => true,
-                None => false,
+            match warm_decision(idle_for, false) {
+                Warm::Ready => return Ok(()),
+                Warm::Replace => true,
+                Warm::Open => false,
             }
         } else {
             let newest = self.idle.lock().ok().and_then(|mut idle| {
@@ -722,11 +722,10 @@ impl Upstream {
                 idle.last().map(|(_, since)| now - *since)
             });
             let busy = self.busy.load(std::sync::atomic::Ordering::Relaxed) > 0;
-            match newest {
-                Some(idle_for) if idle_for < WARM_REFRESH => return Ok(()),
-                Some(_) => true,
-                None if busy => return Ok(()),
-                None => false,
+            match warm_decision(newest, busy) {
+                Warm::Ready => return Ok(()),
+                Warm::Replace => true,
+                Warm::Open => false,
             }
         };
         // One opener at a time, as for HTTP/2 after a GOAWAY. Requests that
@@ -781,6 +780,30 @@ impl Upstream {
                 }
             }
         });
+    }
+}
+
+/// What [`Upstream::keep_warm`] does about the connection a request
+/// would take next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Warm {
+    /// It is fine: nothing to do.
+    Ready,
+    /// It has been idle long: open a new one, then let it go.
+    Replace,
+    /// There is none: open one.
+    Open,
+}
+
+/// `idle_for`: how long the connection a request would take next has been
+/// idle (`None`: there is none); `busy`: another is out with a request
+/// and comes back when its answer ends.
+fn warm_decision(idle_for: Option<Duration>, busy: bool) -> Warm {
+    match idle_for {
+        Some(idle_for) if idle_for < WARM_REFRESH => Warm::Ready,
+        Some(_) => Warm::Replace,
+        None if busy => Warm::Ready,
+        None => Warm::Open,
     }
 }
 
@@ -946,5 +969,25 @@ pub fn describe_upstream_error(
             ErrorCode::UpstreamUnreachable,
             format!("the upstream {authority} closed the connection without a response: {detail}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warm_connection_is_kept_replaced_before_the_upstream_limits_or_opened() {
+        let secs = Duration::from_secs;
+        assert_eq!(warm_decision(Some(Duration::ZERO), false), Warm::Ready);
+        assert_eq!(warm_decision(Some(secs(39)), false), Warm::Ready);
+        // Before nginx's 60 s for an unused HTTP/2 connection, 75 s for an
+        // idle one, and this pool's own 50 s.
+        assert!(WARM_REFRESH < POOL_IDLE_TIMEOUT && POOL_IDLE_TIMEOUT < secs(60));
+        assert_eq!(warm_decision(Some(WARM_REFRESH), false), Warm::Replace);
+        assert_eq!(warm_decision(Some(secs(3600)), true), Warm::Replace);
+        // None idle: one out with a request comes back; else one is opened.
+        assert_eq!(warm_decision(None, true), Warm::Ready);
+        assert_eq!(warm_decision(None, false), Warm::Open);
     }
 }
