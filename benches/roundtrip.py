@@ -256,6 +256,11 @@ def main():
         if SILENCE:
             print(f"{SILENCE} s of silence...", file=sys.stderr)
             time.sleep(SILENCE)
+            # The client's side wakes first (a curl to the admin port, which
+            # touches no upstream connection): after minutes asleep, the
+            # first process start on this VM takes tens of ms more, which
+            # would be counted against whichever request came first.
+            subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{ports['admin']}/healthz"])
             silence = (curl_once(proxied, ca), curl_once(direct, ca))
         proxy.terminate()
         proxy.wait()
