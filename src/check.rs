@@ -123,12 +123,10 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
         "trusted roots",
         crate::tls::roots_description(config.tls.ca_file.as_deref()),
     );
-    let route = match config.token.credential {
-        // Never through a proxy (`TokenEndpoint::new`).
-        crate::config::Credential::ManagedIdentity { .. } => {
-            "direct (a managed identity's endpoint is never reached through a proxy)".to_owned()
-        }
-        _ => config.proxies.describe(config.token.url.as_str()),
+    let route = if config.token.credential.uses_proxies() {
+        config.proxies.describe(config.token.url.as_str())
+    } else {
+        "direct (a managed identity's endpoint is never reached through a proxy)".to_owned()
     };
     line(out, "token route", route);
     let tls = match crate::tls::client_config(config.tls.ca_file.as_deref()) {

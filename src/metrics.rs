@@ -277,14 +277,6 @@ impl Shard {
         }
     }
 
-    /// Upstream connections of `protocol` open now (in use or idle).
-    pub fn upstream_open(&self, protocol: Protocol) -> u64 {
-        let i = protocol as usize;
-        // Closed first: a connection is counted opened before it is closed.
-        let closed = self.upstream_closed[i].load(Relaxed);
-        self.upstream_opened[i].load(Relaxed).saturating_sub(closed)
-    }
-
     pub fn upstream_failure(&self, kind: UpstreamFailure) {
         self.upstream_failures[kind as usize].fetch_add(1, Relaxed);
     }

@@ -347,15 +347,14 @@ fn managed_identity(raw: &RawConfig) -> Result<(ManagedIdentityForm, reqwest::Ur
     };
     let form = match (&raw.identity_header, endpoint) {
         (Some(header), Some(_)) => {
-            if http::HeaderValue::from_str(header.secret()).is_err() {
+            let Ok(mut header) = http::HeaderValue::from_str(header.secret()) else {
                 return Err(ConfigError::new(format!(
                     "{ENV_IDENTITY_HEADER}: expected printable ASCII that an HTTP header can carry \
                      (the value is not shown: it is a secret)"
                 )));
-            }
-            ManagedIdentityForm::AppService {
-                header: header.clone(),
-            }
+            };
+            header.set_sensitive(true);
+            ManagedIdentityForm::AppService { header }
         }
         (Some(_), None) => {
             return Err(ConfigError::new(format!(

@@ -73,6 +73,13 @@ impl Credential {
             Credential::ManagedIdentity { .. } => "managed_identity",
         }
     }
+
+    /// Whether its token requests may go through a forward proxy: not a
+    /// managed identity's, whose endpoint is local to the host (IMDS
+    /// refuses proxied requests).
+    pub fn uses_proxies(&self) -> bool {
+        !matches!(self, Credential::ManagedIdentity { .. })
+    }
 }
 
 /// The signature of a certificate credential's assertion.
@@ -108,8 +115,9 @@ pub enum ManagedIdentityForm {
     /// App Service and Container Apps: `IDENTITY_ENDPOINT` with
     /// `X-IDENTITY-HEADER` from `IDENTITY_HEADER` (api-version 2019-08-01).
     AppService {
-        /// `IDENTITY_HEADER`: a per-container secret.
-        header: ClientSecret,
+        /// `IDENTITY_HEADER`, checked and marked sensitive: a
+        /// per-container secret.
+        header: HeaderValue,
     },
 }
 

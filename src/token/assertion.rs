@@ -126,20 +126,32 @@ impl CertificateAssertion {
 /// Reads a federated token (workload identity) afresh: Kubernetes rotates
 /// the file. Its content, trimmed, is the assertion.
 pub async fn read_federated_token(path: &Path) -> Result<Assertion, TokenError> {
+    read_credential_file(path, "federated token file", |content| {
+        trim_secret(content).trim()
+    })
+    .await
+    .map(Assertion::new)
+}
+
+/// A credential's file, read afresh at every token request (a rotated
+/// one needs no restart) and trimmed by `trim`; unreadable or empty, an
+/// error that names `what` and the file.
+pub async fn read_credential_file(
+    path: &Path,
+    what: &str,
+    trim: fn(&str) -> &str,
+) -> Result<String, TokenError> {
     let content = tokio::fs::read_to_string(path).await.map_err(|e| {
-        TokenError::Credential(format!(
-            "cannot read the federated token file {}: {e}",
-            path.display()
-        ))
+        TokenError::Credential(format!("cannot read the {what} {}: {e}", path.display()))
     })?;
-    let token = trim_secret(&content).trim();
-    if token.is_empty() {
+    let value = trim(&content);
+    if value.is_empty() {
         return Err(TokenError::Credential(format!(
-            "the federated token file {} is empty",
+            "the {what} {} is empty",
             path.display()
         )));
     }
-    Ok(Assertion::new(token))
+    Ok(value.to_owned())
 }
 
 /// A random (version 4) UUID, as Entra's `jti` examples have it.

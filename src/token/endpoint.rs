@@ -10,13 +10,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::header::RETRY_AFTER;
 use serde::Deserialize;
 
-use super::assertion::{CertificateAssertion, JWT_BEARER, read_federated_token};
+use super::assertion::{
+    CertificateAssertion, JWT_BEARER, read_credential_file, read_federated_token,
+};
 use super::{Fetched, TokenError, TokenSource};
 use crate::config::{
     AuthMethod, Credential, ManagedIdentityForm, SecretSource, TokenConfig, trim_secret,
 };
 use crate::error_chain::chain;
-use crate::secret::{AccessToken, ClientSecret};
+use crate::secret::{AccessToken, Assertion, ClientSecret};
 use crate::token::error::ProviderError;
 
 /// Largest token endpoint answer read; a real one is a few KiB.
@@ -60,10 +62,8 @@ impl TokenEndpoint {
         };
         // The proxies come from the configuration (read through the same
         // environment trait as everything else), never straight from reqwest.
-        // A managed identity's endpoint is local to the host: never through
-        // a proxy (IMDS refuses proxied requests).
         let mut builder = reqwest::Client::builder().no_proxy();
-        if proxies.any() && !matches!(proof, Proof::ManagedIdentity(..)) {
+        if proxies.any() && config.credential.uses_proxies() {
             let proxies = proxies.clone();
             builder = builder.proxy(reqwest::Proxy::custom(move |url| {
                 proxies
@@ -163,15 +163,10 @@ impl TokenEndpoint {
         }
         let request = match form {
             ManagedIdentityForm::Imds => self.http.get(url).header("Metadata", "true"),
-            ManagedIdentityForm::AppService { header } => {
-                let mut value = http::HeaderValue::from_str(header.secret()).map_err(|_| {
-                    TokenError::Credential(
-                        "IDENTITY_HEADER is not valid in an HTTP header".to_owned(),
-                    )
-                })?;
-                value.set_sensitive(true);
-                self.http.get(url).header("X-IDENTITY-HEADER", value)
-            }
+            ManagedIdentityForm::AppService { header } => self
+                .http
+                .get(url)
+                .header("X-IDENTITY-HEADER", header.clone()),
         };
         self.send(request).await
     }
@@ -194,6 +189,12 @@ impl TokenEndpoint {
             Err(parse_error(status.as_u16(), &body, retry_after))
         }
     }
+}
+
+/// What proves the client in one token request.
+enum Sent {
+    Secret(ClientSecret, AuthMethod),
+    Assertion(Assertion),
 }
 
 /// The credential in use, in words (`check`, `/status`).
@@ -221,16 +222,15 @@ impl TokenSource for TokenEndpoint {
         let config = &self.config;
         let client_id = config.client_id.as_deref().unwrap_or_default();
         // The proof is read or made first, so that it outlives the form.
-        let (secret, assertion) = match &self.proof {
+        let proof = match &self.proof {
             Proof::ManagedIdentity(form, resource) => {
                 return self.fetch_from_managed_identity(form, resource).await;
             }
-            Proof::Secret(source, _) => (Some(load_secret(source).await?), None),
-            Proof::Certificate(signer) => (
-                None,
-                Some(signer.sign(client_id, config.url.as_str(), SystemTime::now())?),
-            ),
-            Proof::Federated(path) => (None, Some(read_federated_token(path).await?)),
+            Proof::Secret(source, method) => Sent::Secret(load_secret(source).await?, *method),
+            Proof::Certificate(signer) => {
+                Sent::Assertion(signer.sign(client_id, config.url.as_str(), SystemTime::now())?)
+            }
+            Proof::Federated(path) => Sent::Assertion(read_federated_token(path).await?),
         };
         let mut form: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
         if let Some(scope) = &config.scope {
@@ -243,24 +243,23 @@ impl TokenSource for TokenEndpoint {
                 .map(|(name, value)| (name.as_str(), value.as_str())),
         );
         let mut request = self.http.post(config.url.clone());
-        match (&self.proof, &secret, &assertion) {
-            (Proof::Secret(_, AuthMethod::ClientSecretBasic), Some(secret), _) => {
+        match &proof {
+            Sent::Secret(secret, AuthMethod::ClientSecretBasic) => {
                 // RFC 6749 §2.3.1: both parts are form-encoded before Base64.
                 let id: String = form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
                 let secret: String =
                     form_urlencoded::byte_serialize(secret.secret().as_bytes()).collect();
                 request = request.basic_auth(id, Some(secret));
             }
-            (_, Some(secret), _) => {
+            Sent::Secret(secret, AuthMethod::ClientSecretPost) => {
                 form.push(("client_id", client_id));
                 form.push(("client_secret", secret.secret()));
             }
-            (_, None, Some(assertion)) => {
+            Sent::Assertion(assertion) => {
                 form.push(("client_id", client_id));
                 form.push(("client_assertion_type", JWT_BEARER));
                 form.push(("client_assertion", assertion.secret()));
             }
-            (_, None, None) => {}
         }
         self.send(request.form(&form)).await
     }
@@ -269,22 +268,9 @@ impl TokenSource for TokenEndpoint {
 async fn load_secret(source: &SecretSource) -> Result<ClientSecret, TokenError> {
     match source {
         SecretSource::Literal(secret) => Ok(secret.clone()),
-        SecretSource::File(path) => {
-            let content = tokio::fs::read_to_string(path).await.map_err(|e| {
-                TokenError::Credential(format!(
-                    "cannot read the client secret file {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let secret = trim_secret(&content);
-            if secret.is_empty() {
-                return Err(TokenError::Credential(format!(
-                    "the client secret file {} is empty",
-                    path.display()
-                )));
-            }
-            Ok(ClientSecret::new(secret))
-        }
+        SecretSource::File(path) => read_credential_file(path, "client secret file", trim_secret)
+            .await
+            .map(ClientSecret::new),
     }
 }
 
@@ -338,21 +324,20 @@ impl Seconds {
 
     /// A lifetime: at least a second, less than 1e9.
     fn duration(&self) -> Option<Duration> {
-        let secs = self.value()?;
-        (1.0..1e9)
-            .contains(&secs)
-            .then(|| Duration::from_secs(secs as u64))
+        lifetime(self.value()?)
     }
 
     /// A moment (`expires_on`, Unix seconds) as the lifetime left at `now`.
     fn until(&self, now: SystemTime) -> Option<Duration> {
-        let at = self.value()?;
-        let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
-        let left = at - now;
-        (1.0..1e9)
-            .contains(&left)
-            .then(|| Duration::from_secs(left as u64))
+        lifetime(self.value()? - now.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
     }
+}
+
+/// Seconds as a token's lifetime: at least one, less than 1e9.
+fn lifetime(secs: f64) -> Option<Duration> {
+    (1.0..1e9)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs as u64))
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,23 +42,24 @@ pub struct Conn<T> {
     read_size: usize,
     /// Counts the connection open in the metrics until it is dropped.
     counted: Option<crate::metrics::Open>,
-    /// Counts it busy with a request while it is out of the pool.
-    in_use: Option<InUse>,
+    /// Counts it busy with a request while it is out of the pool (until
+    /// it is back, becomes a tunnel, or is dropped).
+    in_use: Option<Tally>,
 }
 
-/// Counts a pooled connection busy with a request, until it is back in
-/// the pool, becomes a tunnel, or is dropped.
+/// Counts one in a shared count while it lives: a connection busy with a
+/// request, or one being opened.
 #[derive(Debug)]
-pub struct InUse(Arc<std::sync::atomic::AtomicUsize>);
+pub struct Tally(Arc<std::sync::atomic::AtomicUsize>);
 
-impl InUse {
+impl Tally {
     pub fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self(Arc::clone(count))
     }
 }
 
-impl Drop for InUse {
+impl Drop for Tally {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -329,7 +330,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
 
     /// Counted busy in `count` until it is back in the pool.
     pub fn set_in_use(&mut self, count: &Arc<std::sync::atomic::AtomicUsize>) {
-        self.in_use = Some(InUse::new(count));
+        self.in_use = Some(Tally::new(count));
     }
 
     /// Counted open in the metrics until dropped (or handed over whole).

@@ -53,11 +53,11 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// pinged (servers may count pings without streams as abuse): it is
 /// replaced after `WARM_REFRESH` instead.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// A warm connection idle this long is replaced by a new one (opened
 /// first): before nginx closes an unused HTTP/2 connection (60 s) or an
 /// idle one (75 s), and before this pool's own limit.
 const WARM_REFRESH: Duration = Duration::from_secs(40);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often idle upstream connections are checked for expiry.
 const POOL_SWEEP: Duration = Duration::from_secs(15);
 /// TCP keepalive on upstream connections, so dead peers are noticed.
@@ -187,22 +187,6 @@ pub struct Upstream {
     busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Counts a connection being opened while it lives.
-struct Connecting(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Connecting {
-    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(Arc::clone(count))
-    }
-}
-
-impl Drop for Connecting {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 #[derive(Debug, Default)]
 struct H2 {
     sender: Option<http2::SendRequest<OutBody>>,
@@ -215,6 +199,16 @@ struct H2 {
     last_used: Option<Instant>,
     /// Whether a task closes connections idle for `POOL_IDLE_TIMEOUT`.
     sweeping: bool,
+}
+
+impl H2 {
+    /// `sender`'s connection is the shared one from now on: a new
+    /// generation, so that failures on the one before forget only that one.
+    fn share(&mut self, sender: http2::SendRequest<OutBody>) {
+        self.sender = Some(sender);
+        self.generation += 1;
+        self.last_used = Some(Instant::now());
+    }
 }
 
 /// Why the upstream gave no response.
@@ -644,7 +638,7 @@ impl Upstream {
 
     /// A new connection: an HTTP/2 one is shared from now on.
     async fn connect(&self) -> Result<Connected<OutBody>, UpstreamError> {
-        let _connecting = Connecting::new(&self.connecting);
+        let _connecting = conn::Tally::new(&self.connecting);
         let mut connector = self.connector.clone();
         let io = tower::ServiceExt::oneshot(&mut connector, self.origin.clone())
             .await
@@ -669,9 +663,7 @@ impl Upstream {
                 // Connections opened side by side (before the upstream
                 // was known to speak HTTP/2): the first one stays shared.
                 if h2.sender.as_ref().is_none_or(http2::SendRequest::is_closed) {
-                    h2.sender = Some(sender.clone());
-                    h2.generation += 1;
-                    h2.last_used = Some(Instant::now());
+                    h2.share(sender.clone());
                 }
             }
             return Ok(Connected::H2(sender));
@@ -695,20 +687,15 @@ impl Upstream {
             return Ok(());
         }
         let now = Instant::now();
-        // Whether a ready connection is growing old: it is replaced before
-        // the upstream's idle limit closes it, the new one opened first.
-        let replacing = if self.speaks_h2() {
+        // How long the connection a request would take next has been idle.
+        let decision = if self.speaks_h2() {
             let idle_for = self.h2.lock().ok().and_then(|h2| match &h2.sender {
                 Some(sender) if !sender.is_closed() => {
                     Some(h2.last_used.map_or(Duration::ZERO, |at| now - at))
                 }
                 _ => None,
             });
-            match warm_decision(idle_for, false) {
-                Warm::Ready => return Ok(()),
-                Warm::Replace => true,
-                Warm::Open => false,
-            }
+            warm_decision(idle_for, false)
         } else {
             let newest = self.idle.lock().ok().and_then(|mut idle| {
                 // The next request takes the most recent: is it good? If
@@ -722,15 +709,19 @@ impl Upstream {
                 idle.last().map(|(_, since)| now - *since)
             });
             let busy = self.busy.load(std::sync::atomic::Ordering::Relaxed) > 0;
-            match warm_decision(newest, busy) {
-                Warm::Ready => return Ok(()),
-                Warm::Replace => true,
-                Warm::Open => false,
-            }
+            warm_decision(newest, busy)
+        };
+        // A ready connection growing old is replaced before the upstream's
+        // idle limit closes it, the new one opened first.
+        let replacing = match decision {
+            Warm::Ready => return Ok(()),
+            Warm::Replace => true,
+            Warm::Open => false,
         };
         // One opener at a time, as for HTTP/2 after a GOAWAY. Requests that
-        // find no idle HTTP/1.1 connection meanwhile wait for this one,
-        // unless it replaces one that they can still take.
+        // find no idle HTTP/1.1 connection meanwhile race this one with
+        // their own (`checkout_direct`), unless it replaces one that they
+        // can still take.
         let _opening = self.h2_opening.lock().await;
         let _warming = if replacing {
             None
@@ -741,9 +732,7 @@ impl Upstream {
             Connected::H2(sender) => {
                 if replacing && let Ok(mut h2) = self.h2.lock() {
                     // The old one ends once its streams have.
-                    h2.sender = Some(sender);
-                    h2.generation += 1;
-                    h2.last_used = Some(Instant::now());
+                    h2.share(sender);
                 }
             }
             Connected::H1(io) => {
