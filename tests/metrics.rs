@@ -11,16 +11,12 @@ use support::*;
 async fn scrape(
     proxy: &Proxy,
 ) -> Result<BTreeMap<String, f64>, Box<dyn std::error::Error + Send + Sync>> {
-    let response = http1().get(proxy.admin_url("/metrics")).send().await?;
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-        Some("text/plain; version=0.0.4; charset=utf-8")
-    );
-    let text = response.text().await?;
+    let text = admin_text(
+        proxy,
+        "/metrics",
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+    .await?;
     let mut series = BTreeMap::new();
     for line in text
         .lines()
@@ -280,12 +276,12 @@ async fn the_scrape_passes_promtool_and_has_every_name_the_dashboard_and_rules_u
     let (_token, _upstream, proxy) = ready_proxy(&[]).await;
     // Some of everything: an answer, and a refusal.
     http1().get(proxy.url("/x")).send().await?.bytes().await?;
-    let text = http1()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = admin_text(
+        &proxy,
+        "/metrics",
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+    .await?;
     if let Some(report) = promtool(&["check", "metrics"], &text)? {
         assert!(report.trim().is_empty(), "promtool's lint:\n{report}");
     }

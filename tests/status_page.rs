@@ -7,16 +7,7 @@ mod support;
 use support::*;
 
 async fn page(proxy: &Proxy) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let response = http1().get(proxy.admin_url("/")).send().await?;
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-        Some("text/html; charset=utf-8")
-    );
-    let text = response.text().await?;
+    let text = admin_text(proxy, "/", "text/html; charset=utf-8").await?;
     // Plain HTML that reloads itself, with nothing fetched from elsewhere.
     assert!(
         text.contains("<meta http-equiv=\"refresh\" content=\"5\">"),

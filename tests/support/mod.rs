@@ -796,6 +796,25 @@ pub async fn proxy_with_token(
     (upstream, proxy)
 }
 
+/// The admin route `path`'s body, after checking that it answered 200
+/// with `content_type`.
+pub async fn admin_text(
+    proxy: &Proxy,
+    path: &str,
+    content_type: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let response = http1().get(proxy.admin_url(path)).send().await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some(content_type)
+    );
+    Ok(response.text().await?)
+}
+
 /// Asserts that `response` is the proxy's own refusal: `status`, with
 /// `code` in `X-Bearer-Proxy-Error`.
 #[track_caller]
