@@ -10,7 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use std::future::poll_fn;
 

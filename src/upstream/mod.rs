@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Request, Response, Uri};
@@ -978,5 +978,106 @@ mod tests {
         // None idle: one out with a request comes back; else one is opened.
         assert_eq!(warm_decision(None, true), Warm::Ready);
         assert_eq!(warm_decision(None, false), Warm::Open);
+    }
+
+    /// An HTTP/1.1 upstream on loopback that says, in order, which of its
+    /// connections opened, carried a request and closed.
+    async fn recording_upstream() -> std::io::Result<(Uri, Arc<Mutex<Vec<String>>>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let origin = Uri::try_from(format!("http://{}/", listener.local_addr()?))
+            .map_err(std::io::Error::other)?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&events);
+        let note = move |event: String| {
+            if let Ok(mut events) = record.lock() {
+                events.push(event);
+            }
+        };
+        tokio::spawn(async move {
+            for n in 1.. {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                note(format!("open {n}"));
+                let note = note.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(read @ 1..) = stream.read(&mut buf).await {
+                        head.extend_from_slice(&buf[..read]);
+                        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            head.clear();
+                            note(format!("request on {n}"));
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if stream.write_all(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    note(format!("close {n}"));
+                });
+            }
+        });
+        Ok((origin, events))
+    }
+
+    /// Until `events` holds `count` of them (the clock is paused: sleeping
+    /// lets the upstream's tasks run without moving it on).
+    async fn events(events: &Mutex<Vec<String>>, count: usize) -> Vec<String> {
+        for _ in 0..1000 {
+            let now = events.lock().map(|e| e.clone()).unwrap_or_default();
+            if now.len() >= count {
+                return now;
+            }
+            tokio::task::yield_now().await;
+        }
+        events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_connection_idle_for_the_refresh_time_is_replaced_before_the_old_one_goes()
+    -> Result<(), Box<dyn std::error::Error>> {
+        crate::tls::install_crypto_provider();
+        let (origin, log) = recording_upstream().await?;
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let proxies = crate::egress::Proxies::new(None, None, None);
+        let upstream = Upstream::new(tls, Duration::from_secs(5), &proxies, origin.clone());
+
+        upstream.keep_warm().await?;
+        assert_eq!(events(&log, 1).await, ["open 1"]);
+        // Not yet old: kept.
+        tokio::time::advance(WARM_REFRESH - Duration::from_secs(1)).await;
+        upstream.keep_warm().await?;
+        assert_eq!(events(&log, 2).await, ["open 1"]);
+        // Old: a new one first, then the old one goes, and the next
+        // request takes the new one.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        upstream.keep_warm().await?;
+        assert_eq!(events(&log, 3).await, ["open 1", "open 2", "close 1"]);
+        let authority = origin
+            .authority()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let request = Request::builder()
+            .uri(format!("http://{authority}/item"))
+            .header(HOST, authority)
+            .body(Either::Right(Full::new(Bytes::new())))?;
+        let answer = upstream.request(request).await?;
+        assert_eq!(answer.head.status, http::StatusCode::OK);
+        assert_eq!(
+            events(&log, 4).await,
+            ["open 1", "open 2", "close 1", "request on 2"]
+        );
+        // Used just now, it stays; once idle past the limit it is replaced
+        // again, ahead of the upstream's idle limit.
+        tokio::time::advance(WARM_REFRESH - Duration::from_secs(1)).await;
+        upstream.keep_warm().await?;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        upstream.keep_warm().await?;
+        assert_eq!(events(&log, 6).await[4..], ["open 3", "close 2"]);
+        Ok(())
     }
 }
