@@ -10,7 +10,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
-use tokio::time::Instant;
 
 use std::future::poll_fn;
 
@@ -18,6 +17,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::Method;
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
 
 use crate::http1::{self, Answer, Answered, Decoded, Decoder, ResponseHead, WriteFields};
 

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
-use tokio::time::Instant;
 
 use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Request, Response, Uri};
@@ -25,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use bytes::Bytes;
 use http::uri::Authority;
 use http_body_util::Full;
+use tokio::time::Instant;
 
 use crate::http1::field::CONTENT_LENGTH;
 use crate::http1::{self, FieldValues, ResponseHead, WriteFields};
@@ -1022,8 +1022,8 @@ mod tests {
         Ok((origin, events))
     }
 
-    /// Until `events` holds `count` of them (the clock is paused: sleeping
-    /// lets the upstream's tasks run without moving it on).
+    /// Once `events` holds `count` of them, or after 1000 yields (which,
+    /// unlike a sleep, leave the paused clock where it is).
     async fn events(events: &Mutex<Vec<String>>, count: usize) -> Vec<String> {
         for _ in 0..1000 {
             let now = events.lock().map(|e| e.clone()).unwrap_or_default();
@@ -1065,17 +1065,20 @@ mod tests {
             .uri(format!("http://{authority}/item"))
             .header(HOST, authority)
             .body(Either::Right(Full::new(Bytes::new())))?;
+        // Used 20 s after it opened: its idle time starts again then.
+        tokio::time::advance(Duration::from_secs(20)).await;
         let answer = upstream.request(request).await?;
         assert_eq!(answer.head.status, http::StatusCode::OK);
         assert_eq!(
             events(&log, 4).await,
             ["open 1", "open 2", "close 1", "request on 2"]
         );
-        // Used just now, it stays; once idle past the limit it is replaced
-        // again, ahead of the upstream's idle limit.
+        // 39 s after that use (59 s after it opened) it stays; at 40 s it
+        // is replaced again.
         tokio::time::advance(WARM_REFRESH - Duration::from_secs(1)).await;
         upstream.keep_warm().await?;
-        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(events(&log, 5).await.len(), 4);
+        tokio::time::advance(Duration::from_secs(1)).await;
         upstream.keep_warm().await?;
         assert_eq!(events(&log, 6).await[4..], ["open 3", "close 2"]);
         Ok(())
