@@ -328,9 +328,10 @@ def cpu_seconds(pids):
 
 
 def machine_times():
-    """All CPU time of the machine, and the hypervisor's share of it (steal)."""
+    """All CPU time of the machine, the hypervisor's share of it (steal),
+    and the time no process wanted (idle and iowait)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0, fields[3] + fields[4]
 
 
 def wrk(port, conns, pids=()):
@@ -339,12 +340,13 @@ def wrk(port, conns, pids=()):
     times, whoever the contender): on a shared VM that CPU went to another
     guest, and the figure would measure the neighbours, not the proxy."""
     for attempt in range(STEAL_RETRIES + 1):
-        total_before, steal_before = machine_times()
+        total_before, steal_before, idle_before = machine_times()
         figures = wrk_once(port, conns, pids)
-        total_after, steal_after = machine_times()
+        total_after, steal_after, idle_after = machine_times()
         steal = (steal_after - steal_before) / max(total_after - total_before, 1)
+        idle = (idle_after - idle_before) / max(total_after - total_before, 1)
         if steal <= STEAL_LIMIT or attempt == STEAL_RETRIES:
-            return (*figures, steal, attempt)
+            return (*figures, steal, attempt, idle)
         print(f"port {port}, {conns} connections: the hypervisor took {steal:.0%} of the CPU; measuring again", file=sys.stderr)
 
 
@@ -484,6 +486,11 @@ def main():
     lines.append("")
     lines.append(f"Hypervisor steal during the wrk runs: median {med(steals):.1%}, most {max(steals):.1%} of the machine's CPU; "
                  f"{repeats} run(s) measured again because it exceeded {STEAL_LIMIT:.0%}.")
+    # CPU that no process used while the machine was the limit: where a
+    # contender leaves more, its own pipeline, not the machine, held it back.
+    for conns in CONNECTIONS:
+        idles = ", ".join(f"{name} {med([r[6] for r in results[(name, conns)]]):.1%}" for name in contenders)
+        lines.append(f"Machine idle at {conns} connections (medians): {idles}.")
     if QUICK:
         print("\n".join(lines))
         return
