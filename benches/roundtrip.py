@@ -15,7 +15,9 @@ handshake a real network costs): this machine's kernel has no netem. Only
 loopback addresses are used.
 
 Measured, each for REQUESTS sequential requests, each on a new connection:
-  - curl, one process per request (as a script's loop runs it), and
+  - curl, one process per request (as a script's loop runs it; timed as
+    the script waits for it, and by curl's own time_total, which leaves
+    out the process's start and exit), and
   - Python requests without a session (requests.get each time),
 directly to the upstream (TCP + TLS + the request: three round trips) and
 through bearer-proxy (a loopback connection, then the request on the
@@ -51,6 +53,10 @@ STARTS = int(os.environ.get("STARTS", "5"))
 # nginx's idle limit for the upstream's connections (its default: 75 s;
 # HTTP/2 connections: http2_idle_timeout, 3 min in nginx 1.22).
 UPSTREAM_IDLE = os.environ.get("UPSTREAM_IDLE", "")
+# The same curl runs by curl's own clock: without the 6 to 10 ms that
+# starting and ending a process costs on each side, what is left is the
+# network's part, which the proxy changes.
+CURL_OWN = "curl, its own time_total"
 
 
 def install():
@@ -186,14 +192,22 @@ def ready(admin_port):
         return False
 
 
-def curl_once(url, ca):
+def curl_run(url, ca):
+    """One curl process: the time the script that runs it waits (process
+    start and exit included), and curl's own time_total (from the start of
+    the transfer: name lookup, connect, TLS, request and answer)."""
     start = time.perf_counter()
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(ca), url],
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "--cacert", str(ca), url],
                          capture_output=True, text=True)
     took = time.perf_counter() - start
-    if out.stdout != "200":
+    code, _, own = out.stdout.partition(" ")
+    if code != "200":
         raise RuntimeError(f"curl {url}: {out.stdout} {out.stderr}")
-    return took
+    return took, float(own)
+
+
+def curl_once(url, ca):
+    return curl_run(url, ca)[0]
 
 
 def requests_once(url, ca):
@@ -249,9 +263,12 @@ def main():
         proxy = start_proxy(ports, ca)
         while not ready(ports["admin"]):
             time.sleep(0.01)
-        for client, once in [("curl", curl_once), ("requests", requests_once)]:
-            for name, url in [("direct", direct), ("through bearer-proxy", proxied)]:
-                series[(client, name)] = [once(url, ca) for _ in range(REQUESTS)]
+        for name, url in [("direct", direct), ("through bearer-proxy", proxied)]:
+            runs = [curl_run(url, ca) for _ in range(REQUESTS)]
+            series[("curl", name)] = [wall for wall, _ in runs]
+            series[(CURL_OWN, name)] = [own for _, own in runs]
+        for name, url in [("direct", direct), ("through bearer-proxy", proxied)]:
+            series[("requests", name)] = [requests_once(url, ca) for _ in range(REQUESTS)]
         silence = None
         if SILENCE:
             print(f"{SILENCE} s of silence...", file=sys.stderr)
@@ -276,7 +293,7 @@ def main():
     lines.append("")
     lines.append("| client | direct, ms per request | through bearer-proxy, ms | × direct | first request through the proxy, ms |")
     lines.append("|---|---|---|---|---|")
-    for client in ("curl", "requests"):
+    for client in ("curl", "requests", CURL_OWN):
         d, p = series[(client, "direct")], series[(client, "through bearer-proxy")]
         lines.append(f"| {client} | {ms(med(d)):.1f} (mean {ms(statistics.mean(d)):.1f}) | {ms(med(p)):.1f} "
                      f"(mean {ms(statistics.mean(p)):.1f}) | {med(p) / med(d):.2f} | {ms(p[0]):.1f} |")
