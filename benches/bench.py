@@ -22,7 +22,8 @@ interleaved in random order, round after round:
   - requests/s and p50/p99 latency with wrk at 1, 16, 64 and 256 connections
     (a run during which the hypervisor took more than 5% of the CPU, its
     "steal", is measured again, whichever the contender: STEAL_LIMIT,
-    STEAL_RETRIES);
+    STEAL_RETRIES), and the share of the machine's CPU that no process
+    used during each contender's runs ("Machine idle");
   - 1 GiB download and 1 GiB upload: MB/s, and bearer-proxy's peak RSS;
   - bearer-proxy's RSS idle and with 1,000 open keep-alive connections.
 With UPSTREAM=https or h2, the upstream nginx terminates TLS (a CA the
@@ -486,8 +487,8 @@ def main():
     lines.append("")
     lines.append(f"Hypervisor steal during the wrk runs: median {med(steals):.1%}, most {max(steals):.1%} of the machine's CPU; "
                  f"{repeats} run(s) measured again because it exceeded {STEAL_LIMIT:.0%}.")
-    # CPU that no process used while the machine was the limit: where a
-    # contender leaves more, its own pipeline, not the machine, held it back.
+    # CPU that no process used during the runs: where a contender leaves
+    # more, something other than CPU (scheduling, hand-offs) held it back.
     for conns in CONNECTIONS:
         idles = ", ".join(f"{name} {med([r[6] for r in results[(name, conns)]]):.1%}" for name in contenders)
         lines.append(f"Machine idle at {conns} connections (medians): {idles}.")

@@ -53,9 +53,10 @@ STARTS = int(os.environ.get("STARTS", "5"))
 # nginx's idle limit for the upstream's connections (its default: 75 s;
 # HTTP/2 connections: http2_idle_timeout, 3 min in nginx 1.22).
 UPSTREAM_IDLE = os.environ.get("UPSTREAM_IDLE", "")
-# The same curl runs by curl's own clock: without the 6 to 10 ms that
-# starting and ending a process costs on each side, what is left is the
-# network's part, which the proxy changes.
+# The same curl runs by curl's own clock: without the 9 to 11 ms that
+# starting and ending a curl process costs here, paid directly and through
+# the proxy alike, what is left is the network's part, which the proxy
+# changes.
 CURL_OWN = "curl, its own time_total"
 
 
@@ -255,7 +256,6 @@ def main():
     lines = []
     series = {}
     try:
-        # The relay's own round trip, as one request on an open connection sees it.
         starts = {True: [], False: []}
         for _ in range(STARTS):
             for keep_warm in (True, False):
