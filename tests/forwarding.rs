@@ -629,7 +629,10 @@ async fn targets_that_could_leave_the_upstream_base_are_refused() -> TestResult 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() -> TestResult {
     let upstream = FakeUpstream::start().await;
-    let (_token, proxy) = proxy_to(&upstream.url(), &[("BEARER_PROXY_PROXY_WORKERS", "1")]).await;
+    // Ready: the worker's warm connection is open, so that the first
+    // request does not race it with a connection of its own.
+    let (_token, proxy) =
+        ready_proxy_to(&upstream.url(), &[("BEARER_PROXY_PROXY_WORKERS", "1")]).await;
 
     // One client connection, then a new client connection per request: the
     // worker's pool serves every request over the first upstream connection.
@@ -655,7 +658,9 @@ async fn upstream_connections_are_kept_alive_and_reused() -> TestResult {
 #[tokio::test]
 async fn requests_with_and_without_a_body_share_the_upstream_connections() -> TestResult {
     let upstream = FakeUpstream::start().await;
-    let (_token, proxy) = proxy_to(&upstream.url(), &[("BEARER_PROXY_PROXY_WORKERS", "1")]).await;
+    // Ready, as above: the warm connection is the one they share.
+    let (_token, proxy) =
+        ready_proxy_to(&upstream.url(), &[("BEARER_PROXY_PROXY_WORKERS", "1")]).await;
     let client = http1();
     // Sized, chunked and empty bodies, and none, one after the other: one
     // pool, so one upstream connection carries them all.
@@ -707,7 +712,12 @@ async fn an_upstream_connection_closed_while_idle_is_not_reused() -> TestResult 
     // without saying so (no `Connection: close`), as servers with a short
     // keep-alive timeout do.
     let (addr, accepted) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await?;
-    let workers = [("BEARER_PROXY_PROXY_WORKERS", "1")];
+    // No warm connection: one opened ahead (at start, or a second later to
+    // replace the one the upstream closed) would count as a sixth.
+    let workers = [
+        ("BEARER_PROXY_PROXY_WORKERS", "1"),
+        ("BEARER_PROXY_UPSTREAM_KEEP_WARM", "false"),
+    ];
     let (_token, proxy) = proxy_to(&format!("http://{addr}"), &workers).await;
     let client = http1();
     for _ in 0..5 {

@@ -42,9 +42,14 @@ async fn requests_replays_refusals_and_timeouts_are_counted_exactly() -> TestRes
         _ => Reply::ok("ok"),
     })
     .await;
+    // No warm connection: one opened by the once-a-second check could land
+    // between the hung connection's end and the scrape that counts none.
     let (token, proxy) = ready_proxy_to(
         &upstream.url(),
-        &[("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms")],
+        &[
+            ("BEARER_PROXY_UPSTREAM_RESPONSE_TIMEOUT", "300ms"),
+            ("BEARER_PROXY_UPSTREAM_KEEP_WARM", "false"),
+        ],
     )
     .await;
     let before = scrape(&proxy).await?;
