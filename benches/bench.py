@@ -311,15 +311,20 @@ backend be
     return ports, procs, token_server
 
 
+def with_children(pid):
+    """`pid` and its children (nginx's workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
+
+
 def cpu_seconds(pids):
     """User+system CPU time of these processes and their children (nginx's workers)."""
     total = 0
     for pid in pids:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
-        for p in [pid, *map(int, children)]:
+        for p in with_children(pid):
             try:
                 fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
@@ -335,17 +340,22 @@ def machine_times():
     return sum(fields[:8]), fields[7] if len(fields) > 7 else 0, fields[3] + fields[4]
 
 
+def machine_shares(before, after):
+    """Between two machine_times(): the hypervisor's share (steal) and the
+    idle share of all the machine's CPU time."""
+    total = max(after[0] - before[0], 1)
+    return (after[1] - before[1]) / total, (after[2] - before[2]) / total
+
+
 def wrk(port, conns, pids=()):
     """One wrk run. A run during which the hypervisor took more than
     STEAL_LIMIT of the machine's CPU is measured again (up to STEAL_RETRIES
     times, whoever the contender): on a shared VM that CPU went to another
     guest, and the figure would measure the neighbours, not the proxy."""
     for attempt in range(STEAL_RETRIES + 1):
-        total_before, steal_before, idle_before = machine_times()
+        before = machine_times()
         figures = wrk_once(port, conns, pids)
-        total_after, steal_after, idle_after = machine_times()
-        steal = (steal_after - steal_before) / max(total_after - total_before, 1)
-        idle = (idle_after - idle_before) / max(total_after - total_before, 1)
+        steal, idle = machine_shares(before, machine_times())
         if steal <= STEAL_LIMIT or attempt == STEAL_RETRIES:
             return (*figures, steal, attempt, idle)
         print(f"port {port}, {conns} connections: the hypervisor took {steal:.0%} of the CPU; measuring again", file=sys.stderr)

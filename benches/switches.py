@@ -43,11 +43,6 @@ def switches(pids):
     return counts
 
 
-def with_children(pid):
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [pid, *map(int, children)]
-
-
 def main():
     bench.install()
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=bench.ROOT, check=True)
@@ -55,16 +50,16 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bearer-proxy-switches-"))
     ports, procs, token_server = bench.start_all(work)
     try:
-        upstream = with_children(procs["upstream"].pid)
+        upstream = bench.with_children(procs["upstream"].pid)
         for name in ("bearer-proxy", "nginx", "haproxy"):
             url = f"http://127.0.0.1:{ports[name]}/"
             bench.sh("wrk", "-t2", f"-c{CONNECTIONS}", "-d1s", url)  # warm-up
-            ours = with_children(procs[name].pid)
+            ours = bench.with_children(procs[name].pid)
             before, machine_before = switches(ours + upstream), bench.machine_times()
             out = bench.sh("wrk", "-t2", f"-c{CONNECTIONS}", f"-d{bench.DURATION}s", url).stdout
             after, machine_after = switches(ours + upstream), bench.machine_times()
             requests = int(re.search(r"(\d+) requests in", out).group(1))
-            idle = (machine_after[2] - machine_before[2]) / max(machine_after[0] - machine_before[0], 1)
+            _, idle = bench.machine_shares(machine_before, machine_after)
             print(f"{name}: {requests / bench.DURATION:,.0f} requests/s, machine idle {idle:.1%}")
             for key, (voluntary, involuntary) in sorted(after.items()):
                 if key not in before:
