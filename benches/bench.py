@@ -10,6 +10,7 @@
     BP_MORE_WORKERS=0 ...               # leave out "bearer-proxy x2" (see below)
     UPSTREAM=https ...                  # the upstream speaks TLS (HTTP/1.1 by ALPN)
     UPSTREAM=h2 ...                     # the upstream speaks TLS and offers HTTP/2 by ALPN
+    PIN=1 ...                           # the upstream alone on the last CPU (see below)
 
 Starts a fast static upstream (nginx, one worker, `return 200` with 1 KiB;
 uploads are stored whole on tmpfs before it answers, so that every proxy
@@ -32,6 +33,10 @@ reused, as each is best configured: nginx `proxy_pass https://` to a
 keepalive upstream with session reuse (nginx speaks HTTP/1.1 to upstreams),
 haproxy `ssl` with `http-reuse always` (and `alpn h2` for h2), bearer-proxy
 with `tls.ca_file` (HTTP/2 when the upstream offers it).
+With PIN=1 the upstream runs alone on the machine's last CPU and
+everything else (wrk, curl, every proxy) on the others: the upstream then
+stands for a server across the network, which in deployment takes no CPU
+from the proxy or its client and is not woken on the proxy's core.
 Prints medians and ratios to nginx, writes benches/results.md and
 benches/throughput.png (plain HTTP upstream, full run only). Ratios are the headline: absolute figures drift on
 shared machines. Only loopback addresses are used.
@@ -73,11 +78,34 @@ TOKEN = "bench-token-" + "x" * 1200  # about the size of an Entra token
 UPSTREAM = os.environ.get("UPSTREAM", "http")  # http, https or h2
 if UPSTREAM not in ("http", "https", "h2"):
     sys.exit("UPSTREAM: expected http, https or h2")
+PIN = os.environ.get("PIN") == "1"
+CPUS = os.cpu_count() or 1
+if PIN and CPUS < 2:
+    sys.exit("PIN=1: needs at least two CPUs")
+UPSTREAM_CPU = str(CPUS - 1)
+OTHER_CPUS = f"0-{CPUS - 2}"
 TLS = UPSTREAM != "http"
 
 
 def sh(*args, **kw):
     return subprocess.run(args, check=True, text=True, capture_output=True, **kw)
+
+
+def client(*args):
+    """A client's command line: on the CPUs beside the upstream's with PIN=1."""
+    return ["taskset", "-c", OTHER_CPUS, *args] if PIN else list(args)
+
+
+def pin(procs):
+    """With PIN=1, every thread of the upstream (nginx's workers too) on its
+    CPU and every other contender's on the rest; threads started later
+    inherit it."""
+    if not PIN:
+        return
+    for name, proc in procs.items():
+        cpus = UPSTREAM_CPU if name == "upstream" else OTHER_CPUS
+        for p in with_children(proc.pid):
+            sh("taskset", "-a", "-cp", cpus, str(p))
 
 
 def install():
@@ -308,6 +336,7 @@ backend be
             if '"ready":true' in out:
                 break
             time.sleep(0.1)
+    pin(procs)
     return ports, procs, token_server
 
 
@@ -369,7 +398,7 @@ def wrk_once(port, conns, pids):
     threads = min(2, conns)
     cpu_before = cpu_seconds(pids)
     scheme = "https" if port == DIRECT_TLS_PORT else "http"
-    out = sh("wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"{scheme}://127.0.0.1:{port}/").stdout
+    out = sh(*client("wrk", f"-t{threads}", f"-c{conns}", f"-d{DURATION}s", "--latency", f"{scheme}://127.0.0.1:{port}/")).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def pct(p):
@@ -387,7 +416,7 @@ def wrk_once(port, conns, pids):
 
 
 def curl_speed(args):
-    out = sh("curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{speed_upload} %{http_code}", *args).stdout.split()
+    out = sh(*client("curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{speed_upload} %{http_code}", *args)).stdout.split()
     if out[2] != "200":
         raise RuntimeError(f"curl got {out[2]}")
     return max(float(out[0]), float(out[1])) / 1e6
@@ -398,8 +427,8 @@ def stream(port, pid):
         # Resets the peak (VmHWM) to the current RSS: the peak is this transfer's.
         Path(f"/proc/{pid}/clear_refs").write_text("5")
     down = curl_speed([f"http://127.0.0.1:{port}/1g"])
-    p = subprocess.Popen(["head", "-c", str(GIB), "/dev/zero"], stdout=subprocess.PIPE)
-    res = subprocess.run(["curl", "-s", "-S", "-o", "/dev/null", "-w", "%{speed_upload} %{http_code} %{size_upload}", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{port}/upload"], stdin=p.stdout, capture_output=True, text=True)
+    p = subprocess.Popen(client("head", "-c", str(GIB), "/dev/zero"), stdout=subprocess.PIPE)
+    res = subprocess.run(client("curl", "-s", "-S", "-o", "/dev/null", "-w", "%{speed_upload} %{http_code} %{size_upload}", "-T", "-", "-H", "Expect:", f"http://127.0.0.1:{port}/upload"), stdin=p.stdout, capture_output=True, text=True)
     p.stdout.close()  # head ends (SIGPIPE) if curl stopped reading
     p.kill()
     p.wait()
@@ -476,6 +505,8 @@ def main():
     med = lambda xs: statistics.median(xs)  # noqa: E731
     lines = []
     upstream_words = {"http": "plain HTTP/1.1", "https": "HTTPS, HTTP/1.1", "h2": "HTTPS offering HTTP/2"}[UPSTREAM]
+    if PIN:
+        upstream_words += f" alone on CPU {UPSTREAM_CPU} (PIN=1)"
     lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.release()}; {time.strftime('%Y-%m-%d')}; "
                  f"upstream {upstream_words}; {ROUNDS} rounds of {DURATION} s, medians; ratios are to nginx.")
     lines.append("")
