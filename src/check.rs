@@ -203,6 +203,7 @@ async fn steps(config: &Config, out: &mut Report) -> bool {
         config.upstream.connect_timeout,
         &config.proxies,
         url.origin(),
+        config.upstream.http2,
     );
     let started = Instant::now();
     let (head, ()) = request.into_parts();

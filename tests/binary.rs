@@ -30,7 +30,11 @@ async fn config_error(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let output = command(env, args).output().await?;
+    // A value taken as valid would start the proxy, which runs until it
+    // is stopped: that is a failure here, not a hang (killed on drop).
+    let output = tokio::time::timeout(Duration::from_secs(30), command(env, args).output())
+        .await
+        .map_err(|_| format!("not refused: still running after 30 s with {env:?} {args:?}"))??;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(64), "stderr: {stderr}");
     assert!(
@@ -109,6 +113,21 @@ async fn configuration_errors_exit_64_naming_the_key() -> TestResult {
     .await?;
     assert!(
         e.contains("listen (set by BEARER_PROXY_LISTEN)") && e.contains("host:port"),
+        "{e}"
+    );
+
+    let e = config_error(
+        &[
+            CREDENTIALS[0],
+            CREDENTIALS[1],
+            ("BEARER_PROXY_UPSTREAM_HTTP2", "maybe"),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(
+        e.contains("upstream.http2 (set by BEARER_PROXY_UPSTREAM_HTTP2)")
+            && e.contains("true or false"),
         "{e}"
     );
 

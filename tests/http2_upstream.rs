@@ -419,6 +419,40 @@ async fn a_goaway_after_some_requests_loses_none() -> TestResult {
 }
 
 #[tokio::test]
+async fn with_http2_off_an_http2_upstream_is_spoken_to_in_http1() -> TestResult {
+    let pki = Pki::new()?;
+    let backend = FakeUpstream::start().await;
+    let Some(nginx) = Nginx::start(&pki, backend.addr, "").await? else {
+        return Ok(());
+    };
+    let (_token, proxy) =
+        proxy_to_nginx(&pki, &nginx, &[("BEARER_PROXY_UPSTREAM_HTTP2", "false")]).await?;
+    let client = h2c();
+    for i in 0..3 {
+        let response = client.get(proxy.url(&format!("/one/{i}"))).send().await?;
+        assert_eq!(response.status(), 200, "GET {i}: {}", nginx.error_log());
+        let seen = backend.last();
+        assert_eq!(seen.header("x-seen-protocol"), Some("HTTP/1.1"));
+        assert_eq!(seen.header("authorization"), Some("Bearer token-1"));
+    }
+    let response = client
+        .post(proxy.url("/post"))
+        .body("a body")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200, "POST: {}", nginx.error_log());
+    assert_eq!(backend.last().body, b"a body");
+    let log = nginx.access_log();
+    assert!(
+        log.iter().all(|line| line.starts_with("HTTP/1.1 ")),
+        "{log:?}"
+    );
+    // One after another, the requests took the warm connection, kept alive.
+    assert_eq!(nginx.connections().len(), 1, "{log:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_connection_the_server_closed_when_idle_is_replaced() -> TestResult {
     let pki = Pki::new()?;
     let backend = FakeUpstream::start().await;

@@ -186,6 +186,14 @@ pub const KEYS: &[KeySpec] = &[
         expected: "true or false",
     },
     KeySpec {
+        key: "upstream.http2",
+        flag: None,
+        env: &[],
+        default: Some("true"),
+        kind: Kind::Bool,
+        expected: "true or false",
+    },
+    KeySpec {
         key: "upstream.client_cert_file",
         flag: None,
         env: &[],

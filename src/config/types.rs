@@ -183,6 +183,8 @@ pub struct UpstreamConfig {
     pub client_cert: Option<crate::pki::CertFiles>,
     /// `upstream.keep_warm`: a connection kept ready from start.
     pub keep_warm: bool,
+    /// `upstream.http2`: HTTP/2 offered by ALPN (else HTTP/1.1 only).
+    pub http2: bool,
 }
 
 /// TLS settings shared by the upstream and the token endpoint.

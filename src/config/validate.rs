@@ -39,6 +39,7 @@ impl Config {
             response_timeout: parse_duration(raw, "upstream.response_timeout")?,
             client_cert: client_cert(raw)?,
             keep_warm: parse_bool(raw, "upstream.keep_warm")?,
+            http2: parse_bool(raw, "upstream.http2")?,
         };
         let tls = TlsConfig {
             ca_file: raw.get("tls.ca_file").map(|v| PathBuf::from(&v.value)),

@@ -153,6 +153,7 @@ impl Proxy {
                     upstream.connect_timeout,
                     &config.proxies,
                     url.origin(),
+                    upstream.http2,
                 )),
                 scheme: url.scheme.clone(),
                 authority: url.authority.clone(),

@@ -245,23 +245,29 @@ enum Connected<B, T = Io> {
 }
 
 impl Upstream {
-    /// Connections to `origin` (only its scheme and authority count).
+    /// Connections to `origin` (only its scheme and authority count),
+    /// offering HTTP/2 by ALPN over TLS when `http2`, else HTTP/1.1 alone.
     pub fn new(
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
         proxies: &crate::egress::Proxies,
         origin: Uri,
+        http2: bool,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_keepalive(Some(TCP_KEEPALIVE));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let http = crate::egress::EgressConnector::new(http, proxies);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(crate::egress::EgressConnector::new(http, proxies));
+            .enable_http1();
+        let https = if http2 {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.wrap_connector(http)
+        };
         let connector = TimeoutConnector {
             inner: https,
             timeout: connect_timeout,
@@ -1044,7 +1050,7 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         let proxies = crate::egress::Proxies::new(None, None, None);
-        let upstream = Upstream::new(tls, Duration::from_secs(5), &proxies, origin.clone());
+        let upstream = Upstream::new(tls, Duration::from_secs(5), &proxies, origin.clone(), true);
 
         upstream.keep_warm().await?;
         assert_eq!(events(&log, 1).await, ["open 1"]);
