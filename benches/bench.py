@@ -7,6 +7,8 @@
     BP_WORKERS=2 ...                    # bearer-proxy's proxy.workers (default: its own, 1)
     BP_BASELINE_WORKERS=1 ...           # the same for the baseline
     BP_BASELINE=/path/to/old/bearer-proxy ...   # before and after in one run
+    BP_SET="BEARER_PROXY_X=1 ..." BP_BASELINE_SET="..." # more settings for each
+                                        # (the same binary twice: two settings side by side)
     BP_MORE_WORKERS=0 ...               # leave out "bearer-proxy x2" (see below)
     UPSTREAM=https ...                  # the upstream speaks TLS (HTTP/1.1 by ALPN)
     UPSTREAM=h2 ...                     # the upstream speaks TLS and offers HTTP/2 by ALPN
@@ -33,10 +35,13 @@ reused, as each is best configured: nginx `proxy_pass https://` to a
 keepalive upstream with session reuse (nginx speaks HTTP/1.1 to upstreams),
 haproxy `ssl` with `http-reuse always` (and `alpn h2` for h2), bearer-proxy
 with `tls.ca_file` (HTTP/2 when the upstream offers it).
-With PIN=1 the upstream runs alone on the machine's last CPU and
-everything else (wrk, curl, every proxy) on the others: the upstream then
-stands for a server across the network, which in deployment takes no CPU
-from the proxy or its client and is not woken on the proxy's core.
+With PIN=1 the upstream runs alone on the last CPU this process may use
+and everything else (wrk, curl, every proxy, with one nginx worker or
+haproxy thread per CPU it has) on the others: the upstream then stands,
+roughly, for a server across the network, which takes no CPU from the
+proxy or its client and is not woken on the proxy's CPU (loopback still
+does the upstream's side of TCP on the upstream's CPU). A full PIN=1 run
+leaves benches/results.md and the plot as they are.
 Prints medians and ratios to nginx, writes benches/results.md and
 benches/throughput.png (plain HTTP upstream, full run only). Ratios are the headline: absolute figures drift on
 shared machines. Only loopback addresses are used.
@@ -79,12 +84,30 @@ UPSTREAM = os.environ.get("UPSTREAM", "http")  # http, https or h2
 if UPSTREAM not in ("http", "https", "h2"):
     sys.exit("UPSTREAM: expected http, https or h2")
 PIN = os.environ.get("PIN") == "1"
-CPUS = os.cpu_count() or 1
-if PIN and CPUS < 2:
-    sys.exit("PIN=1: needs at least two CPUs")
-UPSTREAM_CPU = str(CPUS - 1)
-OTHER_CPUS = f"0-{CPUS - 2}"
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0))
+if PIN and len(ALLOWED_CPUS) < 2:
+    sys.exit(f"PIN=1: needs at least two CPUs, this process may use {len(ALLOWED_CPUS)}")
+UPSTREAM_CPU = str(ALLOWED_CPUS[-1])
+OTHER_CPUS = ",".join(map(str, ALLOWED_CPUS[:-1]))
+# nginx's workers and haproxy's threads: one per CPU they run on.
+PROXY_CORES = len(ALLOWED_CPUS) - 1 if PIN else (os.cpu_count() or 2)
 TLS = UPSTREAM != "http"
+
+
+def settings(variable):
+    """BP_SET or BP_BASELINE_SET: NAME=VALUE items, by spaces."""
+    items = {}
+    for setting in os.environ.get(variable, "").split():
+        name, equals, value = setting.partition("=")
+        if not equals:
+            sys.exit(f"{variable}: expected NAME=VALUE items, got {setting!r}")
+        items[name] = value
+    return items
+
+
+# Checked before anything starts.
+settings("BP_SET")
+settings("BP_BASELINE_SET")
 
 
 def sh(*args, **kw):
@@ -92,20 +115,14 @@ def sh(*args, **kw):
 
 
 def client(*args):
-    """A client's command line: on the CPUs beside the upstream's with PIN=1."""
+    """A command line for a client or a proxy: on the CPUs beside the
+    upstream's with PIN=1 (its threads and children inherit them)."""
     return ["taskset", "-c", OTHER_CPUS, *args] if PIN else list(args)
 
 
-def pin(procs):
-    """With PIN=1, every thread of the upstream (nginx's workers too) on its
-    CPU and every other contender's on the rest; threads started later
-    inherit it."""
-    if not PIN:
-        return
-    for name, proc in procs.items():
-        cpus = UPSTREAM_CPU if name == "upstream" else OTHER_CPUS
-        for p in with_children(proc.pid):
-            sh("taskset", "-a", "-cp", cpus, str(p))
+def upstream_side(*args):
+    """The upstream's command line: alone on its CPU with PIN=1."""
+    return ["taskset", "-c", UPSTREAM_CPU, *args] if PIN else list(args)
 
 
 def install():
@@ -218,7 +235,7 @@ http {{
   }}
 }}
 """)
-    cores = os.cpu_count() or 2
+    cores = PROXY_CORES
     ua = "bearer-proxy-bench"
     nginx_tls = f"""
       proxy_ssl_trusted_certificate {ca};
@@ -274,9 +291,9 @@ backend be
   server up 127.0.0.1:{ports['upstream']}{haproxy_tls}
 """)
     procs = {}
-    procs["upstream"] = subprocess.Popen(["nginx", "-c", str(up_conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    procs["nginx"] = subprocess.Popen(["nginx", "-c", str(nginx_conf), "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    procs["haproxy"] = subprocess.Popen(["haproxy", "-f", str(haproxy_conf)], stderr=subprocess.DEVNULL)
+    procs["upstream"] = subprocess.Popen(upstream_side("nginx", "-c", str(up_conf), "-g", "daemon off;"), stderr=subprocess.DEVNULL)
+    procs["nginx"] = subprocess.Popen(client("nginx", "-c", str(nginx_conf), "-g", "daemon off;"), stderr=subprocess.DEVNULL)
+    procs["haproxy"] = subprocess.Popen(client("haproxy", "-f", str(haproxy_conf)), stderr=subprocess.DEVNULL)
     token_server = http.server.ThreadingHTTPServer(("127.0.0.1", ports["token"]), TokenHandler)
     threading.Thread(target=token_server.serve_forever, daemon=True).start()
     env = {
@@ -299,15 +316,17 @@ backend be
         env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_WORKERS"]
     if os.environ.get("BP_BASELINE_WORKERS"):
         base_env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_BASELINE_WORKERS"]
+    env.update(settings("BP_SET"))
+    base_env.update(settings("BP_BASELINE_SET"))
     # Their logs go to files, as nginx's access log does.
     def log_file(name):
         return open(work / f"{name}.log", "wb")
-    procs["bearer-proxy"] = subprocess.Popen([BINARY], env=env, stderr=log_file("bearer-proxy"))
+    procs["bearer-proxy"] = subprocess.Popen(client(BINARY), env=env, stderr=log_file("bearer-proxy"))
     names = ["upstream", "nginx", "haproxy", "bearer-proxy"]
     admins = ["admin"]
     if MORE_WORKERS:
         ports[MORE], ports["more-admin"] = free_port(), free_port()
-        procs[MORE] = subprocess.Popen([BINARY], env={
+        procs[MORE] = subprocess.Popen(client(BINARY), env={
             **env, "BEARER_PROXY_PROXY_WORKERS": MORE_WORKERS,
             "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports[MORE]}",
             "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['more-admin']}"}, stderr=log_file(MORE))
@@ -318,7 +337,7 @@ backend be
         ports["baseline"], ports["baseline-admin"] = free_port(), free_port()
         base_env = {**base_env, "BEARER_PROXY_LISTEN": f"127.0.0.1:{ports['baseline']}",
                     "BEARER_PROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['baseline-admin']}"}
-        procs["baseline"] = subprocess.Popen([BASELINE], env=base_env, stderr=log_file("baseline"))
+        procs["baseline"] = subprocess.Popen(client(BASELINE), env=base_env, stderr=log_file("baseline"))
         names.append("baseline")
         admins.append("baseline-admin")
     try:
@@ -336,7 +355,6 @@ backend be
             if '"ready":true' in out:
                 break
             time.sleep(0.1)
-    pin(procs)
     return ports, procs, token_server
 
 
@@ -552,8 +570,8 @@ def main():
     lines.append(f"bearer-proxy RSS: idle {idle / 1024:.1f} MiB; with 1,000 open keep-alive connections {connected / 1024:.1f} MiB.")
     report = "\n".join(lines)
     print(report)
-    if BASELINE or TLS:
-        return  # a comparison of two builds, or TLS: README's figures stay as they are
+    if BASELINE or TLS or PIN:
+        return  # a comparison of two builds, TLS or pinned: README's figures stay as they are
     (ROOT / "benches/results.md").write_text(report + "\n")
 
     import matplotlib

@@ -48,9 +48,9 @@ def count(binary, work):
     pid = procs["bearer-proxy"].pid
     url = f"http://127.0.0.1:{ports['bearer-proxy']}/"
     try:
-        subprocess.run(["wrk", "-t1", "-c8", "-d3s", url], capture_output=True, check=True)
+        subprocess.run(bench.client("wrk", "-t1", "-c8", "-d3s", url), capture_output=True, check=True)
         subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, check=True)
-        out = subprocess.run(["wrk", "-t1", "-c8", f"-d{SECONDS}s", url],
+        out = subprocess.run(bench.client("wrk", "-t1", "-c8", f"-d{SECONDS}s", url),
                              capture_output=True, text=True, check=True).stdout
         subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=True)
         requests = int(re.search(r"(\d+) requests in", out).group(1))

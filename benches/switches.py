@@ -53,10 +53,10 @@ def main():
         upstream = bench.with_children(procs["upstream"].pid)
         for name in ("bearer-proxy", "nginx", "haproxy"):
             url = f"http://127.0.0.1:{ports[name]}/"
-            bench.sh("wrk", "-t2", f"-c{CONNECTIONS}", "-d1s", url)  # warm-up
+            bench.sh(*bench.client("wrk", "-t2", f"-c{CONNECTIONS}", "-d1s", url))  # warm-up
             ours = bench.with_children(procs[name].pid)
             before, machine_before = switches(ours + upstream), bench.machine_times()
-            out = bench.sh("wrk", "-t2", f"-c{CONNECTIONS}", f"-d{bench.DURATION}s", url).stdout
+            out = bench.sh(*bench.client("wrk", "-t2", f"-c{CONNECTIONS}", f"-d{bench.DURATION}s", url)).stdout
             after, machine_after = switches(ours + upstream), bench.machine_times()
             requests = int(re.search(r"(\d+) requests in", out).group(1))
             _, idle = bench.machine_shares(machine_before, machine_after)
