@@ -443,6 +443,7 @@ async fn with_http2_off_an_http2_upstream_is_spoken_to_in_http1() -> TestResult 
     assert_eq!(response.status(), 200, "POST: {}", nginx.error_log());
     assert_eq!(backend.last().body, b"a body");
     let log = nginx.access_log();
+    assert_eq!(log.len(), 4, "{log:?}");
     assert!(
         log.iter().all(|line| line.starts_with("HTTP/1.1 ")),
         "{log:?}"

@@ -12,8 +12,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::pki::{Pki, TlsServer};
 use support::*;
 
-/// A TLS upstream that answers with the HTTP version it was spoken to in
-/// and the Authorization it got.
+/// A TLS upstream that answers with the HTTP version it was spoken to in,
+/// the path, the Authorization it got and the protocol ALPN agreed (or
+/// "no-alpn").
 async fn tls_upstream(
     pki: &Pki,
     alpn: &[&[u8]],
@@ -23,15 +24,27 @@ async fn tls_upstream(
         require_client_cert: false,
     }
     .serve(pki, |tls| async move {
-        let service = hyper::service::service_fn(|request: hyper::Request<Incoming>| async move {
-            let auth = request
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            let body = format!("{:?} {} {}", request.version(), request.uri().path(), auth);
-            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+        let alpn = tls.get_ref().1.alpn_protocol().map_or_else(
+            || "no-alpn".to_owned(),
+            |p| String::from_utf8_lossy(p).into_owned(),
+        );
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let alpn = alpn.clone();
+            async move {
+                let auth = request
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = format!(
+                    "{:?} {} {} {alpn}",
+                    request.version(),
+                    request.uri().path(),
+                    auth
+                );
+                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+            }
         });
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(tls), service)
@@ -101,6 +114,90 @@ async fn http1_is_used_where_the_upstream_offers_only_http1() -> TestResult {
         let text = client.get(proxy.url("/y")).send().await?.text().await?;
         assert!(text.starts_with("HTTP/1.1 /y Bearer token-"), "{text}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_http2_off_alpn_offers_http1_alone_and_upgrades_get_through() -> TestResult {
+    let pki = Pki::new()?;
+    let ca_file = pki.write_ca()?;
+    let ca_file = ca_file.to_str().unwrap_or_default();
+    // A server that prefers h2 agrees on what the client offers.
+    let both = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await?;
+    for (http2, expected) in [
+        ("true", "HTTP/2.0 /z Bearer token-1 h2"),
+        ("false", "HTTP/1.1 /z Bearer token-1 http/1.1"),
+    ] {
+        let upstream = format!("https://localhost:{}", both.port());
+        let token = FakeTokenEndpoint::start().await;
+        let proxy = start_proxy(
+            &token,
+            &upstream,
+            &[
+                ("BEARER_PROXY_TLS_CA_FILE", ca_file),
+                ("BEARER_PROXY_UPSTREAM_HTTP2", http2),
+            ],
+        )
+        .await;
+        for client in [http1(), h2c()] {
+            let text = client.get(proxy.url("/z")).send().await?.text().await?;
+            assert_eq!(text, expected, "upstream.http2 = {http2}");
+        }
+    }
+    // A WebSocket handshake cannot go over HTTP/2 (502, saying why); with
+    // it off it reaches the upstream over HTTP/1.1, which answers it (here
+    // with a 200, passed back as any answer).
+    for (http2, status) in [("true", 502), ("false", 200)] {
+        let upstream = format!("https://localhost:{}", both.port());
+        let token = FakeTokenEndpoint::start().await;
+        let proxy = start_proxy(
+            &token,
+            &upstream,
+            &[
+                ("BEARER_PROXY_TLS_CA_FILE", ca_file),
+                ("BEARER_PROXY_UPSTREAM_HTTP2", http2),
+            ],
+        )
+        .await;
+        let response = http1()
+            .get(proxy.url("/ws"))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await?;
+        assert_eq!(response.status(), status, "upstream.http2 = {http2}");
+        let text = response.text().await?;
+        if status == 502 {
+            assert!(
+                text.contains("HTTP/2") && text.contains("upstream_unreachable"),
+                "{text}"
+            );
+        } else {
+            assert_eq!(text, "HTTP/1.1 /ws Bearer token-1 http/1.1");
+        }
+    }
+
+    // An upstream that speaks only HTTP/2 cannot be reached with it off:
+    // the handshake fails, and the answer says so.
+    let h2_only = tls_upstream(&pki, &[b"h2"]).await?;
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = format!("https://localhost:{}", h2_only.port());
+    let proxy = start_proxy(
+        &token,
+        &upstream,
+        &[
+            ("BEARER_PROXY_TLS_CA_FILE", ca_file),
+            ("BEARER_PROXY_UPSTREAM_HTTP2", "false"),
+        ],
+    )
+    .await;
+    let response = http1().get(proxy.url("/z")).send().await?;
+    assert_proxy_error(&response, 502, "upstream_unreachable");
+    let body: serde_json::Value = response.json().await?;
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("TLS"), "{message}");
     Ok(())
 }
 

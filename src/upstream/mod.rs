@@ -1,5 +1,6 @@
 //! The upstream: its client, connections over rustls with one deadline
-//! around the whole connect (TCP and TLS handshake), HTTP/2 by ALPN. Over
+//! around the whole connect (TCP and TLS handshake), HTTP/2 by ALPN
+//! (unless `upstream.http2` is off: then `http/1.1` alone is offered). Over
 //! HTTP/1.1 every request, with a body or without, goes by [`conn`] on one
 //! pool; over HTTP/2, by hyper's client on one shared connection. Its
 //! failures are put in words here ([`describe_upstream_error`]).
@@ -245,10 +246,12 @@ enum Connected<B, T = Io> {
 }
 
 impl Upstream {
-    /// Connections to `origin` (only its scheme and authority count),
-    /// offering HTTP/2 by ALPN over TLS when `http2`, else HTTP/1.1 alone.
+    /// Connections to `origin` (only its scheme and authority count).
+    /// Over TLS, ALPN offers `h2` and `http/1.1` when `http2`, else
+    /// `http/1.1` alone (by name, as `curl --http1.1` does, so that a
+    /// server or balancer that routes by ALPN sees what is asked).
     pub fn new(
-        tls: rustls::ClientConfig,
+        mut tls: rustls::ClientConfig,
         connect_timeout: Duration,
         proxies: &crate::egress::Proxies,
         origin: Uri,
@@ -259,14 +262,19 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_keepalive(Some(TCP_KEEPALIVE));
         let http = crate::egress::EgressConnector::new(http, proxies);
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1();
         let https = if http2 {
-            builder.enable_http2().wrap_connector(http)
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http)
         } else {
-            builder.wrap_connector(http)
+            // The builder would offer no ALPN at all for HTTP/1.1 alone
+            // (and refuses a config that has its own); `from` is its
+            // https_or_http connector with the config as it is.
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            hyper_rustls::HttpsConnector::from((http, tls))
         };
         let connector = TimeoutConnector {
             inner: https,
