@@ -6,6 +6,7 @@ bearer-proxy on the same machine; and how fast the proxy starts.
     python3 benches/roundtrip.py                 # 20 ms round trip, 5 min of silence
     RTT_MS=20 REQUESTS=50 SILENCE=300 python3 benches/roundtrip.py
     SILENCE=0 ...                                # leave out the quiet spell
+    SPELLS=3 ...                                 # quiet spells, one after another (default 1)
 
 The upstream is nginx with TLS (a CA the bench makes; HTTP/1.1 and HTTP/2 by
 ALPN, its default idle limit of 75 s). The round trip is a relay on
@@ -22,7 +23,8 @@ Measured, each for REQUESTS sequential requests, each on a new connection:
 directly to the upstream (TCP + TLS + the request: three round trips) and
 through bearer-proxy (a loopback connection, then the request on the
 proxy's warm TLS connection: one round trip). Then the first request after
-SILENCE seconds without any, and start-up: from process start to ready
+SILENCE seconds without any (curl, timed both ways, then requests; SPELLS
+times), and start-up: from process start to ready
 (first token held, from a local fake provider) and to the first proxied
 answer, with the warm connection on and off. Writes benches/roundtrip.md
 and benches/roundtrip.png.
@@ -50,6 +52,7 @@ RTT = float(os.environ.get("RTT_MS", "20")) / 1000
 REQUESTS = int(os.environ.get("REQUESTS", "50"))
 SILENCE = int(os.environ.get("SILENCE", "300"))
 STARTS = int(os.environ.get("STARTS", "5"))
+SPELLS = int(os.environ.get("SPELLS", "1"))
 # nginx's idle limit for the upstream's connections (its default: 75 s;
 # HTTP/2 connections: http2_idle_timeout, 3 min in nginx 1.22).
 UPSTREAM_IDLE = os.environ.get("UPSTREAM_IDLE", "")
@@ -269,16 +272,21 @@ def main():
             series[(CURL_OWN, name)] = [own for _, own in runs]
         for name, url in [("direct", direct), ("through bearer-proxy", proxied)]:
             series[("requests", name)] = [requests_once(url, ca) for _ in range(REQUESTS)]
-        silence = None
-        if SILENCE:
-            print(f"{SILENCE} s of silence...", file=sys.stderr)
+        spells = []
+        for spell in range(SPELLS if SILENCE else 0):
+            print(f"{SILENCE} s of silence ({spell + 1} of {SPELLS})...", file=sys.stderr)
             time.sleep(SILENCE)
             # The client's side wakes first (a curl to the admin port, which
             # touches no upstream connection): after minutes asleep, the
             # first process start on this VM takes tens of ms more, which
             # would be counted against whichever request came first.
             subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{ports['admin']}/healthz"])
-            silence = (curl_once(proxied, ca), curl_once(direct, ca))
+            # The first request through the proxy, by wall and by curl's
+            # own clock; then the same directly, then Python's requests,
+            # whose first through the proxy is the second after the spell.
+            (proxy_wall, proxy_own), (direct_wall, direct_own) = curl_run(proxied, ca), curl_run(direct, ca)
+            spells.append({"curl": (proxy_wall, direct_wall), CURL_OWN: (proxy_own, direct_own),
+                           "requests": (requests_once(proxied, ca), requests_once(direct, ca))})
         proxy.terminate()
         proxy.wait()
     finally:
@@ -297,10 +305,16 @@ def main():
         d, p = series[(client, "direct")], series[(client, "through bearer-proxy")]
         lines.append(f"| {client} | {ms(med(d)):.1f} (mean {ms(statistics.mean(d)):.1f}) | {ms(med(p)):.1f} "
                      f"(mean {ms(statistics.mean(p)):.1f}) | {med(p) / med(d):.2f} | {ms(p[0]):.1f} |")
-    if silence:
+    if spells:
         lines.append("")
-        lines.append(f"After {SILENCE} s without a request: through bearer-proxy {ms(silence[0]):.1f} ms, "
-                     f"directly {ms(silence[1]):.1f} ms ({silence[0] / silence[1]:.2f} × direct), curl.")
+        lines.append(f"After {SILENCE} s without a request ({len(spells)} spell(s), one request each way per client):")
+        lines.append("")
+        lines.append("| spell | client | through bearer-proxy, ms | direct, ms | × direct |")
+        lines.append("|---|---|---|---|---|")
+        for number, spell in enumerate(spells, 1):
+            for client, (proxy_took, direct_took) in spell.items():
+                lines.append(f"| {number} | {client} | {ms(proxy_took):.1f} | {ms(direct_took):.1f} | "
+                             f"{proxy_took / direct_took:.2f} |")
     lines.append("")
     lines.append(f"Start-up, medians of {STARTS} starts (local fake provider):")
     lines.append("")
