@@ -56,7 +56,7 @@ SPELLS = int(os.environ.get("SPELLS", "1"))
 # nginx's idle limit for the upstream's connections (its default: 75 s;
 # HTTP/2 connections: http2_idle_timeout, 3 min in nginx 1.22).
 UPSTREAM_IDLE = os.environ.get("UPSTREAM_IDLE", "")
-# The same curl runs by curl's own clock: without the 9 to 11 ms that
+# The same curl runs by curl's own clock: without the 8 to 11 ms that
 # starting and ending a curl process costs here, paid directly and through
 # the proxy alike, what is left is the network's part, which the proxy
 # changes.
