@@ -24,7 +24,8 @@ directly to the upstream (TCP + TLS + the request: three round trips) and
 through bearer-proxy (a loopback connection, then the request on the
 proxy's warm TLS connection: one round trip). Then the first request after
 SILENCE seconds without any (curl, timed both ways, then requests; SPELLS
-times), and start-up: from process start to ready
+times, through the proxy first after odd spells and directly first after
+even ones), and start-up: from process start to ready
 (first token held, from a local fake provider) and to the first proxied
 answer, with the warm connection on and off. Writes benches/roundtrip.md
 and benches/roundtrip.png.
@@ -281,12 +282,21 @@ def main():
             # first process start on this VM takes tens of ms more, which
             # would be counted against whichever request came first.
             subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{ports['admin']}/healthz"])
-            # The first request through the proxy, by wall and by curl's
-            # own clock; then the same directly, then Python's requests,
-            # whose first through the proxy is the second after the spell.
-            (proxy_wall, proxy_own), (direct_wall, direct_own) = curl_run(proxied, ca), curl_run(direct, ca)
-            spells.append({"curl": (proxy_wall, direct_wall), CURL_OWN: (proxy_own, direct_own),
-                           "requests": (requests_once(proxied, ca), requests_once(direct, ca))})
+            # curl both ways (by wall and by its own clock), then Python's
+            # requests both ways. The first request after a spell also pays
+            # for waking the machine (client, relay, upstream): odd spells
+            # go through the proxy first, even ones directly first.
+            proxy_first = spell % 2 == 0
+
+            def pair(once, url_a, url_b):
+                a, b = once(url_a, ca), once(url_b, ca)
+                return (a, b) if proxy_first else (b, a)
+
+            first, second = (proxied, direct) if proxy_first else (direct, proxied)
+            (proxy_wall, proxy_own), (direct_wall, direct_own) = pair(curl_run, first, second)
+            spells.append({"first": "proxy" if proxy_first else "direct",
+                           "curl": (proxy_wall, direct_wall), CURL_OWN: (proxy_own, direct_own),
+                           "requests": pair(requests_once, first, second)})
         proxy.terminate()
         proxy.wait()
     finally:
@@ -309,12 +319,13 @@ def main():
         lines.append("")
         lines.append(f"After {SILENCE} s without a request ({len(spells)} spell(s), one request each way per client):")
         lines.append("")
-        lines.append("| spell | client | through bearer-proxy, ms | direct, ms | × direct |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| spell | first after it | client | through bearer-proxy, ms | direct, ms | × direct |")
+        lines.append("|---|---|---|---|---|---|")
         for number, spell in enumerate(spells, 1):
-            for client, (proxy_took, direct_took) in spell.items():
-                lines.append(f"| {number} | {client} | {ms(proxy_took):.1f} | {ms(direct_took):.1f} | "
-                             f"{proxy_took / direct_took:.2f} |")
+            for client in ("curl", CURL_OWN, "requests"):
+                proxy_took, direct_took = spell[client]
+                lines.append(f"| {number} | {spell['first']} | {client} | {ms(proxy_took):.1f} | "
+                             f"{ms(direct_took):.1f} | {proxy_took / direct_took:.2f} |")
     lines.append("")
     lines.append(f"Start-up, medians of {STARTS} starts (local fake provider):")
     lines.append("")
