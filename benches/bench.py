@@ -105,9 +105,9 @@ def settings(variable):
     return items
 
 
-# Checked before anything starts.
-settings("BP_SET")
-settings("BP_BASELINE_SET")
+# Read (and checked) before anything starts.
+EXTRA = settings("BP_SET")
+BASELINE_EXTRA = settings("BP_BASELINE_SET")
 
 
 def sh(*args, **kw):
@@ -316,8 +316,8 @@ backend be
         env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_WORKERS"]
     if os.environ.get("BP_BASELINE_WORKERS"):
         base_env["BEARER_PROXY_PROXY_WORKERS"] = os.environ["BP_BASELINE_WORKERS"]
-    env.update(settings("BP_SET"))
-    base_env.update(settings("BP_BASELINE_SET"))
+    env.update(EXTRA)
+    base_env.update(BASELINE_EXTRA)
     # Their logs go to files, as nginx's access log does.
     def log_file(name):
         return open(work / f"{name}.log", "wb")

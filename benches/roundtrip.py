@@ -288,15 +288,18 @@ def main():
             # go through the proxy first, even ones directly first.
             proxy_first = spell % 2 == 0
 
-            def pair(once, url_a, url_b):
-                a, b = once(url_a, ca), once(url_b, ca)
-                return (a, b) if proxy_first else (b, a)
+            def both_ways(once):
+                """(through the proxy, direct), in this spell's order."""
+                if proxy_first:
+                    through = once(proxied, ca)
+                    return through, once(direct, ca)
+                straight = once(direct, ca)
+                return once(proxied, ca), straight
 
-            first, second = (proxied, direct) if proxy_first else (direct, proxied)
-            (proxy_wall, proxy_own), (direct_wall, direct_own) = pair(curl_run, first, second)
+            (proxy_wall, proxy_own), (direct_wall, direct_own) = both_ways(curl_run)
             spells.append({"first": "proxy" if proxy_first else "direct",
                            "curl": (proxy_wall, direct_wall), CURL_OWN: (proxy_own, direct_own),
-                           "requests": pair(requests_once, first, second)})
+                           "requests": both_ways(requests_once)})
         proxy.terminate()
         proxy.wait()
     finally:

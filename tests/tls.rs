@@ -94,48 +94,32 @@ async fn a_private_ca_is_refused_without_tls_ca_file_and_trusted_with_it() -> Te
     Ok(())
 }
 
+/// The proxy, with a token endpoint of its own, in front of the TLS
+/// upstream at `addr`, trusting the test's CA, with `extra` settings.
+async fn proxy_trusting(
+    addr: SocketAddr,
+    ca_file: &str,
+    extra: &[(&str, &str)],
+) -> (FakeTokenEndpoint, Proxy) {
+    let token = FakeTokenEndpoint::start().await;
+    let upstream = format!("https://localhost:{}", addr.port());
+    let mut settings = vec![("BEARER_PROXY_TLS_CA_FILE", ca_file)];
+    settings.extend_from_slice(extra);
+    let proxy = start_proxy(&token, &upstream, &settings).await;
+    (token, proxy)
+}
+
 #[tokio::test]
 async fn http1_is_used_where_the_upstream_offers_only_http1() -> TestResult {
     let pki = Pki::new()?;
     let addr = tls_upstream(&pki, &[b"http/1.1"]).await?;
     let ca_file = pki.write_ca()?;
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = format!("https://localhost:{}", addr.port());
-    let proxy = start_proxy(
-        &token,
-        &upstream,
-        &[(
-            "BEARER_PROXY_TLS_CA_FILE",
-            ca_file.to_str().unwrap_or_default(),
-        )],
-    )
-    .await;
+    let (_token, proxy) = proxy_trusting(addr, ca_file.to_str().unwrap_or_default(), &[]).await;
     for client in [http1(), h2c()] {
         let text = client.get(proxy.url("/y")).send().await?.text().await?;
         assert!(text.starts_with("HTTP/1.1 /y Bearer token-"), "{text}");
     }
     Ok(())
-}
-
-/// The proxy, with a token endpoint of its own, in front of the TLS
-/// upstream at `addr`, with `upstream.http2` as given.
-async fn proxy_with_http2(
-    addr: SocketAddr,
-    ca_file: &str,
-    http2: &str,
-) -> (FakeTokenEndpoint, Proxy) {
-    let token = FakeTokenEndpoint::start().await;
-    let upstream = format!("https://localhost:{}", addr.port());
-    let proxy = start_proxy(
-        &token,
-        &upstream,
-        &[
-            ("BEARER_PROXY_TLS_CA_FILE", ca_file),
-            ("BEARER_PROXY_UPSTREAM_HTTP2", http2),
-        ],
-    )
-    .await;
-    (token, proxy)
 }
 
 #[tokio::test]
@@ -149,7 +133,8 @@ async fn with_http2_off_alpn_offers_http1_alone_and_upgrades_get_through() -> Te
         ("true", "HTTP/2.0 /z Bearer token-1 h2"),
         ("false", "HTTP/1.1 /z Bearer token-1 http/1.1"),
     ] {
-        let (_token, proxy) = proxy_with_http2(both, ca_file, http2).await;
+        let (_token, proxy) =
+            proxy_trusting(both, ca_file, &[("BEARER_PROXY_UPSTREAM_HTTP2", http2)]).await;
         for client in [http1(), h2c()] {
             let text = client.get(proxy.url("/z")).send().await?.text().await?;
             assert_eq!(text, expected, "upstream.http2 = {http2}");
@@ -182,7 +167,12 @@ async fn with_http2_off_alpn_offers_http1_alone_and_upgrades_get_through() -> Te
     // An upstream that speaks only HTTP/2 cannot be reached with it off:
     // the handshake fails, and the answer says so.
     let h2_only = tls_upstream(&pki, &[b"h2"]).await?;
-    let (_token, proxy) = proxy_with_http2(h2_only, ca_file, "false").await;
+    let (_token, proxy) = proxy_trusting(
+        h2_only,
+        ca_file,
+        &[("BEARER_PROXY_UPSTREAM_HTTP2", "false")],
+    )
+    .await;
     let response = http1().get(proxy.url("/z")).send().await?;
     assert_proxy_error(&response, 502, "upstream_unreachable");
     let body: serde_json::Value = response.json().await?;
